@@ -1,0 +1,59 @@
+"""Elementwise activations and row softmax, in fp32.
+
+silu_mul:        out = silu(gate) * up, silu(g) = g / (1 + exp(-g))   (Llama's gated FFN)
+gelu_tanh:       x = 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))    (GPT-2, in place)
+gelu_erf:        x = 0.5 x (1 + erf(x / sqrt(2)))                        (BERT, in place)
+softmax_inplace: each row becomes exp(x - max) / sum(exp(x - max))
+"""
+from cython.parallel cimport prange
+from libc.math cimport erff, expf, tanhf
+
+
+def silu_mul(float[:, ::1] out,           # OUT (T, hidden)
+             const float[:, ::1] gate,    # IN  (T, hidden)
+             const float[:, ::1] up):     # IN  (T, hidden)
+    if not (out.shape[0] == gate.shape[0] == up.shape[0] and out.shape[1] == gate.shape[1] == up.shape[1]):
+        raise ValueError("silu_mul: out, gate and up must have one shape")
+    cdef Py_ssize_t t, j, T = gate.shape[0], H = gate.shape[1]
+    cdef float g
+    for t in prange(T, nogil=True, schedule="static"):
+        for j in range(H):
+            g = gate[t, j]
+            out[t, j] = g / (1.0 + expf(-g)) * up[t, j]
+
+
+def gelu_tanh(float[:, ::1] x):           # IN/OUT (T, hidden)
+    cdef Py_ssize_t t, j, T = x.shape[0], H = x.shape[1]
+    cdef float v
+    for t in prange(T, nogil=True, schedule="static"):
+        for j in range(H):
+            v = x[t, j]
+            x[t, j] = 0.5 * v * (1.0 + tanhf(0.7978845608028654 * (v + 0.044715 * v * v * v)))
+
+
+def gelu_erf(float[:, ::1] x):            # IN/OUT (T, hidden)
+    cdef Py_ssize_t t, j, T = x.shape[0], H = x.shape[1]
+    cdef float v
+    for t in prange(T, nogil=True, schedule="static"):
+        for j in range(H):
+            v = x[t, j]
+            x[t, j] = 0.5 * v * (1.0 + erff(v * 0.7071067811865476))
+
+
+def softmax_inplace(float[:, ::1] x):     # IN/OUT (T, n)
+    cdef Py_ssize_t t, j, T = x.shape[0], n = x.shape[1]
+    cdef float mx
+    cdef double total
+    if n == 0:
+        return
+    for t in prange(T, nogil=True, schedule="static"):
+        mx = x[t, 0]
+        for j in range(1, n):
+            if x[t, j] > mx:
+                mx = x[t, j]
+        total = 0.0
+        for j in range(n):
+            x[t, j] = expf(x[t, j] - mx)
+            total = total + x[t, j]
+        for j in range(n):
+            x[t, j] = <float> (x[t, j] / total)

@@ -1,0 +1,173 @@
+"""Scaled dot-product attention in fp32, grouped-query heads (n_heads a multiple of n_kv_heads).
+
+attention_paged: causal attention of new query rows over a paged KV cache.  The cache of one layer
+  is a pool of slots (n_blocks * block_size rows of n_kv_heads * head_dim); a sequence owns whole
+  blocks, listed in its row of block_tables; position j of sequence s lives in slot
+  block_tables[s, j // block_size] * block_size + j % block_size.  Query row t belongs to sequence
+  seq_ids[t], sits at positions[t] and sees positions 0..positions[t].  Rows of different
+  sequences may be mixed in one call (batched decode).
+attention_varlen: bidirectional attention over packed sequences held contiguously (an encoder's
+  batch without padding): row t sees the key rows key_start[t] <= j < key_end[t].
+
+One (row, head) pair is one parallel task.
+"""
+from cython.parallel cimport parallel, prange
+from libc.math cimport expf
+from libc.stdint cimport int32_t
+from libc.stdlib cimport free, malloc
+
+cdef extern from "simd.h" nogil:
+    float edge_dot_f32(const float *a, const float *b, int K)
+
+
+cdef inline void _softmax_row(float *scores, int n) noexcept nogil:
+    cdef int j
+    cdef float mx = scores[0]
+    cdef double total = 0.0
+    for j in range(1, n):
+        if scores[j] > mx:
+            mx = scores[j]
+    for j in range(n):
+        scores[j] = expf(scores[j] - mx)
+        total += scores[j]
+    cdef float inv = <float> (1.0 / total)
+    for j in range(n):
+        scores[j] = scores[j] * inv
+
+
+def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head_dim)
+                    const float[:, ::1] q,              # IN  (T, n_heads * head_dim)
+                    const float[:, ::1] k_cache,        # IN  (n_slots, n_kv_heads * head_dim)
+                    const float[:, ::1] v_cache,        # IN  (n_slots, n_kv_heads * head_dim)
+                    const int32_t[:, ::1] block_tables, # IN  (n_seqs, max_blocks)
+                    const int32_t[::1] seq_ids,         # IN  (T,)
+                    const int32_t[::1] positions,       # IN  (T,)
+                    int n_heads, int n_kv_heads, int block_size, float scale):
+    cdef Py_ssize_t T = q.shape[0]
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or q.shape[1] % n_heads:
+        raise ValueError(f"attention: {n_heads} heads cannot share {n_kv_heads} kv heads over width {q.shape[1]}")
+    cdef int hd = q.shape[1] // n_heads
+    if k_cache.shape[1] != n_kv_heads * hd or v_cache.shape[1] != n_kv_heads * hd:
+        raise ValueError("attention: cache width must be n_kv_heads * head_dim")
+    if k_cache.shape[0] != v_cache.shape[0] or block_size <= 0 or k_cache.shape[0] % block_size:
+        raise ValueError("attention: k and v caches must hold the same whole number of blocks")
+    if out.shape[0] != T or out.shape[1] != q.shape[1] or seq_ids.shape[0] != T or positions.shape[0] != T:
+        raise ValueError("attention: out, q, seq_ids and positions must have T rows")
+    cdef int n_blocks = k_cache.shape[0] // block_size
+    cdef int n_seqs = block_tables.shape[0], max_blocks = block_tables.shape[1]
+    cdef Py_ssize_t t, j, i, bad = 0
+    cdef int max_pos = 0, s, b
+    with nogil:
+        for t in range(T):
+            s = seq_ids[t]
+            if s < 0 or s >= n_seqs or positions[t] < 0 or positions[t] // block_size >= max_blocks:
+                bad = 1
+                break
+            max_pos = positions[t] if positions[t] > max_pos else max_pos
+            for j in range(positions[t] // block_size + 1):
+                b = block_tables[s, j]
+                if b < 0 or b >= n_blocks:
+                    bad = 1
+            if bad:
+                break
+    if bad:
+        raise ValueError(f"attention: row {t} names a sequence, position or KV block outside the cache")
+    if T == 0:
+        return
+    cdef int group = n_heads // n_kv_heads, h, kvh, n, d, slot
+    cdef float *scores
+    cdef float *o
+    cdef const float *vrow
+    cdef float p
+    with nogil, parallel():
+        scores = <float *> malloc((max_pos + 1) * sizeof(float))
+        for i in prange(T * n_heads, schedule="guided"):
+            t = i // n_heads
+            h = i % n_heads
+            kvh = h // group
+            s = seq_ids[t]
+            n = positions[t] + 1
+            for j in range(n):
+                slot = block_tables[s, j // block_size] * block_size + j % block_size
+                scores[j] = edge_dot_f32(&q[t, h * hd], &k_cache[slot, kvh * hd], hd) * scale
+            _softmax_row(scores, n)
+            o = &out[t, h * hd]
+            for d in range(hd):
+                o[d] = 0.0
+            for j in range(n):
+                slot = block_tables[s, j // block_size] * block_size + j % block_size
+                vrow = &v_cache[slot, kvh * hd]
+                p = scores[j]
+                for d in range(hd):
+                    o[d] = o[d] + p * vrow[d]
+        free(scores)
+
+
+def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
+                     const float[:, ::1] q,      # IN  (T, n_heads * head_dim)
+                     const float[:, ::1] k,      # IN  (T, n_kv_heads * head_dim)
+                     const float[:, ::1] v,      # IN  (T, n_kv_heads * head_dim)
+                     const int32_t[::1] key_start,  # IN (T,)
+                     const int32_t[::1] key_end,    # IN (T,)
+                     int n_heads, int n_kv_heads, float scale):
+    cdef Py_ssize_t T = q.shape[0]
+    if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or q.shape[1] % n_heads:
+        raise ValueError(f"attention: {n_heads} heads cannot share {n_kv_heads} kv heads over width {q.shape[1]}")
+    cdef int hd = q.shape[1] // n_heads
+    if k.shape[1] != n_kv_heads * hd or v.shape[1] != n_kv_heads * hd or k.shape[0] != T or v.shape[0] != T:
+        raise ValueError("attention: k and v must be (T, n_kv_heads * head_dim)")
+    if out.shape[0] != T or out.shape[1] != q.shape[1] or key_start.shape[0] != T or key_end.shape[0] != T:
+        raise ValueError("attention: out, key_start and key_end must have T rows")
+    cdef Py_ssize_t t, j, i
+    cdef int max_len = 0
+    for t in range(T):
+        if not (0 <= key_start[t] < key_end[t] <= T):
+            raise ValueError(f"attention: row {t} has an empty or out-of-range key span")
+        max_len = max(max_len, key_end[t] - key_start[t])
+    if T == 0:
+        return
+    cdef int group = n_heads // n_kv_heads, h, kvh, n, d, j0
+    cdef float *scores
+    cdef float *o
+    cdef const float *vrow
+    cdef float p
+    with nogil, parallel():
+        scores = <float *> malloc(max_len * sizeof(float))
+        for i in prange(T * n_heads, schedule="static"):
+            t = i // n_heads
+            h = i % n_heads
+            kvh = h // group
+            j0 = key_start[t]
+            n = key_end[t] - j0
+            for j in range(n):
+                scores[j] = edge_dot_f32(&q[t, h * hd], &k[j0 + j, kvh * hd], hd) * scale
+            _softmax_row(scores, n)
+            o = &out[t, h * hd]
+            for d in range(hd):
+                o[d] = 0.0
+            for j in range(n):
+                vrow = &v[j0 + j, kvh * hd]
+                p = scores[j]
+                for d in range(hd):
+                    o[d] = o[d] + p * vrow[d]
+        free(scores)
+
+
+def kv_write(float[:, ::1] k_cache,        # OUT (n_slots, width)
+             float[:, ::1] v_cache,        # OUT (n_slots, width)
+             const float[:, ::1] k,        # IN  (T, width)
+             const float[:, ::1] v,        # IN  (T, width)
+             const int32_t[::1] slots):    # IN  (T,)
+    """k_cache[slots[t]] = k[t]; v_cache[slots[t]] = v[t]"""
+    cdef Py_ssize_t t, d, T = k.shape[0], W = k.shape[1], n_slots = k_cache.shape[0]
+    if (v.shape[0] != T or slots.shape[0] != T or v.shape[1] != W or k_cache.shape[1] != W
+            or v_cache.shape[1] != W or v_cache.shape[0] != n_slots):
+        raise ValueError("kv_write: shapes of caches, k, v and slots disagree")
+    for t in range(T):
+        if not (0 <= slots[t] < n_slots):
+            raise ValueError(f"kv_write: slot {slots[t]} is outside the cache of {n_slots}")
+    with nogil:
+        for t in range(T):
+            for d in range(W):
+                k_cache[slots[t], d] = k[t, d]
+                v_cache[slots[t], d] = v[t, d]

@@ -1,0 +1,38 @@
+"""Embedding lookups: out[t] = table[tokens[t]], from an fp32 table or an int8 table with one
+fp32 scale per row (the tied input/output embedding of a decoder, shared with its logits head)."""
+from cython.parallel cimport prange
+from libc.stdint cimport int8_t, int32_t
+
+
+def _check(out, tokens, table):
+    if out.shape[0] != tokens.shape[0] or out.shape[1] != table.shape[1]:
+        raise ValueError(f"out has shape {tuple(out.shape)[:2]}, expected ({tokens.shape[0]}, {table.shape[1]})")
+    n = table.shape[0]
+    for t in tokens:
+        if t < 0 or t >= n:
+            raise IndexError(f"token id {t} is outside the vocabulary of {n}")
+
+
+def embed_f32(float[:, ::1] out,           # OUT (T, dim)
+              const int32_t[::1] tokens,   # IN  (T,)
+              const float[:, ::1] table):  # IN  (vocab, dim)
+    """out[t] = table[tokens[t]]"""
+    _check(out, tokens, table)
+    cdef Py_ssize_t t, j, T = tokens.shape[0], dim = table.shape[1]
+    for t in prange(T, nogil=True, schedule="static"):
+        for j in range(dim):
+            out[t, j] = table[tokens[t], j]
+
+
+def embed_q8(float[:, ::1] out,            # OUT (T, dim)
+             const int32_t[::1] tokens,    # IN  (T,)
+             const int8_t[:, ::1] table,   # IN  (vocab, dim)
+             const float[::1] scale):      # IN  (vocab,)
+    """out[t] = table[tokens[t]] * scale[tokens[t]]"""
+    _check(out, tokens, table)
+    cdef Py_ssize_t t, j, T = tokens.shape[0], dim = table.shape[1]
+    cdef float s
+    for t in prange(T, nogil=True, schedule="static"):
+        s = scale[tokens[t]]
+        for j in range(dim):
+            out[t, j] = table[tokens[t], j] * s

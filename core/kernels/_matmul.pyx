@@ -1,0 +1,151 @@
+"""Linear layers: out[M, N] = x[M, K] @ w[N, K].T (+ bias).
+
+matmul_q8: int8 weights with one fp32 scale per output row; the activations are quantized to int8
+on the fly with one scale per group of 32 along K (int32 accumulation inside a group, fp32 across
+groups).  matmul_f32: the same product in fp32, for files converted with --quant f32.
+
+Work is split across threads by tiles of output columns (weight rows); inside a tile the loop runs
+over blocks of activation rows so that a weight tile stays in L1 and an activation block in L2.
+"""
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int8_t
+from libc.stdlib cimport free, malloc
+
+import numpy as np
+
+cdef extern from "simd.h" nogil:
+    int edge_q8_padded(int K)
+    void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *ls, float *gs, float *comp)
+    float edge_dot_q8(const int8_t *q, const float *ls, float comp, const int8_t *w, int K)
+    float edge_dot_f32(const float *a, const float *b, int K)
+
+cdef enum:
+    N_TILE = 16     # weight rows per task
+    M_BLOCK = 64    # activation rows per inner block
+
+
+cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const float *w_scale,
+                     const float *bias, int M, int N, int K) noexcept nogil:
+    cdef int Kp = edge_q8_padded(K)
+    cdef int n_groups = (K + 31) // 32
+    cdef int8_t *q = <int8_t *> malloc(<size_t> M * Kp)
+    cdef float *ls = <float *> malloc(<size_t> M * (Kp // 4) * sizeof(float))
+    cdef float *gs = <float *> malloc(<size_t> M * n_groups * sizeof(float))
+    cdef float *comp = <float *> malloc(<size_t> M * sizeof(float))
+    cdef int m, n, t, m0, m1, n0, n1
+    cdef int n_tiles = (N + N_TILE - 1) // N_TILE
+    cdef float acc
+    with parallel():
+        for m in prange(M, schedule="static"):
+            edge_quantize_row_q8(x + <size_t> m * K, K, q + <size_t> m * Kp, ls + <size_t> m * (Kp // 4),
+                                 gs + <size_t> m * n_groups, comp + m)
+    with parallel():
+        for t in prange(n_tiles, schedule="static"):
+            n0 = t * N_TILE
+            n1 = n0 + N_TILE if n0 + N_TILE < N else N
+            m0 = 0
+            while m0 < M:
+                m1 = m0 + M_BLOCK if m0 + M_BLOCK < M else M
+                for n in range(n0, n1):
+                    for m in range(m0, m1):
+                        acc = w_scale[n] * edge_dot_q8(q + <size_t> m * Kp, ls + <size_t> m * (Kp // 4),
+                                                       comp[m], w + <size_t> n * K, K)
+                        if bias != NULL:
+                            acc = acc + bias[n]
+                        out[<size_t> m * N + n] = acc
+                m0 = m1
+    free(q)
+    free(ls)
+    free(gs)
+    free(comp)
+
+
+cdef void _matmul_f32(float *out, const float *x, const float *w, const float *bias,
+                      int M, int N, int K) noexcept nogil:
+    cdef int m, n, t, m0, m1, n0, n1
+    cdef int n_tiles = (N + N_TILE - 1) // N_TILE
+    cdef float acc
+    with parallel():
+        for t in prange(n_tiles, schedule="static"):
+            n0 = t * N_TILE
+            n1 = n0 + N_TILE if n0 + N_TILE < N else N
+            m0 = 0
+            while m0 < M:
+                m1 = m0 + M_BLOCK if m0 + M_BLOCK < M else M
+                for n in range(n0, n1):
+                    for m in range(m0, m1):
+                        acc = edge_dot_f32(x + <size_t> m * K, w + <size_t> n * K, K)
+                        if bias != NULL:
+                            acc = acc + bias[n]
+                        out[<size_t> m * N + n] = acc
+                m0 = m1
+
+
+def _check_linear(out, x, w, bias):
+    M, K = x.shape[0], x.shape[1]
+    N = w.shape[0]
+    if w.shape[1] != K:
+        raise ValueError(f"x has {K} columns but w has {w.shape[1]}")
+    if out.shape[0] != M or out.shape[1] != N:
+        raise ValueError(f"out has shape {tuple(out.shape)[:2]}, expected ({M}, {N})")
+    if bias is not None and bias.shape[0] != N:
+        raise ValueError(f"bias has {bias.shape[0]} entries, expected {N}")
+
+
+def matmul_q8(float[:, ::1] out,             # OUT (M, N)
+              const float[:, ::1] x,         # IN  (M, K) fp32 activations
+              const int8_t[:, ::1] w,        # IN  (N, K) int8 weights
+              const float[::1] w_scale,      # IN  (N,) fp32 scale per weight row
+              const float[::1] bias=None):   # IN  (N,) or None
+    """out = quantize_q8(x) @ (w * w_scale[:, None]).T + bias, see reference.matmul_q8."""
+    _check_linear(out, x, w, bias)
+    if w_scale.shape[0] != w.shape[0]:
+        raise ValueError(f"w_scale has {w_scale.shape[0]} entries, expected {w.shape[0]}")
+    cdef int M = x.shape[0], N = w.shape[0], K = x.shape[1]
+    if K == 0:
+        raise ValueError("x has no columns")
+    if M == 0 or N == 0:
+        return
+    cdef const float *b = &bias[0] if bias is not None else NULL
+    with nogil:
+        _matmul_q8(&out[0, 0], &x[0, 0], &w[0, 0], &w_scale[0], b, M, N, K)
+
+
+def matmul_f32(float[:, ::1] out,            # OUT (M, N)
+               const float[:, ::1] x,        # IN  (M, K)
+               const float[:, ::1] w,        # IN  (N, K)
+               const float[::1] bias=None):  # IN  (N,) or None
+    """out = x @ w.T + bias in fp32."""
+    _check_linear(out, x, w, bias)
+    cdef int M = x.shape[0], N = w.shape[0], K = x.shape[1]
+    if K == 0:
+        raise ValueError("x has no columns")
+    if M == 0 or N == 0:
+        return
+    cdef const float *b = &bias[0] if bias is not None else NULL
+    with nogil:
+        _matmul_f32(&out[0, 0], &x[0, 0], &w[0, 0], b, M, N, K)
+
+
+def quantize_q8(const float[:, ::1] x):
+    """Quantize rows of x to int8 with one scale per group of 32 columns.
+
+    Returns (q, scales): int8 (M, K) and float32 (M, ceil(K/32)), exactly as matmul_q8 sees them.
+    """
+    cdef int M = x.shape[0], K = x.shape[1]
+    if K == 0:
+        raise ValueError("x has no columns")
+    cdef int Kp = edge_q8_padded(K)
+    cdef int n_groups = (K + 31) // 32
+    qp = np.zeros((M, Kp), dtype=np.int8)
+    ls = np.zeros((M, Kp // 4), dtype=np.float32)
+    gs = np.zeros((M, n_groups), dtype=np.float32)
+    comp = np.zeros(M, dtype=np.float32)
+    cdef int8_t[:, ::1] qv = qp
+    cdef float[:, ::1] lv = ls
+    cdef float[:, ::1] gv = gs
+    cdef float[::1] cv = comp
+    cdef int m
+    for m in range(M):
+        edge_quantize_row_q8(&x[m, 0], K, &qv[m, 0], &lv[m, 0], &gv[m, 0], &cv[m])
+    return qp[:, :K].copy(), gs

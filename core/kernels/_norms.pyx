@@ -1,0 +1,52 @@
+"""Row normalisations in fp32 (statistics accumulated in double).
+
+rmsnorm:   out = x / sqrt(mean(x^2) + eps) * weight                 (Llama)
+layernorm: out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias  (GPT-2, BERT)
+"""
+from cython.parallel cimport prange
+from libc.math cimport sqrt
+
+
+def rmsnorm(float[:, ::1] out,            # OUT (T, dim)
+            const float[:, ::1] x,        # IN  (T, dim)
+            const float[::1] weight,      # IN  (dim,)
+            float eps):
+    if x.shape[1] != weight.shape[0] or out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
+        raise ValueError("rmsnorm: shapes of out, x and weight disagree")
+    cdef Py_ssize_t t, j, T = x.shape[0], dim = x.shape[1]
+    cdef double ss
+    cdef float inv
+    for t in prange(T, nogil=True, schedule="static"):
+        ss = 0.0
+        for j in range(dim):
+            ss = ss + <double> x[t, j] * x[t, j]
+        inv = <float> (1.0 / sqrt(ss / dim + eps))
+        for j in range(dim):
+            out[t, j] = (x[t, j] * inv) * weight[j]
+
+
+def layernorm(float[:, ::1] out,          # OUT (T, dim)
+              const float[:, ::1] x,      # IN  (T, dim)
+              const float[::1] weight,    # IN  (dim,)
+              const float[::1] bias,      # IN  (dim,)
+              float eps):
+    if (x.shape[1] != weight.shape[0] or x.shape[1] != bias.shape[0]
+            or out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]):
+        raise ValueError("layernorm: shapes of out, x, weight and bias disagree")
+    cdef Py_ssize_t t, j, T = x.shape[0], dim = x.shape[1]
+    cdef double mean, var, d
+    cdef float inv, mu
+    for t in prange(T, nogil=True, schedule="static"):
+        mean = 0.0
+        for j in range(dim):
+            mean = mean + x[t, j]
+        mean = mean / dim
+        var = 0.0
+        for j in range(dim):
+            d = x[t, j] - mean
+            var = var + d * d
+        var = var / dim
+        inv = <float> (1.0 / sqrt(var + eps))
+        mu = <float> mean
+        for j in range(dim):
+            out[t, j] = (x[t, j] - mu) * inv * weight[j] + bias[j]

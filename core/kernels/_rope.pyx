@@ -1,0 +1,39 @@
+"""Rotary position embedding, in place on rows of concatenated heads.
+
+For head vector v (head_dim) at position p and pair i < rot_dim/2, with
+theta_i = p * base^(-2i/rot_dim):
+  neox pairing (Hugging Face Llama, Qwen2):  (v[i], v[i + rot_dim/2])
+  interleaved pairing (GGUF Llama, Meta):     (v[2i], v[2i + 1])
+each pair (a, b) becomes (a cos - b sin, a sin + b cos).  Angles are computed in double.
+"""
+from cython.parallel cimport prange
+from libc.math cimport cos, sin, pow
+from libc.stdint cimport int32_t
+
+
+def rope(float[:, ::1] x,                 # IN/OUT (T, n_heads * head_dim)
+         const int32_t[::1] positions,    # IN     (T,)
+         int n_heads, int head_dim, int rot_dim, double base, bint neox):
+    if x.shape[1] != n_heads * head_dim or positions.shape[0] != x.shape[0]:
+        raise ValueError("rope: x must be (T, n_heads * head_dim) and positions (T,)")
+    if rot_dim % 2 or rot_dim > head_dim or rot_dim <= 0:
+        raise ValueError(f"rope: rot_dim {rot_dim} must be even and within head_dim {head_dim}")
+    cdef Py_ssize_t t, h, i, ia, ib, T = x.shape[0], half = rot_dim // 2
+    cdef double angle
+    cdef float c, s, a, b
+    for t in prange(T, nogil=True, schedule="static"):
+        for i in range(half):
+            angle = positions[t] * pow(base, -2.0 * i / rot_dim)
+            c = <float> cos(angle)
+            s = <float> sin(angle)
+            if neox:
+                ia = i
+                ib = i + half
+            else:
+                ia = 2 * i
+                ib = 2 * i + 1
+            for h in range(n_heads):
+                a = x[t, h * head_dim + ia]
+                b = x[t, h * head_dim + ib]
+                x[t, h * head_dim + ia] = a * c - b * s
+                x[t, h * head_dim + ib] = a * s + b * c

@@ -1,0 +1,152 @@
+"""The numpy twin of every compiled kernel: same names, same arguments, plain numpy, no tricks.
+
+This file is the specification.  The tests compare each kernel in core.kernels against the
+function of the same name here; the compiled kernels write into `out` (or in place), these
+functions do the same so that the two can be called alike.
+"""
+
+import numpy as np
+
+Q8_GROUP = 32
+
+
+def quantize_q8(x):
+    """Per-row, per-32-column symmetric int8: s = max|x|/127, q = rint(x * 127/max|x|).
+
+    Returns (q int8 (M, K), scales float32 (M, ceil(K/32))).
+    """
+    x = np.asarray(x, dtype=np.float32)
+    M, K = x.shape
+    n_groups = -(-K // Q8_GROUP)
+    q = np.zeros((M, K), dtype=np.int8)
+    scales = np.zeros((M, n_groups), dtype=np.float32)
+    for g in range(n_groups):
+        xg = x[:, g * Q8_GROUP:(g + 1) * Q8_GROUP]
+        amax = np.abs(xg).max(axis=1)
+        inv = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+        q[:, g * Q8_GROUP:(g + 1) * Q8_GROUP] = np.clip(np.rint(xg * inv[:, None]), -127, 127)
+        scales[:, g] = amax / np.float32(127.0)
+    return q, scales
+
+
+def dequantize_q8(q, scales):
+    """Inverse of quantize_q8 (up to rounding)."""
+    x = q.astype(np.float32)
+    for g in range(scales.shape[1]):
+        x[:, g * Q8_GROUP:(g + 1) * Q8_GROUP] *= scales[:, g:g + 1]
+    return x
+
+
+def quantize_rows_q8(w):
+    """Weight quantization: one scale per row, s = max|row|/127, q = rint(w / s)."""
+    w = np.asarray(w, dtype=np.float32)
+    amax = np.abs(w).max(axis=1)
+    scale = (amax / np.float32(127.0)).astype(np.float32)
+    safe = np.where(scale > 0, scale, 1).astype(np.float32)
+    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
+    return q, scale
+
+
+def matmul_q8(out, x, w, w_scale, bias=None):
+    q, s = quantize_q8(x)
+    xq = dequantize_q8(q, s).astype(np.float64)
+    out[...] = xq @ (w.astype(np.float64) * w_scale.astype(np.float64)[:, None]).T
+    if bias is not None:
+        out += bias
+
+
+def matmul_f32(out, x, w, bias=None):
+    out[...] = x.astype(np.float64) @ w.astype(np.float64).T
+    if bias is not None:
+        out += bias
+
+
+def embed_f32(out, tokens, table):
+    out[...] = table[tokens]
+
+
+def embed_q8(out, tokens, table, scale):
+    out[...] = table[tokens].astype(np.float32) * scale[tokens, None]
+
+
+def rmsnorm(out, x, weight, eps):
+    x64 = x.astype(np.float64)
+    out[...] = x64 / np.sqrt((x64 * x64).mean(axis=1, keepdims=True) + eps) * weight
+
+
+def layernorm(out, x, weight, bias, eps):
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=1, keepdims=True)
+    var = ((x64 - mu) ** 2).mean(axis=1, keepdims=True)
+    out[...] = (x64 - mu) / np.sqrt(var + eps) * weight + bias
+
+
+def rope(x, positions, n_heads, head_dim, rot_dim, base, neox):
+    half = rot_dim // 2
+    i = np.arange(half, dtype=np.float64)
+    angle = positions.astype(np.float64)[:, None] * base ** (-2.0 * i / rot_dim)   # (T, half)
+    cos, sin = np.cos(angle)[:, None, :], np.sin(angle)[:, None, :]
+    v = x.reshape(x.shape[0], n_heads, head_dim).astype(np.float64)
+    ia = np.arange(half) if neox else 2 * np.arange(half)
+    ib = ia + half if neox else ia + 1
+    a, b = v[:, :, ia].copy(), v[:, :, ib].copy()
+    v[:, :, ia] = a * cos - b * sin
+    v[:, :, ib] = a * sin + b * cos
+    x[...] = v.reshape(x.shape)
+
+
+def silu_mul(out, gate, up):
+    g = gate.astype(np.float64)
+    out[...] = g / (1.0 + np.exp(-g)) * up
+
+
+def gelu_tanh(x):
+    v = x.astype(np.float64)
+    x[...] = 0.5 * v * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (v + 0.044715 * v ** 3)))
+
+
+def gelu_erf(x):
+    from math import erf
+    v = x.astype(np.float64)
+    x[...] = 0.5 * v * (1.0 + np.vectorize(erf)(v / np.sqrt(2.0)))
+
+
+def softmax_inplace(x):
+    v = x.astype(np.float64)
+    e = np.exp(v - v.max(axis=1, keepdims=True))
+    x[...] = e / e.sum(axis=1, keepdims=True)
+
+
+def _attend(q, keys, values, scale):
+    """q (hd,), keys/values (n, hd) -> (hd,)"""
+    scores = keys.astype(np.float64) @ q.astype(np.float64) * scale
+    p = np.exp(scores - scores.max())
+    return (p / p.sum()) @ values.astype(np.float64)
+
+
+def attention_paged(out, q, k_cache, v_cache, block_tables, seq_ids, positions,
+                    n_heads, n_kv_heads, block_size, scale):
+    hd = q.shape[1] // n_heads
+    group = n_heads // n_kv_heads
+    for t in range(q.shape[0]):
+        j = np.arange(positions[t] + 1)
+        slots = block_tables[seq_ids[t], j // block_size] * block_size + j % block_size
+        for h in range(n_heads):
+            kv = slice((h // group) * hd, (h // group + 1) * hd)
+            out[t, h * hd:(h + 1) * hd] = _attend(q[t, h * hd:(h + 1) * hd], k_cache[slots, kv],
+                                                  v_cache[slots, kv], scale)
+
+
+def attention_varlen(out, q, k, v, key_start, key_end, n_heads, n_kv_heads, scale):
+    hd = q.shape[1] // n_heads
+    group = n_heads // n_kv_heads
+    for t in range(q.shape[0]):
+        rows = slice(key_start[t], key_end[t])
+        for h in range(n_heads):
+            kv = slice((h // group) * hd, (h // group + 1) * hd)
+            out[t, h * hd:(h + 1) * hd] = _attend(q[t, h * hd:(h + 1) * hd], k[rows, kv], v[rows, kv], scale)
+
+
+def kv_write(k_cache, v_cache, k, v, slots):
+    k_cache[slots] = k
+    v_cache[slots] = v

@@ -1,0 +1,210 @@
+"""The edge weights file: one file, mapped read-only, tensors handed out as zero-copy views.
+
+Layout (all integers little-endian; docs/weights-format.md describes it byte by byte):
+
+    offset 0   preamble, 64 bytes:
+                 0  magic       8 bytes  b"EDGEWTS\\0"
+                 8  version     u32      FORMAT_VERSION
+                12  header_crc  u32      CRC-32 of the header bytes
+                16  header_len  u64      length of the JSON header in bytes
+                24  data_offset u64      start of the tensor data: 64 + header_len rounded up to 64
+                32  file_size   u64      total length of the file
+                40  reserved    24 bytes zero
+    offset 64  JSON header (UTF-8): {"meta": {...}, "tensors": [{"name", "dtype", "shape", "offset",
+               "nbytes"}, ...]}; a tensor's offset is relative to data_offset and a multiple of 64
+    data_offset  tensor bytes, each tensor starting on a 64-byte boundary, zero padding between
+
+Everything is validated once, in WeightsFile.open: magic, version, checksum, sizes, and for every
+tensor its dtype, shape, byte count, alignment, bounds and overlap with its neighbours.  After
+that, views are plain slices of the map.  Only this module knows the byte layout.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+import zlib
+from dataclasses import dataclass
+from math import prod
+from typing import Iterable
+
+import numpy as np
+
+from core.errors import WeightsFormatError
+
+MAGIC = b"EDGEWTS\x00"
+FORMAT_VERSION = 1
+ALIGN = 64
+PREAMBLE = struct.Struct("<8sIIQQQ24x")
+assert PREAMBLE.size == 64
+
+# dtype name in the file -> numpy dtype.  Names are never reused for another meaning.
+DTYPES = {
+    "f32": np.dtype("<f4"),
+    "f16": np.dtype("<f2"),
+    "i8": np.dtype("i1"),
+    "u8": np.dtype("u1"),
+    "i32": np.dtype("<i4"),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str          # a key of DTYPES
+    shape: tuple        # numpy order, row-major
+    offset: int         # from data_offset, a multiple of ALIGN
+    nbytes: int
+
+
+class WeightsFile:
+    """An open, validated weights file.  `meta` is the header's free-form metadata."""
+
+    def __init__(self, path: str, mm: mmap.mmap, data_offset: int, meta: dict, tensors: dict):
+        self.path = path
+        self.meta = meta
+        self.tensors: dict[str, TensorInfo] = tensors
+        self._mm = mm
+        self._data_offset = data_offset
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "WeightsFile":
+        path = os.fspath(path)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError as e:
+            raise WeightsFormatError(f"{path}: cannot open weights file: {e.strerror}") from None
+        try:
+            size = os.fstat(fd).st_size
+            if size < PREAMBLE.size:
+                raise WeightsFormatError(f"{path}: file is {size} bytes, shorter than the "
+                                         f"{PREAMBLE.size}-byte preamble (truncated or not a weights file)")
+            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        finally:
+            os.close(fd)
+        try:
+            data_offset, meta, tensors = _validate(path, mm, size)
+        except BaseException:
+            mm.close()
+            raise
+        return cls(path, mm, data_offset, meta, tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only, zero-copy numpy view of one tensor."""
+        try:
+            info = self.tensors[name]
+        except KeyError:
+            raise WeightsFormatError(f"{self.path}: tensor '{name}' is missing") from None
+        dt = DTYPES[info.dtype]
+        arr = np.frombuffer(self._mm, dtype=dt, count=info.nbytes // dt.itemsize,
+                            offset=self._data_offset + info.offset)
+        return arr.reshape(info.shape)
+
+    def raw(self, name: str) -> bytes:
+        """A tensor's bytes (for blobs such as the tokenizer)."""
+        info = self.tensors[name]
+        start = self._data_offset + info.offset
+        return self._mm[start:start + info.nbytes]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._mm)
+
+
+def _fail(path: str, msg: str, tensor: str | None = None):
+    where = f"{path}: tensor '{tensor}'" if tensor is not None else path
+    raise WeightsFormatError(f"{where}: {msg}")
+
+
+def _validate(path: str, mm: mmap.mmap, size: int):
+    magic, version, crc, header_len, data_offset, file_size = PREAMBLE.unpack_from(mm, 0)
+    if magic != MAGIC:
+        _fail(path, f"not an edge weights file (magic {magic!r}, expected {MAGIC!r})")
+    if version != FORMAT_VERSION:
+        _fail(path, f"format version {version} is not supported (this build reads {FORMAT_VERSION})")
+    if file_size != size:
+        _fail(path, f"file is {size} bytes but its preamble says {file_size}: truncated or damaged")
+    if not (0 < header_len <= size - PREAMBLE.size) or data_offset != _align(PREAMBLE.size + header_len) \
+            or data_offset > size:
+        _fail(path, f"header length {header_len} / data offset {data_offset} do not fit a {size}-byte file")
+    header = mm[PREAMBLE.size:PREAMBLE.size + header_len]
+    if zlib.crc32(header) != crc:
+        _fail(path, "header checksum mismatch: the header is damaged")
+    try:
+        doc = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        _fail(path, f"header is not valid JSON ({e})")
+    if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict) or not isinstance(doc.get("tensors"), list):
+        _fail(path, "header lacks its 'meta' object or 'tensors' list")
+    data_size = size - data_offset
+    tensors: dict[str, TensorInfo] = {}
+    for i, t in enumerate(doc["tensors"]):
+        name = t.get("name") if isinstance(t, dict) else None
+        if not isinstance(name, str) or not name:
+            _fail(path, f"entry {i} of the tensor table has no name")
+        if name in tensors:
+            _fail(path, "appears twice in the tensor table", name)
+        dtype, shape, offset, nbytes = t.get("dtype"), t.get("shape"), t.get("offset"), t.get("nbytes")
+        if dtype not in DTYPES:
+            _fail(path, f"unknown dtype {dtype!r}", name)
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                  for d in shape):
+            _fail(path, f"bad shape {shape!r}", name)
+        for key, v in (("offset", offset), ("nbytes", nbytes)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                _fail(path, f"bad {key} {v!r}", name)
+        if nbytes != prod(shape) * DTYPES[dtype].itemsize:
+            _fail(path, f"holds {nbytes} bytes but shape {shape} of {dtype} needs "
+                        f"{prod(shape) * DTYPES[dtype].itemsize}", name)
+        if offset % ALIGN:
+            _fail(path, f"offset {offset} is not {ALIGN}-byte aligned", name)
+        if offset + nbytes > data_size:
+            _fail(path, f"bytes {offset}..{offset + nbytes} run past the end of the data "
+                        f"({data_size} bytes): truncated or damaged", name)
+        tensors[name] = TensorInfo(name, dtype, tuple(shape), offset, nbytes)
+    ordered = sorted(tensors.values(), key=lambda t: t.offset)
+    for a, b in zip(ordered, ordered[1:]):
+        if a.offset + a.nbytes > b.offset:
+            _fail(path, f"overlaps tensor '{b.name}'", a.name)
+    return data_offset, doc["meta"], tensors
+
+
+def write_weights(path: str | os.PathLike, meta: dict, tensors: Iterable[tuple[str, np.ndarray]]) -> int:
+    """Write a weights file atomically (to PATH.tmp, then renamed).  Returns the file size.
+
+    `tensors` yields (name, array) pairs; arrays must have a dtype listed in DTYPES.
+    """
+    path = os.fspath(path)
+    items = [(name, np.ascontiguousarray(a)) for name, a in tensors]
+    table, offset = [], 0
+    for name, a in items:
+        if a.dtype not in _NAMES:
+            raise ValueError(f"tensor '{name}' has dtype {a.dtype}, which the format does not store")
+        table.append({"name": name, "dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                      "offset": offset, "nbytes": a.nbytes})
+        offset = _align(offset + a.nbytes)
+    header = json.dumps({"meta": meta, "tensors": table}, separators=(",", ":")).encode()
+    data_offset = _align(PREAMBLE.size + len(header))
+    last = table[-1]["offset"] + table[-1]["nbytes"] if table else 0
+    file_size = data_offset + last
+    tmp = path + ".tmp"
+    with open(tmp, "wb") as f:
+        f.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, zlib.crc32(header), len(header), data_offset, file_size))
+        f.write(header)
+        f.write(b"\0" * (data_offset - f.tell()))
+        for entry, (_, a) in zip(table, items):
+            f.write(b"\0" * (data_offset + entry["offset"] - f.tell()))
+            f.write(a.reshape(-1).view(np.uint8).data)
+        assert f.tell() == file_size
+    os.replace(tmp, path)
+    return file_size

@@ -1,0 +1,409 @@
+"""The Python API: load a converted weights file and use the model.
+
+    model = load_model("smollm2.edge")
+    model.generate("Once upon a time", max_tokens=32).text
+    for chunk in model.generate_stream("Hello"): print(chunk.text, end="")
+    model.chat([{"role": "user", "content": "Hi"}]).text
+    load_model("minilm.edge").embed(["a sentence", "another"])       # (2, 384) float32
+
+Decoders (llama, gpt2) generate; encoders (bert) embed and, with a classification head, classify.
+`predict` runs a model's natural task; `encode_text` is tokenize.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTaskError, WeightsFormatError
+from core.kv_cache import KVCache
+from core.wfile import WeightsFile
+from models.tokenizer import Tokenizer
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list            # generated ids (without the prompt)
+    prompt_ids: list
+    finish_reason: str         # "stop" (end token or stop string) or "length"
+
+
+@dataclass
+class StreamChunk:
+    text: str                  # new text since the previous chunk (may be "")
+    token_ids: list            # ids generated since the previous chunk
+    finish_reason: str | None = None   # set on the last chunk
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 128
+    temperature: float = 0.0   # 0: greedy
+    top_k: int = 0             # 0: off
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: list = field(default_factory=list)
+
+    def __post_init__(self):
+        def number(name, v, kind=float):
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+                raise InvalidRequestError(f"{name} must be {'a number' if kind is float else 'an integer'}")
+            if kind is float and not math.isfinite(v):
+                raise InvalidRequestError(f"{name} must be finite")
+        number("max_tokens", self.max_tokens, int)
+        number("temperature", self.temperature)
+        number("top_k", self.top_k, int)
+        number("top_p", self.top_p)
+        number("repetition_penalty", self.repetition_penalty)
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise InvalidRequestError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise InvalidRequestError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InvalidRequestError("seed must be an integer")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.stop is None:
+            self.stop = []
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise InvalidRequestError("stop must be a non-empty string or a list of them")
+
+
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, history: list) -> int:
+    """Pick the next token from one row of logits (vocab,)."""
+    if p.repetition_penalty != 1.0 and history:
+        logits = logits.copy()
+        seen = np.unique(np.asarray(history, np.int64))
+        l = logits[seen]
+        logits[seen] = np.where(l > 0, l / p.repetition_penalty, l * p.repetition_penalty)
+    if p.temperature == 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / p.temperature
+    candidates = np.arange(len(z))
+    if 0 < p.top_k < len(z):
+        candidates = np.argpartition(-z, p.top_k - 1)[:p.top_k]
+        z = z[candidates]
+    probs = np.exp(z - z.max())
+    probs /= probs.sum()
+    if p.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        keep = int(np.searchsorted(np.cumsum(probs[order]), p.top_p) + 1)
+        order = order[:keep]
+        candidates, probs = candidates[order], probs[order] / probs[order].sum()
+    return int(candidates[rng.choice(len(probs), p=probs)])
+
+
+@dataclass
+class Batch:
+    """Rows of one decoder forward call (see models/llama.py)."""
+    tokens: np.ndarray        # (T,) int32
+    positions: np.ndarray     # (T,) int32
+    seq_ids: np.ndarray       # (T,) int32, row of block_tables
+    slots: np.ndarray         # (T,) int32, KV slot of each row
+    block_tables: np.ndarray  # (n_seqs, max_blocks) int32
+    block_size: int
+
+
+class Model:
+    """What every model has: its file, tokenizer and config."""
+
+    task = "none"
+
+    def __init__(self, wf: WeightsFile, tokenizer: Tokenizer):
+        self.file = wf
+        self.tokenizer = tokenizer
+        self.meta = wf.meta
+        self.arch = wf.meta["arch"]
+        self._lock = threading.Lock()
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens)
+
+    def detokenize(self, ids) -> str:
+        return self.tokenizer.decode(ids)
+
+    encode_text = tokenize
+
+    def info(self) -> dict:
+        return {"arch": self.arch, "task": self.task, "config": self.meta["config"], "quant": self.meta["quant"],
+                "n_params": self.meta.get("n_params"), "file_bytes": self.file.nbytes, "path": self.file.path}
+
+
+class DecoderModel(Model):
+    task = "generate"
+
+    def __init__(self, wf: WeightsFile, tokenizer: Tokenizer, max_rows: int = 256, kv_tokens: int | None = None):
+        super().__init__(wf, tokenizer)
+        if self.arch == "llama":
+            from models import llama as arch
+            self.config = arch.LlamaConfig(**wf.meta["config"])
+            self.weights = arch.LlamaWeights(wf, self.config)
+        else:
+            from models import gpt2 as arch
+            self.config = arch.GPT2Config(**wf.meta["config"])
+            self.weights = arch.GPT2Weights(wf, self.config)
+        self._forward = arch.forward
+        self.state = arch.RunState(self.config, max_rows)
+        cfg = self.config
+        self.context = min(cfg.seq_len, kv_tokens or cfg.seq_len)
+        block = 16
+        n_blocks = -(-self.context // block) + 1
+        self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block)
+
+    # -- forward ----------------------------------------------------------------------------
+    def _run(self, seq, ids: list, all_logits: bool) -> np.ndarray | None:
+        """Feed ids to sequence seq in chunks; returns the logits of every row (all_logits) or a
+        copy of the last row's."""
+        s, cfg = self.state, self.config
+        outs = []
+        last = None
+        for start in range(0, len(ids), s.max_rows):
+            chunk = np.asarray(ids[start:start + s.max_rows], np.int32)
+            T = len(chunk)
+            positions = np.arange(seq.n_tokens, seq.n_tokens + T, dtype=np.int32)
+            seq.reserve(seq.n_tokens + T)
+            batch = Batch(chunk, positions, np.zeros(T, np.int32), seq.slots(positions), seq.block_table(),
+                          self.cache.block_size)
+            with self._lock:
+                hidden = self._forward(cfg, self.weights, s, self.cache, batch)
+                rows = hidden if all_logits else hidden[T - 1:]
+                logits = self.weights.output(s.logits[:len(rows)], rows)
+                if all_logits:
+                    outs.append(logits.copy())
+                else:
+                    last = logits[0].copy()
+            seq.n_tokens += T
+        return np.concatenate(outs) if all_logits else last
+
+    def _check_ids(self, ids) -> list:
+        ids = [int(i) for i in ids]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty")
+        bad = [i for i in ids if not 0 <= i < self.config.vocab_size]
+        if bad:
+            raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
+        return ids
+
+    def logits(self, ids) -> np.ndarray:
+        """Logits (len(ids), vocab) for every position of one sequence."""
+        ids = self._check_ids(ids)
+        if len(ids) > self.context:
+            raise ContextOverflowError(f"{len(ids)} tokens exceed the context of {self.context}")
+        seq = self.cache.new_sequence()
+        try:
+            return self._run(seq, ids, all_logits=True)
+        finally:
+            seq.release()
+
+    def perplexity(self, ids, window: int | None = None) -> float:
+        """exp(mean negative log-likelihood) of ids[1:], in non-overlapping windows of the context."""
+        ids = self._check_ids(ids)
+        window = min(window or self.context, self.context)
+        nll, n = 0.0, 0
+        for start in range(0, len(ids) - 1, window):
+            part = ids[start:start + window + 1]
+            if len(part) < 2:
+                break
+            seq = self.cache.new_sequence()
+            try:
+                for c in range(0, len(part) - 1, self.state.max_rows):
+                    rows = part[c:c + self.state.max_rows]
+                    logits = self._run(seq, rows, all_logits=True).astype(np.float64)
+                    targets = np.asarray(part[c + 1:c + 1 + len(rows)])
+                    logits = logits[:len(targets)]
+                    m = logits.max(axis=1, keepdims=True)
+                    lse = (m[:, 0] + np.log(np.exp(logits - m).sum(axis=1)))
+                    nll += float((lse - logits[np.arange(len(targets)), targets]).sum())
+                    n += len(targets)
+            finally:
+                seq.release()
+        if n == 0:
+            raise InvalidRequestError("perplexity needs at least 2 tokens")
+        return math.exp(nll / n)
+
+    # -- generation -------------------------------------------------------------------------
+    def _prompt_ids(self, prompt) -> list:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty")
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple, np.ndarray)):
+            return self._check_ids(prompt)
+        raise InvalidRequestError("prompt must be a string or a list of token ids")
+
+    def generate_ids(self, prompt_ids: list, params: SamplingParams) -> Iterator[int]:
+        """Token ids as they are sampled; ends after an end token (which is yielded) or max_tokens."""
+        if len(prompt_ids) + params.max_tokens > self.context:
+            raise ContextOverflowError(
+                f"prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: "
+                f"{len(prompt_ids) + params.max_tokens} exceed the context of {self.context}")
+        rng = np.random.default_rng(params.seed)
+        seq = self.cache.new_sequence()
+        try:
+            logits = self._run(seq, prompt_ids, all_logits=False)
+            history = list(prompt_ids)
+            for _ in range(params.max_tokens):
+                tok = sample(logits, params, rng, history)
+                yield tok
+                if tok in self.tokenizer.end_ids:
+                    return
+                history.append(tok)
+                logits = self._run(seq, [tok], all_logits=False)
+        finally:
+            seq.release()
+
+    def generate_stream(self, prompt, **kw) -> Iterator[StreamChunk]:
+        """Text as it is generated.  Stop strings are honoured across token boundaries: text that
+        could begin a stop string is held back until it is known not to."""
+        params = kw.pop("params", None) or SamplingParams(**kw)
+        prompt_ids = self._prompt_ids(prompt)
+        ids: list[int] = []
+        emitted = 0
+        pending: list[int] = []
+        longest_stop = max((len(s) for s in params.stop), default=0)
+        for tok in self.generate_ids(prompt_ids, params):
+            if tok in self.tokenizer.end_ids:
+                text = self.tokenizer.decode(ids)
+                yield StreamChunk(text[emitted:], pending + [tok], "stop")
+                return
+            ids.append(tok)
+            pending.append(tok)
+            text = self.tokenizer.decode(ids)
+            if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the rest
+                continue
+            if params.stop:
+                hits = [i for i in (text.find(s, max(0, emitted - longest_stop)) for s in params.stop) if i >= 0]
+                if hits:
+                    yield StreamChunk(text[emitted:min(hits)], pending, "stop")
+                    return
+                safe = len(text)
+                for s in params.stop:
+                    for k in range(min(len(s) - 1, len(text)), 0, -1):
+                        if text.endswith(s[:k]):
+                            safe = min(safe, len(text) - k)
+                            break
+            else:
+                safe = len(text)
+            if safe > emitted:
+                yield StreamChunk(text[emitted:safe], pending)
+                emitted, pending = safe, []
+        text = self.tokenizer.decode(ids)
+        yield StreamChunk(text[emitted:], pending, "length")
+
+    def generate(self, prompt, **kw) -> Completion:
+        params = kw.pop("params", None) or SamplingParams(**kw)
+        prompt_ids = self._prompt_ids(prompt)
+        text, ids, reason = [], [], None
+        for chunk in self.generate_stream(prompt_ids, params=params):
+            text.append(chunk.text)
+            ids += [t for t in chunk.token_ids if t not in self.tokenizer.end_ids]
+            reason = chunk.finish_reason
+        return Completion("".join(text), ids, prompt_ids, reason)
+
+    def chat_prompt(self, messages: list) -> list[int]:
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def chat(self, messages: list, **kw) -> Completion:
+        return self.generate(self.chat_prompt(messages), **kw)
+
+    def chat_stream(self, messages: list, **kw) -> Iterator[StreamChunk]:
+        return self.generate_stream(self.chat_prompt(messages), **kw)
+
+    def predict(self, prompt, **kw) -> str:
+        """The natural task of a decoder: complete the text."""
+        return self.generate(prompt, **kw).text
+
+
+class EncoderModel(Model):
+    task = "embed"
+
+    def __init__(self, wf: WeightsFile, tokenizer: Tokenizer, max_rows: int = 4096):
+        super().__init__(wf, tokenizer)
+        from models import bert
+        self._bert = bert
+        self.config = bert.BertConfig(**wf.meta["config"])
+        self.weights = bert.BertWeights(wf, self.config)
+        self.state = bert.RunState(self.config, max(max_rows, self.config.max_tokens))
+        if self.weights.classifier is not None:
+            self.task = "classify"
+
+    def _batches(self, texts) -> Iterator[list]:
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, (list, tuple)) or not texts:
+            raise InvalidRequestError("input must be a non-empty string or list of strings")
+        for t in texts:
+            if not isinstance(t, str) or not t:
+                raise InvalidRequestError("every input must be a non-empty string")
+        ids = [e[:self.config.max_tokens - 1] + e[-1:] if len(e) > self.config.max_tokens else e
+               for e in self.tokenizer.encode_batch(list(texts))]
+        batch, rows = [], 0
+        for e in ids:
+            if rows + len(e) > self.state.max_rows:
+                yield batch
+                batch, rows = [], 0
+            batch.append(e)
+            rows += len(e)
+        yield batch
+
+    def _hidden(self, sentences):
+        packed = self._bert.pack(sentences)
+        with self._lock:
+            hidden = self._bert.forward(self.config, self.weights, self.state, packed)
+            return hidden.copy(), packed
+
+    def embed(self, texts) -> np.ndarray:
+        """Sentence embeddings (n, dim) float32, L2-normalised."""
+        out = []
+        for sentences in self._batches(texts):
+            hidden, packed = self._hidden(sentences)
+            out.append(self._bert.pool(self.config, hidden, packed))
+        return np.concatenate(out)
+
+    def classify(self, texts) -> list[dict]:
+        """[{"label", "score", "scores": {label: p}}] per text."""
+        if self.weights.classifier is None or self.weights.pooler is None:
+            raise UnsupportedTaskError("this encoder has no classification head")
+        labels = self.config.labels
+        out = []
+        for sentences in self._batches(texts):
+            hidden, packed = self._hidden(sentences)
+            for p in self._bert.classify(self.weights, hidden, packed):
+                i = int(np.argmax(p))
+                out.append({"label": labels[i], "score": float(p[i]),
+                            "scores": {lab: float(x) for lab, x in zip(labels, p)}})
+        return out
+
+    def predict(self, texts):
+        """The natural task: class predictions with a head, embeddings without."""
+        return self.classify(texts) if self.task == "classify" else self.embed(texts)
+
+
+def load_model(path, threads: int | None = None, **kw) -> Model:
+    """Open a converted weights file and return a DecoderModel or EncoderModel."""
+    from core.threads import set_num_threads
+
+    set_num_threads(threads)
+    wf = WeightsFile.open(path)
+    arch = wf.meta.get("arch")
+    if "tokenizer.json" not in wf:
+        raise WeightsFormatError(f"{wf.path}: the file carries no tokenizer")
+    tokenizer = Tokenizer(wf.raw("tokenizer.json").decode("utf-8"), wf.meta)
+    if arch in ("llama", "gpt2"):
+        return DecoderModel(wf, tokenizer, **kw)
+    if arch == "bert":
+        return EncoderModel(wf, tokenizer, **kw)
+    raise WeightsFormatError(f"{wf.path}: unknown architecture {arch!r}")

@@ -1,0 +1,68 @@
+"""Weights of one layer type, bound to their kernels: a linear layer (int8 or fp32) and an
+embedding table (int8 or fp32).  Which kernel runs is decided once, when the file is opened."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from core import kernels as K
+from core.wfile import WeightsFile
+
+
+class Linear:
+    """y = x @ W.T + b, W stored int8 with a per-row scale (NAME.weight + NAME.scale) or fp32."""
+
+    def __init__(self, wf: WeightsFile, name: str):
+        self.weight = wf.tensor(f"{name}.weight")                      # (out, in) int8 or fp32
+        self.scale = wf.tensor(f"{name}.scale") if f"{name}.scale" in wf else None   # (out,)
+        self.bias = wf.tensor(f"{name}.bias") if f"{name}.bias" in wf else None      # (out,)
+        self.n_out, self.n_in = self.weight.shape
+        self.quantized = self.scale is not None
+
+    def __call__(self, out: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if self.quantized:
+            K.matmul_q8(out, x, self.weight, self.scale, self.bias)
+        else:
+            K.matmul_f32(out, x, self.weight, self.bias)
+        return out
+
+
+class Embedding:
+    """out[t] = table[tokens[t]] from an int8 (+ per-row scale) or fp32 table."""
+
+    def __init__(self, wf: WeightsFile, name: str):
+        self.weight = wf.tensor(f"{name}.weight")                      # (vocab, dim)
+        self.scale = wf.tensor(f"{name}.scale") if f"{name}.scale" in wf else None
+        self.bias = None
+        self.n_out, self.n_in = self.weight.shape
+
+    def __call__(self, out: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+        if self.scale is not None:
+            K.embed_q8(out, tokens, self.weight, self.scale)
+        else:
+            K.embed_f32(out, tokens, self.weight)
+        return out
+
+    def as_linear(self) -> Linear:
+        """The same table used as a logits head (tied embeddings)."""
+        head = Linear.__new__(Linear)
+        head.weight, head.scale, head.bias = self.weight, self.scale, None
+        head.n_out, head.n_in = self.weight.shape
+        head.quantized = self.scale is not None
+        return head
+
+
+class Norm:
+    """RMSNorm (weight only) or LayerNorm (weight and bias)."""
+
+    def __init__(self, wf: WeightsFile, name: str, eps: float):
+        self.weight = wf.tensor(f"{name}.weight")
+        self.bias = wf.tensor(f"{name}.bias") if f"{name}.bias" in wf else None
+        self.eps = eps
+
+    def __call__(self, out: np.ndarray, x: np.ndarray) -> np.ndarray:
+        if self.bias is None:
+            K.rmsnorm(out, x, self.weight, self.eps)
+        else:
+            K.layernorm(out, x, self.weight, self.bias, self.eps)
+        return out

@@ -1,0 +1,216 @@
+"""Every compiled kernel against its numpy twin in core.kernels.reference, over many shapes."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from core import kernels as K
+from core.kernels import reference as R
+
+# fp32 kernels vs float64 numpy: relative to the magnitude of the terms summed
+TOL = {"f32": 2e-5, "q8": 2e-5}
+AWKWARD = [1, 3, 31, 32, 33, 63, 64, 65, 127, 576]
+dims = st.sampled_from(AWKWARD) | st.integers(1, 200)
+rows = st.integers(1, 70)
+seeds = st.integers(0, 2**32 - 1)
+
+
+def rand(rng, *shape, scale=1.0):
+    return (rng.standard_normal(shape) * scale).astype(np.float32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(M=rows, K_=dims, seed=seeds)
+def test_quantize_q8_matches_reference_and_error_bound(M, K_, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, M, K_, scale=rng.uniform(1e-3, 100))
+    q, s = K.quantize_q8(x)
+    q_ref, s_ref = R.quantize_q8(x)
+    np.testing.assert_array_equal(q, q_ref)
+    np.testing.assert_array_equal(s, s_ref)
+    # dequantize(quantize(x)) is within half a scale step of x
+    err = np.abs(R.dequantize_q8(q, s) - x)
+    bound = np.repeat(s, R.Q8_GROUP, axis=1)[:, :K_] * 0.5 * (1 + 1e-5) + 1e-30
+    assert (err <= bound).all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(M=rows, N=st.integers(1, 100), K_=dims, bias=st.booleans(), seed=seeds)
+def test_matmul_q8(M, N, K_, bias, seed):
+    rng = np.random.default_rng(seed)
+    x = rand(rng, M, K_)
+    w, w_scale = R.quantize_rows_q8(rand(rng, N, K_))
+    b = rand(rng, N) if bias else None
+    out, ref = np.empty((M, N), np.float32), np.empty((M, N), np.float64)
+    K.matmul_q8(out, x, w, w_scale, b)
+    R.matmul_q8(ref, x, w, w_scale, b)
+    mag = np.abs(x).sum(1)[:, None] * (np.abs(w).max(1) * w_scale)[None, :] + (np.abs(b) if bias else 0) + 1e-6
+    assert (np.abs(out - ref) <= TOL["q8"] * mag + 1e-6).all()
+
+
+@settings(max_examples=40, deadline=None)
+@given(M=rows, N=st.integers(1, 100), K_=dims, bias=st.booleans(), seed=seeds)
+def test_matmul_f32(M, N, K_, bias, seed):
+    rng = np.random.default_rng(seed)
+    x, w = rand(rng, M, K_), rand(rng, N, K_)
+    b = rand(rng, N) if bias else None
+    out, ref = np.empty((M, N), np.float32), np.empty((M, N), np.float64)
+    K.matmul_f32(out, x, w, b)
+    R.matmul_f32(ref, x, w, b)
+    mag = np.abs(x) @ np.abs(w).T + (np.abs(b) if bias else 0) + 1e-6
+    assert (np.abs(out - ref) <= TOL["f32"] * mag).all()
+
+
+def test_matmul_q8_int8_error_bound_against_fp32():
+    """The documented bound: per-group activation rounding error is at most s_g/2 per element."""
+    rng = np.random.default_rng(0)
+    x, wf = rand(rng, 8, 576), rand(rng, 64, 576)
+    w, w_scale = R.quantize_rows_q8(wf)
+    wd = w.astype(np.float64) * w_scale[:, None]
+    out = np.empty((8, 64), np.float32)
+    K.matmul_q8(out, x, w, w_scale)
+    _, s = R.quantize_q8(x)
+    bound = 0.5 * np.repeat(s, 32, axis=1) @ np.abs(wd).T
+    assert (np.abs(out - x.astype(np.float64) @ wd.T) <= bound * 1.001 + 1e-5).all()
+
+
+def test_matmul_rejects_bad_shapes():
+    x = np.zeros((2, 8), np.float32)
+    with pytest.raises(ValueError, match="columns"):
+        K.matmul_f32(np.zeros((2, 3), np.float32), x, np.zeros((3, 9), np.float32))
+    with pytest.raises(ValueError, match="expected"):
+        K.matmul_f32(np.zeros((2, 4), np.float32), x, np.zeros((3, 8), np.float32))
+    with pytest.raises(ValueError):
+        K.matmul_q8(np.zeros((2, 3), np.float32), x, np.zeros((3, 8), np.int8), np.zeros(2, np.float32))
+
+
+@settings(max_examples=30, deadline=None)
+@given(T=rows, dim=dims, vocab=st.integers(1, 50), seed=seeds)
+def test_embeddings(T, dim, vocab, seed):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, vocab, T).astype(np.int32)
+    table = rand(rng, vocab, dim)
+    out, ref = np.empty((T, dim), np.float32), np.empty((T, dim), np.float32)
+    K.embed_f32(out, tokens, table)
+    R.embed_f32(ref, tokens, table)
+    np.testing.assert_array_equal(out, ref)
+    q, s = R.quantize_rows_q8(table)
+    K.embed_q8(out, tokens, q, s)
+    R.embed_q8(ref, tokens, q, s)
+    np.testing.assert_allclose(out, ref, rtol=1e-6)
+    with pytest.raises(IndexError, match="vocabulary"):
+        K.embed_f32(out[:1], np.array([vocab], np.int32), table)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=rows, dim=dims, seed=seeds)
+def test_norms(T, dim, seed):
+    rng = np.random.default_rng(seed)
+    x, w, b = rand(rng, T, dim, scale=3), rand(rng, dim), rand(rng, dim)
+    out, ref = np.empty_like(x), np.empty(x.shape, np.float64)
+    K.rmsnorm(out, x, w, 1e-5)
+    R.rmsnorm(ref, x, w, 1e-5)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+    K.layernorm(out, x, w, b, 1e-12)
+    R.layernorm(ref, x, w, b, 1e-12)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=rows, n_heads=st.integers(1, 4), half=st.integers(1, 40), partial=st.booleans(),
+       neox=st.booleans(), seed=seeds)
+def test_rope(T, n_heads, half, partial, neox, seed):
+    rng = np.random.default_rng(seed)
+    head_dim = 2 * half + (4 if partial else 0)
+    x = rand(rng, T, n_heads * head_dim)
+    pos = rng.integers(0, 5000, T).astype(np.int32)
+    ref = x.astype(np.float64)
+    K.rope(x, pos, n_heads, head_dim, 2 * half, 10000.0, neox)
+    R.rope(ref, pos, n_heads, head_dim, 2 * half, 10000.0, neox)
+    np.testing.assert_allclose(x, ref, rtol=1e-5, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(T=rows, H=dims, seed=seeds)
+def test_activations(T, H, seed):
+    rng = np.random.default_rng(seed)
+    g, u = rand(rng, T, H, scale=4), rand(rng, T, H)
+    out, ref = np.empty_like(g), np.empty(g.shape, np.float64)
+    K.silu_mul(out, g, u)
+    R.silu_mul(ref, g, u)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
+    for name in ("gelu_tanh", "gelu_erf", "softmax_inplace"):
+        x, xr = g.copy(), g.astype(np.float64)
+        getattr(K, name)(x)
+        getattr(R, name)(xr)
+        np.testing.assert_allclose(x, xr, rtol=1e-5, atol=1e-6, err_msg=name)
+    K.softmax_inplace(g)
+    np.testing.assert_allclose(g.sum(1), 1.0, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 4, 17, 64]),
+       block_size=st.sampled_from([1, 4, 16]), lens=st.lists(st.integers(1, 40), min_size=1, max_size=3),
+       n_new=st.integers(1, 5), seed=seeds)
+def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
+    """Several sequences in one call, blocks scattered through the pool in random order."""
+    rng = np.random.default_rng(seed)
+    n_heads = n_kv * group
+    max_blocks = -(-max(lens) // block_size)
+    n_blocks = max_blocks * len(lens) + 2
+    perm = rng.permutation(n_blocks).astype(np.int32)
+    tables = perm[:max_blocks * len(lens)].reshape(len(lens), max_blocks).copy()
+    k_cache, v_cache = rand(rng, n_blocks * block_size, n_kv * hd), rand(rng, n_blocks * block_size, n_kv * hd)
+    seq_ids, positions = [], []
+    for s, n in enumerate(lens):
+        for p in range(max(0, n - n_new), n):
+            seq_ids.append(s)
+            positions.append(p)
+    seq_ids, positions = np.array(seq_ids, np.int32), np.array(positions, np.int32)
+    q = rand(rng, len(seq_ids), n_heads * hd)
+    out, ref = np.empty_like(q), np.empty(q.shape, np.float64)
+    scale = 1 / np.sqrt(hd)
+    K.attention_paged(out, q, k_cache, v_cache, tables, seq_ids, positions, n_heads, n_kv, block_size, scale)
+    R.attention_paged(ref, q, k_cache, v_cache, tables, seq_ids, positions, n_heads, n_kv, block_size, scale)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_attention_paged_rejects_bad_tables():
+    k = np.zeros((8, 4), np.float32)
+    q = np.zeros((1, 4), np.float32)
+    with pytest.raises(ValueError, match="outside"):
+        K.attention_paged(np.empty_like(q), q, k, k, np.array([[0, 9]], np.int32), np.array([0], np.int32),
+                          np.array([5], np.int32), 1, 1, 4, 1.0)
+    with pytest.raises(ValueError, match="outside"):
+        K.attention_paged(np.empty_like(q), q, k, k, np.array([[0, 1]], np.int32), np.array([0], np.int32),
+                          np.array([8], np.int32), 1, 1, 4, 1.0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 8, 32]),
+       lens=st.lists(st.integers(1, 30), min_size=1, max_size=4), seed=seeds)
+def test_attention_varlen(n_kv, group, hd, lens, seed):
+    rng = np.random.default_rng(seed)
+    n_heads, T = n_kv * group, sum(lens)
+    starts = np.repeat(np.cumsum([0] + lens[:-1]), lens).astype(np.int32)
+    ends = (starts + np.repeat(lens, lens)).astype(np.int32)
+    q, k, v = rand(rng, T, n_heads * hd), rand(rng, T, n_kv * hd), rand(rng, T, n_kv * hd)
+    out, ref = np.empty_like(q), np.empty(q.shape, np.float64)
+    K.attention_varlen(out, q, k, v, starts, ends, n_heads, n_kv, 0.3)
+    R.attention_varlen(ref, q, k, v, starts, ends, n_heads, n_kv, 0.3)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_kv_write():
+    rng = np.random.default_rng(1)
+    kc, vc = np.zeros((10, 6), np.float32), np.zeros((10, 6), np.float32)
+    k, v = rand(rng, 3, 6), rand(rng, 3, 6)
+    slots = np.array([7, 2, 9], np.int32)
+    K.kv_write(kc, vc, k, v, slots)
+    kr, vr = np.zeros_like(kc), np.zeros_like(vc)
+    R.kv_write(kr, vr, k, v, slots)
+    np.testing.assert_array_equal(kc, kr)
+    np.testing.assert_array_equal(vc, vr)
+    with pytest.raises(ValueError, match="outside"):
+        K.kv_write(kc, vc, k, v, np.array([0, 1, 10], np.int32))

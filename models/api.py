@@ -49,6 +49,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list = field(default_factory=list)
+    ignore_eos: bool = False   # keep generating past end tokens (benchmarks, parity tests)
 
     def __post_init__(self):
         def number(name, v, kind=float):
@@ -207,6 +208,17 @@ class DecoderModel(Model):
         finally:
             seq.release()
 
+    def next_token_logits(self, ids) -> np.ndarray:
+        """Logits (vocab,) after feeding ids to a fresh sequence (a prefill)."""
+        ids = self._check_ids(ids)
+        if len(ids) > self.context:
+            raise ContextOverflowError(f"{len(ids)} tokens exceed the context of {self.context}")
+        seq = self.cache.new_sequence()
+        try:
+            return self._run(seq, ids, all_logits=False)
+        finally:
+            seq.release()
+
     def perplexity(self, ids, window: int | None = None) -> float:
         """exp(mean negative log-likelihood) of ids[1:], in non-overlapping windows of the context."""
         ids = self._check_ids(ids)
@@ -257,7 +269,7 @@ class DecoderModel(Model):
             for _ in range(params.max_tokens):
                 tok = sample(logits, params, rng, history)
                 yield tok
-                if tok in self.tokenizer.end_ids:
+                if tok in self.tokenizer.end_ids and not params.ignore_eos:
                     return
                 history.append(tok)
                 logits = self._run(seq, [tok], all_logits=False)
@@ -274,7 +286,7 @@ class DecoderModel(Model):
         pending: list[int] = []
         longest_stop = max((len(s) for s in params.stop), default=0)
         for tok in self.generate_ids(prompt_ids, params):
-            if tok in self.tokenizer.end_ids:
+            if tok in self.tokenizer.end_ids and not params.ignore_eos:
                 text = self.tokenizer.decode(ids)
                 yield StreamChunk(text[emitted:], pending + [tok], "stop")
                 return
@@ -308,8 +320,10 @@ class DecoderModel(Model):
         text, ids, reason = [], [], None
         for chunk in self.generate_stream(prompt_ids, params=params):
             text.append(chunk.text)
-            ids += [t for t in chunk.token_ids if t not in self.tokenizer.end_ids]
+            ids += chunk.token_ids
             reason = chunk.finish_reason
+        if reason == "stop" and ids and ids[-1] in self.tokenizer.end_ids:
+            ids.pop()
         return Completion("".join(text), ids, prompt_ids, reason)
 
     def chat_prompt(self, messages: list) -> list[int]:
@@ -348,8 +362,11 @@ class EncoderModel(Model):
         for t in texts:
             if not isinstance(t, str) or not t:
                 raise InvalidRequestError("every input must be a non-empty string")
-        ids = [e[:self.config.max_tokens - 1] + e[-1:] if len(e) > self.config.max_tokens else e
-               for e in self.tokenizer.encode_batch(list(texts))]
+        return self._batches_of_ids(self.tokenizer.encode_batch(list(texts)))
+
+    def _batches_of_ids(self, sentences) -> Iterator[list]:
+        n = self.config.max_tokens
+        ids = [e[:n - 1] + e[-1:] if len(e) > n else e for e in sentences]
         batch, rows = [], 0
         for e in ids:
             if rows + len(e) > self.state.max_rows:
@@ -367,8 +384,18 @@ class EncoderModel(Model):
 
     def embed(self, texts) -> np.ndarray:
         """Sentence embeddings (n, dim) float32, L2-normalised."""
+        return self._embed_batches(self._batches(texts))
+
+    def embed_ids(self, sentences: list) -> np.ndarray:
+        """Embeddings of already tokenized sentences ([CLS] ... [SEP] included)."""
+        for s in sentences:
+            if not len(s) or not all(0 <= int(i) < self.config.vocab_size for i in s):
+                raise InvalidRequestError("each sentence must be a non-empty list of ids in the vocabulary")
+        return self._embed_batches(self._batches_of_ids([list(s) for s in sentences]))
+
+    def _embed_batches(self, batches) -> np.ndarray:
         out = []
-        for sentences in self._batches(texts):
+        for sentences in batches:
             hidden, packed = self._hidden(sentences)
             out.append(self._bert.pool(self.config, hidden, packed))
         return np.concatenate(out)

@@ -1,5 +1,8 @@
 """Weights of one layer type, bound to their kernels: a linear layer (int8 or fp32) and an
-embedding table (int8 or fp32).  Which kernel runs is decided once, when the file is opened."""
+embedding table (int8 or fp32).  Which kernel runs is decided once, when the file is opened.
+
+An int8 tensor NAME.weight (rows, K) comes with NAME.scale (rows, ceil(K/32)) fp16: one scale per
+group of 32 along each row.  The kernels read the fp16 scales as their raw uint16 bits."""
 
 from __future__ import annotations
 
@@ -9,12 +12,18 @@ from core import kernels as K
 from core.wfile import WeightsFile
 
 
+def _scale_bits(wf: WeightsFile, name: str):
+    if f"{name}.scale" not in wf:
+        return None
+    return wf.tensor(f"{name}.scale").view(np.uint16)
+
+
 class Linear:
-    """y = x @ W.T + b, W stored int8 with a per-row scale (NAME.weight + NAME.scale) or fp32."""
+    """y = x @ W.T + b, W stored int8 with group scales (NAME.weight + NAME.scale) or fp32."""
 
     def __init__(self, wf: WeightsFile, name: str):
         self.weight = wf.tensor(f"{name}.weight")                      # (out, in) int8 or fp32
-        self.scale = wf.tensor(f"{name}.scale") if f"{name}.scale" in wf else None   # (out,)
+        self.scale = _scale_bits(wf, name)                             # (out, ceil(in/32)) or None
         self.bias = wf.tensor(f"{name}.bias") if f"{name}.bias" in wf else None      # (out,)
         self.n_out, self.n_in = self.weight.shape
         self.quantized = self.scale is not None
@@ -32,7 +41,7 @@ class Embedding:
 
     def __init__(self, wf: WeightsFile, name: str):
         self.weight = wf.tensor(f"{name}.weight")                      # (vocab, dim)
-        self.scale = wf.tensor(f"{name}.scale") if f"{name}.scale" in wf else None
+        self.scale = _scale_bits(wf, name)                             # (vocab, ceil(dim/32)) or None
         self.bias = None
         self.n_out, self.n_in = self.weight.shape
 

@@ -1,22 +1,23 @@
 """Linear layers: out[M, N] = x[M, K] @ w[N, K].T (+ bias).
 
-matmul_q8: int8 weights with one fp32 scale per output row; the activations are quantized to int8
-on the fly with one scale per group of 32 along K (int32 accumulation inside a group, fp32 across
-groups).  matmul_f32: the same product in fp32, for files converted with --quant f32.
+matmul_q8: int8 weights with one fp16 scale per group of 32 along K (per output row); the
+activations are quantized to int8 on the fly with one fp32 scale per group of 32 along K (int32
+accumulation inside a group, fp32 across groups).  matmul_f32: the same product in fp32, for files converted with --quant f32.
 
 Work is split across threads by tiles of output columns (weight rows); inside a tile the loop runs
 over blocks of activation rows so that a weight tile stays in L1 and an activation block in L2.
 """
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int8_t
+from libc.stdint cimport int8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
 import numpy as np
 
 cdef extern from "simd.h" nogil:
     int edge_q8_padded(int K)
-    void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *ls, float *gs, float *comp)
-    float edge_dot_q8(const int8_t *q, const float *ls, float comp, const int8_t *w, int K)
+    float edge_f16_to_f32(uint16_t h)
+    void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
+    float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K)
     float edge_dot_f32(const float *a, const float *b, int K)
 
 cdef enum:
@@ -24,22 +25,21 @@ cdef enum:
     M_BLOCK = 64    # activation rows per inner block
 
 
-cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const float *w_scale,
+cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t *w_scale,
                      const float *bias, int M, int N, int K) noexcept nogil:
     cdef int Kp = edge_q8_padded(K)
-    cdef int n_groups = (K + 31) // 32
+    cdef int G = (K + 31) // 32
     cdef int8_t *q = <int8_t *> malloc(<size_t> M * Kp)
-    cdef float *ls = <float *> malloc(<size_t> M * (Kp // 4) * sizeof(float))
-    cdef float *gs = <float *> malloc(<size_t> M * n_groups * sizeof(float))
-    cdef float *comp = <float *> malloc(<size_t> M * sizeof(float))
-    cdef int m, n, t, m0, m1, n0, n1
+    cdef float *xs = <float *> malloc(<size_t> M * G * sizeof(float))
+    cdef float *ws
+    cdef int m, n, t, g, m0, m1, n0, n1
     cdef int n_tiles = (N + N_TILE - 1) // N_TILE
     cdef float acc
     with parallel():
         for m in prange(M, schedule="static"):
-            edge_quantize_row_q8(x + <size_t> m * K, K, q + <size_t> m * Kp, ls + <size_t> m * (Kp // 4),
-                                 gs + <size_t> m * n_groups, comp + m)
+            edge_quantize_row_q8(x + <size_t> m * K, K, q + <size_t> m * Kp, xs + <size_t> m * G)
     with parallel():
+        ws = <float *> malloc(G * sizeof(float))     # one weight row's scales, widened to fp32
         for t in prange(n_tiles, schedule="static"):
             n0 = t * N_TILE
             n1 = n0 + N_TILE if n0 + N_TILE < N else N
@@ -47,17 +47,17 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const float *w
             while m0 < M:
                 m1 = m0 + M_BLOCK if m0 + M_BLOCK < M else M
                 for n in range(n0, n1):
+                    for g in range(G):
+                        ws[g] = edge_f16_to_f32(w_scale[<size_t> n * G + g])
                     for m in range(m0, m1):
-                        acc = w_scale[n] * edge_dot_q8(q + <size_t> m * Kp, ls + <size_t> m * (Kp // 4),
-                                                       comp[m], w + <size_t> n * K, K)
+                        acc = edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G, w + <size_t> n * K, ws, K)
                         if bias != NULL:
                             acc = acc + bias[n]
                         out[<size_t> m * N + n] = acc
                 m0 = m1
+        free(ws)
     free(q)
-    free(ls)
-    free(gs)
-    free(comp)
+    free(xs)
 
 
 cdef void _matmul_f32(float *out, const float *x, const float *w, const float *bias,
@@ -95,12 +95,13 @@ def _check_linear(out, x, w, bias):
 def matmul_q8(float[:, ::1] out,             # OUT (M, N)
               const float[:, ::1] x,         # IN  (M, K) fp32 activations
               const int8_t[:, ::1] w,        # IN  (N, K) int8 weights
-              const float[::1] w_scale,      # IN  (N,) fp32 scale per weight row
+              const uint16_t[:, ::1] w_scale,  # IN  (N, ceil(K/32)) fp16 bits: scale per group of 32
               const float[::1] bias=None):   # IN  (N,) or None
-    """out = quantize_q8(x) @ (w * w_scale[:, None]).T + bias, see reference.matmul_q8."""
+    """out = quantize_q8(x) @ dequantize(w, w_scale).T + bias, see reference.matmul_q8."""
     _check_linear(out, x, w, bias)
-    if w_scale.shape[0] != w.shape[0]:
-        raise ValueError(f"w_scale has {w_scale.shape[0]} entries, expected {w.shape[0]}")
+    if w_scale.shape[0] != w.shape[0] or w_scale.shape[1] != (w.shape[1] + 31) // 32:
+        raise ValueError(f"w_scale has shape {tuple(w_scale.shape)[:2]}, expected "
+                         f"({w.shape[0]}, {(w.shape[1] + 31) // 32})")
     cdef int M = x.shape[0], N = w.shape[0], K = x.shape[1]
     if K == 0:
         raise ValueError("x has no columns")
@@ -108,7 +109,7 @@ def matmul_q8(float[:, ::1] out,             # OUT (M, N)
         return
     cdef const float *b = &bias[0] if bias is not None else NULL
     with nogil:
-        _matmul_q8(&out[0, 0], &x[0, 0], &w[0, 0], &w_scale[0], b, M, N, K)
+        _matmul_q8(&out[0, 0], &x[0, 0], &w[0, 0], &w_scale[0, 0], b, M, N, K)
 
 
 def matmul_f32(float[:, ::1] out,            # OUT (M, N)
@@ -136,16 +137,11 @@ def quantize_q8(const float[:, ::1] x):
     if K == 0:
         raise ValueError("x has no columns")
     cdef int Kp = edge_q8_padded(K)
-    cdef int n_groups = (K + 31) // 32
     qp = np.zeros((M, Kp), dtype=np.int8)
-    ls = np.zeros((M, Kp // 4), dtype=np.float32)
-    gs = np.zeros((M, n_groups), dtype=np.float32)
-    comp = np.zeros(M, dtype=np.float32)
+    scales = np.zeros((M, (K + 31) // 32), dtype=np.float32)
     cdef int8_t[:, ::1] qv = qp
-    cdef float[:, ::1] lv = ls
-    cdef float[:, ::1] gv = gs
-    cdef float[::1] cv = comp
+    cdef float[:, ::1] sv = scales
     cdef int m
     for m in range(M):
-        edge_quantize_row_q8(&x[m, 0], K, &qv[m, 0], &lv[m, 0], &gv[m, 0], &cv[m])
-    return qp[:, :K].copy(), gs
+        edge_quantize_row_q8(&x[m, 0], K, &qv[m, 0], &sv[m, 0])
+    return qp[:, :K].copy(), scales

@@ -37,20 +37,32 @@ def dequantize_q8(q, scales):
     return x
 
 
-def quantize_rows_q8(w):
-    """Weight quantization: one scale per row, s = max|row|/127, q = rint(w / s)."""
+def quantize_weights_q8(w):
+    """Weight quantization: one fp16 scale per group of 32 along each row,
+    s = fp16(max|group| / 127), q = clip(rint(w / s), -127, 127).
+
+    Returns (q int8 (N, K), scales float16 (N, ceil(K/32))).
+    """
     w = np.asarray(w, dtype=np.float32)
-    amax = np.abs(w).max(axis=1)
-    scale = (amax / np.float32(127.0)).astype(np.float32)
-    safe = np.where(scale > 0, scale, 1).astype(np.float32)
-    q = np.clip(np.rint(w / safe[:, None]), -127, 127).astype(np.int8)
-    return q, scale
+    N, K = w.shape
+    n_groups = -(-K // Q8_GROUP)
+    q = np.zeros((N, K), dtype=np.int8)
+    scales = np.zeros((N, n_groups), dtype=np.float16)
+    for g in range(n_groups):
+        wg = w[:, g * Q8_GROUP:(g + 1) * Q8_GROUP]
+        s16 = (np.abs(wg).max(axis=1) / np.float32(127.0)).astype(np.float16)
+        s = s16.astype(np.float32)
+        safe = np.where(s > 0, s, 1).astype(np.float32)
+        q[:, g * Q8_GROUP:(g + 1) * Q8_GROUP] = np.clip(np.rint(wg / safe[:, None]), -127, 127)
+        scales[:, g] = s16
+    return q, scales
 
 
 def matmul_q8(out, x, w, w_scale, bias=None):
     q, s = quantize_q8(x)
     xq = dequantize_q8(q, s).astype(np.float64)
-    out[...] = xq @ (w.astype(np.float64) * w_scale.astype(np.float64)[:, None]).T
+    wq = dequantize_q8(w, w_scale.astype(np.float32)).astype(np.float64)
+    out[...] = xq @ wq.T
     if bias is not None:
         out += bias
 
@@ -66,7 +78,7 @@ def embed_f32(out, tokens, table):
 
 
 def embed_q8(out, tokens, table, scale):
-    out[...] = table[tokens].astype(np.float32) * scale[tokens, None]
+    out[...] = dequantize_q8(table[tokens], scale[tokens].astype(np.float32))
 
 
 def rmsnorm(out, x, weight, eps):

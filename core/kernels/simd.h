@@ -1,27 +1,27 @@
 /* SIMD inner loops shared by the Cython kernels.
  *
  * Each function has one body per instruction set, picked at compile time:
- *   x86-64: AVX-512 VNNI (vpdpbusd), AVX2 + FMA (vpmaddubsw sign trick), scalar;
+ *   x86-64: AVX2 + FMA (vpmaddubsw with the sign trick), or vpdpbusd where AVX-512 VNNI or AVX-VNNI
+ *   exists, scalar;
  *   aarch64: NEON with the dot-product extension (sdot), plain NEON, scalar.
  * A portable build (EDGE_PORTABLE=1) compiles for the baseline and takes the scalar or plain NEON
  * body.  Parallelism across cores is the caller's job (OpenMP in the .pyx files); these functions
  * work on one row.
  *
- * int8 activation layout (produced by edge_quantize_row_q8, consumed by edge_dot_q8):
- *   q[0..Kp)     int8 values, Kp = K rounded up to 64, zero padded;
- *   ls[0..Kp/4)  one float per 4-byte lane: the scale of the 32-element group that holds the lane,
- *                so an int32 lane of a SIMD dot product is scaled by one multiply;
- *   comp         128 * sum_g scale_g * sum_{k in g} q_k: the correction for the u8 x s8 VNNI
- *                instruction, which sees (w + 128) instead of w.
- * Weights are int8 rows of K (no padding) with one fp32 scale per row, applied by the caller.
+ * int8 scheme (Q8_0-like): weights are int8 rows of K with one scale per group of 32 along K
+ * (stored as fp16 in the file, widened to fp32 by the caller once per row); activations are
+ * quantized on the fly by edge_quantize_row_q8 to int8 with one fp32 scale per group of 32, the
+ * row zero padded to a multiple of 32.  edge_dot_q8 accumulates int32 inside a group and fp32
+ * across groups.
  */
 #ifndef EDGE_SIMD_H
 #define EDGE_SIMD_H
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
-#if defined(__AVX2__) || defined(__AVX512F__)
+#if defined(__AVX2__) || defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
 #if defined(__ARM_NEON)
@@ -30,9 +30,10 @@
 
 #define EDGE_Q8_GROUP 32
 
-#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512F__)
-#define EDGE_SIMD_NAME "avx512-vnni"
-#define EDGE_Q8_VNNI 1
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define EDGE_SIMD_NAME "avx2+avx512-vnni"
+#elif defined(__AVXVNNI__)
+#define EDGE_SIMD_NAME "avx2+avx-vnni"
 #elif defined(__AVX2__)
 #define EDGE_SIMD_NAME "avx2"
 #elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
@@ -45,15 +46,30 @@
 
 static inline const char *edge_simd_name(void) { return EDGE_SIMD_NAME; }
 
-/* K rounded up to a multiple of 64: the padded length of a quantized activation row. */
-static inline int edge_q8_padded(int K) { return (K + 63) & ~63; }
+/* K rounded up to a multiple of 32: the padded length of a quantized activation row. */
+static inline int edge_q8_padded(int K) { return (K + 31) & ~31; }
+
+/* IEEE half -> float. */
+static inline float edge_f16_to_f32(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, mant = h & 0x3ffu;
+    uint32_t bits;
+    if (exp == 0) {
+        const float f = (float)mant * 5.9604644775390625e-8f; /* mant * 2^-24: zero or subnormal */
+        return sign ? -f : f;
+    }
+    bits = exp == 31 ? (sign | 0x7f800000u | (mant << 13)) : (sign | ((exp + 112u) << 23) | (mant << 13));
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+#endif
+}
 
 /* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|).
- * Writes q[0..Kp), ls[0..Kp/4), gs[0..ceil(K/32)) and *comp (see the layout above). */
-static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *ls, float *gs,
-                                        float *comp) {
-    const int Kp = edge_q8_padded(K);
-    float c = 0.0f;
+ * Writes q[0..Kp) (zero padded to a multiple of 32) and s[0..ceil(K/32)). */
+static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s) {
     int g = 0;
     for (int k0 = 0; k0 < K; k0 += EDGE_Q8_GROUP, g++) {
         const int k1 = k0 + EDGE_Q8_GROUP < K ? k0 + EDGE_Q8_GROUP : K;
@@ -62,102 +78,77 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
             const float a = fabsf(x[k]);
             amax = a > amax ? a : amax;
         }
-        const float s = amax / 127.0f;
         const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-        int sum = 0;
         for (int k = k0; k < k1; k++) {
             int v = (int)lrintf(x[k] * inv);
             v = v > 127 ? 127 : (v < -127 ? -127 : v);
             q[k] = (int8_t)v;
-            sum += v;
         }
-        gs[g] = s;
-        c += s * (float)sum;
-        for (int j = k0 / 4; j < k0 / 4 + EDGE_Q8_GROUP / 4; j++) ls[j] = s;
+        s[g] = amax / 127.0f;
     }
-    for (int k = K; k < Kp; k++) q[k] = 0;
-    for (int j = (g * EDGE_Q8_GROUP) / 4; j < Kp / 4; j++) ls[j] = 0.0f;
-    *comp = 128.0f * c;
+    for (int k = K; k < edge_q8_padded(K); k++) q[k] = 0;
 }
 
-/* sum_k x_k * w_k for a quantized activation row (q, ls, comp) and an int8 weight row w[0..K),
- * before the weight row's scale. */
-static inline float edge_dot_q8(const int8_t *q, const float *ls, float comp, const int8_t *w, int K) {
-    int k = 0;
-#if defined(EDGE_Q8_VNNI)
-    const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc = _mm512_setzero_ps();
-    for (; k < K; k += 64) {
-        __m512i wv;
-        if (k + 64 <= K) {
-            wv = _mm512_loadu_si512((const void *)(w + k));
-        } else {
-            const __mmask64 m = (__mmask64)(~0ULL >> (64 - (K - k)));
-            wv = _mm512_maskz_loadu_epi8(m, (const void *)(w + k));
-        }
-        /* (w ^ 0x80) read as u8 is w + 128; q is zero beyond K, so the padding adds nothing. */
-        const __m512i av = _mm512_loadu_si512((const void *)(q + k));
-        const __m512i p = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_xor_si512(wv, flip), av);
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_loadu_ps(ls + k / 4), acc);
-    }
-    return _mm512_reduce_add_ps(acc) - comp;
-#elif defined(__AVX2__)
-    (void)comp;
-    const __m256i ones = _mm256_set1_epi16(1);
+/* sum_g xs[g] * ws[g] * sum_{k in group g} q_k * w_k: the dot product of an int8 activation row
+ * (q, one scale xs per group of 32) with an int8 weight row (w, one scale ws per group of 32).
+ * int32 accumulation inside a group, fp32 across groups. */
+static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K) {
+    int k = 0, g = 0;
+    float total = 0.0f;
+#if defined(__AVX2__)
     __m256 acc = _mm256_setzero_ps();
-    for (; k + 32 <= K; k += 32) {
+#if !((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    for (; k + 32 <= K; k += 32, g++) {
         const __m256i av = _mm256_loadu_si256((const __m256i *)(q + k));
         const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
-        /* |a| x sign(a)*w: u8 x s8 pairs sum to at most 2*127*127, no saturation. */
-        const __m256i p16 = _mm256_maddubs_epi16(_mm256_sign_epi8(av, av), _mm256_sign_epi8(wv, av));
-        const __m256i p32 = _mm256_madd_epi16(p16, ones);
-#if defined(__FMA__)
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_loadu_ps(ls + k / 4), acc);
+        /* |a| (u8) x sign(a)*w (s8): pairs sum to at most 2*127*127, no saturation. */
+        const __m256i ua = _mm256_sign_epi8(av, av), sw = _mm256_sign_epi8(wv, av);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+        const __m256i p32 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, sw);
+#elif defined(__AVXVNNI__)
+        const __m256i p32 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ua, sw);
 #else
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(p32), _mm256_loadu_ps(ls + k / 4)));
+        const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, sw), ones);
+#endif
+        const __m256 scale = _mm256_set1_ps(xs[g] * ws[g]);
+#if defined(__FMA__)
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
+#else
+        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(p32), scale));
 #endif
     }
     __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    float total = _mm_cvtss_f32(s4);
-    int tail = 0;
-    for (; k < K; k++) tail += (int)q[k] * (int)w[k];
-    return total + (float)tail * ls[(K - 1) / 4];
-#elif defined(__ARM_NEON) && defined(__ARM_FEATURE_DOTPROD)
-    (void)comp;
+    total = _mm_cvtss_f32(s4);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
     float32x4_t acc = vdupq_n_f32(0.0f);
-    for (; k + 16 <= K; k += 16) {
-        const int32x4_t p = vdotq_s32(vdupq_n_s32(0), vld1q_s8(q + k), vld1q_s8(w + k));
-        acc = vfmaq_f32(acc, vcvtq_f32_s32(p), vld1q_f32(ls + k / 4));
-    }
-    float total = vaddvq_f32(acc);
-    int tail = 0;
-    for (; k < K; k++) tail += (int)q[k] * (int)w[k];
-    return total + (float)tail * ls[(K - 1) / 4];
-#elif defined(__ARM_NEON)
-    (void)comp;
-    float total = 0.0f;
-    for (; k + 16 <= K; k += 16) {
-        const int8x16_t a = vld1q_s8(q + k), b = vld1q_s8(w + k);
-        int32x4_t p = vpaddlq_s16(vmull_s8(vget_low_s8(a), vget_low_s8(b)));
-        p = vpadalq_s16(p, vmull_s8(vget_high_s8(a), vget_high_s8(b)));
-        total += (float)vaddvq_s32(p) * ls[k / 4]; /* 16 | 32: one group per step */
-    }
-    int tail = 0;
-    for (; k < K; k++) tail += (int)q[k] * (int)w[k];
-    return total + (float)tail * ls[(K - 1) / 4];
+    for (; k + 32 <= K; k += 32, g++) {
+#if defined(__ARM_FEATURE_DOTPROD)
+        int32x4_t p = vdotq_s32(vdupq_n_s32(0), vld1q_s8(q + k), vld1q_s8(w + k));
+        p = vdotq_s32(p, vld1q_s8(q + k + 16), vld1q_s8(w + k + 16));
 #else
-    (void)comp;
-    float total = 0.0f;
-    for (; k < K; k += EDGE_Q8_GROUP) {
+        int32x4_t p = vdupq_n_s32(0);
+        for (int h = 0; h < 32; h += 16) {
+            const int8x16_t a = vld1q_s8(q + k + h), b = vld1q_s8(w + k + h);
+            p = vpadalq_s16(p, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
+            p = vpadalq_s16(p, vmull_s8(vget_high_s8(a), vget_high_s8(b)));
+        }
+#endif
+        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), xs[g] * ws[g]);
+    }
+    total = vaddvq_f32(acc);
+#endif
+    /* the remaining groups (all of them in a scalar build), the last one possibly partial */
+    for (; k < K; k += EDGE_Q8_GROUP, g++) {
         const int k1 = k + EDGE_Q8_GROUP < K ? k + EDGE_Q8_GROUP : K;
         int32_t sum = 0;
         for (int i = k; i < k1; i++) sum += (int32_t)q[i] * (int32_t)w[i];
-        total += (float)sum * ls[k / 4];
+        total += (float)sum * (xs[g] * ws[g]);
     }
     return total;
-#endif
 }
 
 /* sum_k a_k * b_k in fp32. */

@@ -1,0 +1,43 @@
+# Everything a new machine needs, from nothing: `make serve` and `make test` (README's quick start).
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+DATA    := .cache/data
+KERNELS := $(wildcard core/kernels/*.pyx core/kernels/*.pxd core/kernels/*.h)
+
+.PHONY: serve test models data bench clean
+
+# Run the worker's main job on the default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2).
+serve: $(VENV)/.installed
+	$(BIN)/edge fetch
+	$(BIN)/edge generate -m smollm2-135m-instruct -p "Write one sentence about the sea." --chat -n 48
+	$(BIN)/edge embed -m all-minilm-l6-v2 "The sea is calm." "The ocean is quiet." --similarity
+
+test: $(VENV)/.installed-test $(DATA)/botchan.txt
+	$(BIN)/edge fetch
+	$(BIN)/python -m pytest -q tests
+
+$(VENV)/.installed: pyproject.toml setup.py $(KERNELS)
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[convert]'
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# Real English text for perplexity: botchan.txt from the sentencepiece source distribution.
+$(DATA)/botchan.txt:
+	mkdir -p $(DATA)/sdist
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: sentencepiece==0.2.3 -d $(DATA)/sdist
+	tar -xzf $(DATA)/sdist/sentencepiece-0.2.3.tar.gz -C $(DATA)/sdist --wildcards '*/botchan.txt'
+	cp $$(find $(DATA)/sdist -name botchan.txt | head -1) $@
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[bench]'
+	$(BIN)/edge fetch
+	$(BIN)/python bench/bench_llamacpp.py
+
+clean:
+	rm -rf build $(VENV) .cache core/kernels/*.so core/kernels/*.c

@@ -1,0 +1,87 @@
+"""`edge bench`: speed and memory of one model on this machine.
+
+Decoders: time to open the file, to the first token of a short prompt (open included), prefill
+tok/s for 128- and 512-token prompts, decode tok/s for 128 new tokens, peak RSS.
+Encoders: sentences/s for 128-token inputs at batch 1 and batch 32.
+Each figure is the median of --runs repetitions after one warm-up.  The text is real English
+(CPython's pydoc topics), so the tokenizer and the attention see realistic inputs.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import statistics
+import time
+
+
+def real_text() -> str:
+    from pydoc_data.topics import topics
+
+    return "\n".join(topics[k] for k in sorted(topics))
+
+
+def _median_time(fn, runs: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_decoder(model, runs: int) -> dict:
+    from models.api import SamplingParams
+
+    ids = model.tokenize(real_text())
+    t = time.perf_counter()
+    gen = model.generate_ids(ids[:16], SamplingParams(max_tokens=1))
+    next(gen)
+    gen.close()
+    first = time.perf_counter() - t
+    out = {"prefill128_tok_s": 128 / _median_time(lambda: model.next_token_logits(ids[:128]), runs),
+           "prefill_tok_s": 512 / _median_time(lambda: model.next_token_logits(ids[:512]), runs)}
+
+    def decode():
+        stamps = []
+        for _ in model.generate_ids(ids[:16], SamplingParams(max_tokens=128, ignore_eos=True)):
+            stamps.append(time.perf_counter())
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+
+    decode()
+    out["decode_tok_s"] = statistics.median(decode() for _ in range(runs))
+    return first, out
+
+
+def bench_encoder(model, runs: int) -> dict:
+    body = model.tokenize(real_text(), add_special_tokens=False)
+    cls, sep = model.tokenize("")[0], model.tokenize("")[-1]
+    sentences = [[cls] + body[i * 126:(i + 1) * 126] + [sep] for i in range(32)]
+    return {"embed_sent_s_b1": 1 / _median_time(lambda: model.embed_ids(sentences[:1]), runs),
+            "embed_sent_s_b32": 32 / _median_time(lambda: model.embed_ids(sentences), runs)}
+
+
+def run_bench(args) -> dict:
+    from core.kernels._omp import get_num_threads, simd_name
+    from edge.registry import resolve
+    from models.api import load_model
+
+    path = resolve(args.model)
+    t = time.perf_counter()
+    model = load_model(path, threads=args.threads)
+    load_s = time.perf_counter() - t
+    result = {"model": args.model, "arch": model.arch, "quant": model.meta["quant"]["name"],
+              "threads": get_num_threads(), "simd": simd_name(), "load_s": load_s}
+    if model.task == "generate":
+        first, figures = bench_decoder(model, args.runs)
+        result["first_token_s"] = load_s + first
+        result.update(figures)
+    else:
+        result.update(bench_encoder(model, args.runs))
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    for k, v in result.items():
+        print(f"{k:>18}: {v:.4g}" if isinstance(v, float) else f"{k:>18}: {v}")
+    if args.json:
+        print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
+    return result

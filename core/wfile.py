@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import stat
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from math import prod
@@ -39,6 +41,7 @@ FORMAT_VERSION = 1
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQQQ24x")
 assert PREAMBLE.size == 64
+MAX_DIMS = 32    # numpy 1.x's limit; every shape must be one numpy can represent
 
 # dtype name in the file -> numpy dtype.  Names are never reused for another meaning.
 DTYPES = {
@@ -78,11 +81,15 @@ class WeightsFile:
     def open(cls, path: str | os.PathLike) -> "WeightsFile":
         path = os.fspath(path)
         try:
-            fd = os.open(path, os.O_RDONLY)
+            # O_NONBLOCK: a FIFO must not block the open; it is rejected below as not a regular file
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
         except OSError as e:
             raise WeightsFormatError(f"{path}: cannot open weights file: {e.strerror}") from None
         try:
-            size = os.fstat(fd).st_size
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise WeightsFormatError(f"{path}: not a regular file")
+            size = st.st_size
             if size < PREAMBLE.size:
                 raise WeightsFormatError(f"{path}: file is {size} bytes, shorter than the "
                                          f"{PREAMBLE.size}-byte preamble (truncated or not a weights file)")
@@ -141,8 +148,8 @@ def _validate(path: str, mm: mmap.mmap, size: int):
     if zlib.crc32(header) != crc:
         _fail(path, "header checksum mismatch: the header is damaged")
     try:
-        doc = json.loads(header)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        doc = json.loads(header.decode("utf-8"))
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, over-long integers, deep nesting
         _fail(path, f"header is not valid JSON ({e})")
     if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict) or not isinstance(doc.get("tensors"), list):
         _fail(path, "header lacks its 'meta' object or 'tensors' list")
@@ -155,10 +162,11 @@ def _validate(path: str, mm: mmap.mmap, size: int):
         if name in tensors:
             _fail(path, "appears twice in the tensor table", name)
         dtype, shape, offset, nbytes = t.get("dtype"), t.get("shape"), t.get("offset"), t.get("nbytes")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             _fail(path, f"unknown dtype {dtype!r}", name)
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
-                                                  for d in shape):
+        if not isinstance(shape, list) or len(shape) > MAX_DIMS \
+                or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
+                or prod(d for d in shape if d) * DTYPES[dtype].itemsize > sys.maxsize:  # numpy's bound
             _fail(path, f"bad shape {shape!r}", name)
         for key, v in (("offset", offset), ("nbytes", nbytes)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

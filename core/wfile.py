@@ -106,12 +106,15 @@ class WeightsFile:
     def __contains__(self, name: str) -> bool:
         return name in self.tensors
 
-    def tensor(self, name: str) -> np.ndarray:
-        """A read-only, zero-copy numpy view of one tensor."""
+    def _info(self, name: str) -> TensorInfo:
         try:
-            info = self.tensors[name]
+            return self.tensors[name]
         except KeyError:
             raise WeightsFormatError(f"{self.path}: tensor '{name}' is missing") from None
+
+    def tensor(self, name: str) -> np.ndarray:
+        """A read-only, zero-copy numpy view of one tensor."""
+        info = self._info(name)
         dt = DTYPES[info.dtype]
         arr = np.frombuffer(self._mm, dtype=dt, count=info.nbytes // dt.itemsize,
                             offset=self._data_offset + info.offset)
@@ -119,7 +122,7 @@ class WeightsFile:
 
     def raw(self, name: str) -> bytes:
         """A tensor's bytes (for blobs such as the tokenizer)."""
-        info = self.tensors[name]
+        info = self._info(name)
         start = self._data_offset + info.offset
         return self._mm[start:start + info.nbytes]
 
@@ -194,6 +197,9 @@ def write_weights(path: str | os.PathLike, meta: dict, tensors: Iterable[tuple[s
     """
     path = os.fspath(path)
     items = [(name, np.ascontiguousarray(a)) for name, a in tensors]
+    names = [name for name, _ in items]
+    if len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+        raise ValueError("tensor names must be unique, non-empty strings")
     table, offset = [], 0
     for name, a in items:
         if a.dtype not in _NAMES:

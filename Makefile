@@ -7,11 +7,10 @@ KERNELS := $(wildcard core/kernels/*.pyx core/kernels/*.pxd core/kernels/*.h)
 
 .PHONY: serve test models data bench clean
 
-# Run the worker's main job on the default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2).
+# Serve the default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) on 127.0.0.1:8080.
 serve: $(VENV)/.installed
 	$(BIN)/edge fetch
-	$(BIN)/edge generate -m smollm2-135m-instruct -p "Write one sentence about the sea." --chat -n 48
-	$(BIN)/edge embed -m all-minilm-l6-v2 "The sea is calm." "The ocean is quiet." --similarity
+	$(BIN)/edge serve
 
 test: $(VENV)/.installed-test $(DATA)/botchan.txt
 	$(BIN)/edge fetch

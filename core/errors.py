@@ -27,7 +27,7 @@ class InvalidRequestError(EdgeError):
 
 class ContextOverflowError(InvalidRequestError):
     """A prompt (plus the tokens to generate) does not fit the model's context."""
-    code = "context_overflow"
+    code = "context_length_exceeded"
 
 
 class UnsupportedTaskError(InvalidRequestError):

@@ -3,11 +3,16 @@
 The pool holds, for every layer, n_blocks * block_size slots of n_kv_heads * head_dim floats for
 K and as many for V.  A sequence owns whole blocks, taken from the free list as it grows and given
 back when it is released; position p of a sequence lives in slot
-block_table[p // block_size] * block_size + p % block_size.  Memory is committed lazily by the OS
-(the pool is zero-filled anonymous memory), so an unused pool costs address space, not RSS.
+block_table[p // block_size] * block_size + p % block_size.  Memory is committed lazily by the OS:
+the pool is anonymous zero-filled memory with transparent huge pages turned off (a huge page would
+commit 2 MB per layer for the first token of a sequence), so an unused pool costs address space,
+not RSS.
 """
 
 from __future__ import annotations
+
+import mmap
+from math import prod
 
 import numpy as np
 
@@ -23,8 +28,8 @@ class KVCache:
     def __init__(self, n_layers: int, width: int, n_blocks: int, block_size: int = 16):
         self.block_size = block_size
         self.n_blocks = n_blocks
-        self.k = np.zeros((n_layers, n_blocks * block_size, width), np.float32)
-        self.v = np.zeros((n_layers, n_blocks * block_size, width), np.float32)
+        self.k = _lazy_zeros((n_layers, n_blocks * block_size, width))
+        self.v = _lazy_zeros((n_layers, n_blocks * block_size, width))
         self._free = list(range(n_blocks - 1, -1, -1))
 
     @property
@@ -41,6 +46,15 @@ class KVCache:
 
     def _give(self, blocks: list[int]) -> None:
         self._free.extend(reversed(blocks))
+
+
+def _lazy_zeros(shape) -> np.ndarray:
+    """float32 zeros in anonymous memory committed page by page as it is written."""
+    nbytes = max(prod(shape) * 4, 1)
+    mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        mem.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(mem, np.float32, count=prod(shape)).reshape(shape)
 
 
 class Sequence:

@@ -8,6 +8,7 @@
     edge perplexity -m MODEL FILE [--max-tokens N]
     edge info MODEL
     edge bench -m MODEL [--json] [--threads N] [--runs R]
+    edge serve [-m MODEL ...] [--host H] [--port P]
 
 MODEL is a weights file or a default model's name.  Errors print one line and exit non-zero.
 """
@@ -118,6 +119,21 @@ def cmd_info(args):
     print(json.dumps(meta, indent=2))
 
 
+def cmd_serve(args):
+    import logging
+
+    from aiohttp import web
+
+    from edge.app import create_app
+    from edge.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
+                                 kv_tokens=args.kv_tokens)
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
+
+
 def cmd_bench(args):
     from edge.bench import run_bench
 
@@ -180,6 +196,15 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("info", help="a weights file's header")
     s.add_argument("model")
     s.set_defaults(func=cmd_info)
+
+    s = sub.add_parser("serve", help="the HTTP worker: OpenAI-compatible API, health, metrics")
+    s.add_argument("-m", "--model", action="append", help="model name or file (repeatable; default: the default models)")
+    s.add_argument("--host", default=None, help="default 127.0.0.1")
+    s.add_argument("--port", type=int, default=None, help="default 8080")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
+    s.add_argument("-q", "--quiet", action="store_true", help="no access log")
+    s.set_defaults(func=cmd_serve)
 
     s = sub.add_parser("bench", help="speed and memory of a model on this machine")
     s.add_argument("-m", "--model", required=True)

@@ -13,6 +13,7 @@ Decoders (llama, gpt2) generate; encoders (bert) embed and, with a classificatio
 from __future__ import annotations
 
 import math
+import os
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -46,7 +47,9 @@ class SamplingParams:
     temperature: float = 0.0   # 0: greedy
     top_k: int = 0             # 0: off
     top_p: float = 1.0
-    repetition_penalty: float = 1.0
+    repetition_penalty: float = 1.0     # HF/CTRL style, on prompt and generated tokens
+    frequency_penalty: float = 0.0      # OpenAI style, on generated tokens: - f * count
+    presence_penalty: float = 0.0       # OpenAI style, on generated tokens: - p * (count > 0)
     seed: int | None = None
     stop: list = field(default_factory=list)
     ignore_eos: bool = False   # keep generating past end tokens (benchmarks, parity tests)
@@ -62,6 +65,8 @@ class SamplingParams:
         number("top_k", self.top_k, int)
         number("top_p", self.top_p)
         number("repetition_penalty", self.repetition_penalty)
+        number("frequency_penalty", self.frequency_penalty)
+        number("presence_penalty", self.presence_penalty)
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -82,13 +87,19 @@ class SamplingParams:
             raise InvalidRequestError("stop must be a non-empty string or a list of them")
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, history: list) -> int:
-    """Pick the next token from one row of logits (vocab,)."""
+def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, history: list,
+           generated: list = ()) -> int:
+    """Pick the next token from one row of logits (vocab,).  history: prompt and generated ids
+    (for the repetition penalty); generated: the generated ids alone (frequency/presence)."""
     if p.repetition_penalty != 1.0 and history:
         logits = logits.copy()
         seen = np.unique(np.asarray(history, np.int64))
         l = logits[seen]
         logits[seen] = np.where(l > 0, l / p.repetition_penalty, l * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and len(generated):
+        logits = logits.astype(np.float32, copy=True)
+        ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+        logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
     if p.temperature == 0:
         return int(np.argmax(logits))
     z = logits.astype(np.float64) / p.temperature
@@ -127,6 +138,7 @@ class Model:
         self.tokenizer = tokenizer
         self.meta = wf.meta
         self.arch = wf.meta["arch"]
+        self.created = int(os.path.getmtime(wf.path))
         self._lock = threading.Lock()
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
@@ -246,7 +258,15 @@ class DecoderModel(Model):
         return math.exp(nll / n)
 
     # -- generation -------------------------------------------------------------------------
-    def _prompt_ids(self, prompt) -> list:
+    def check_fits(self, prompt_ids: list, max_tokens: int) -> None:
+        """Raise ContextOverflowError unless the prompt plus max_tokens fit the context."""
+        if len(prompt_ids) + max_tokens > self.context:
+            raise ContextOverflowError(
+                f"prompt has {len(prompt_ids)} tokens and max_tokens is {max_tokens}: "
+                f"{len(prompt_ids) + max_tokens} exceed the context of {self.context}")
+
+    def prompt_ids(self, prompt) -> list:
+        """Token ids of a prompt given as text or as ids (checked against the vocabulary)."""
         if isinstance(prompt, str):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
@@ -257,17 +277,14 @@ class DecoderModel(Model):
 
     def generate_ids(self, prompt_ids: list, params: SamplingParams) -> Iterator[int]:
         """Token ids as they are sampled; ends after an end token (which is yielded) or max_tokens."""
-        if len(prompt_ids) + params.max_tokens > self.context:
-            raise ContextOverflowError(
-                f"prompt has {len(prompt_ids)} tokens and max_tokens is {params.max_tokens}: "
-                f"{len(prompt_ids) + params.max_tokens} exceed the context of {self.context}")
+        self.check_fits(prompt_ids, params.max_tokens)
         rng = np.random.default_rng(params.seed)
         seq = self.cache.new_sequence()
         try:
             logits = self._run(seq, prompt_ids, all_logits=False)
             history = list(prompt_ids)
             for _ in range(params.max_tokens):
-                tok = sample(logits, params, rng, history)
+                tok = sample(logits, params, rng, history, history[len(prompt_ids):])
                 yield tok
                 if tok in self.tokenizer.end_ids and not params.ignore_eos:
                     return
@@ -280,7 +297,7 @@ class DecoderModel(Model):
         """Text as it is generated.  Stop strings are honoured across token boundaries: text that
         could begin a stop string is held back until it is known not to."""
         params = kw.pop("params", None) or SamplingParams(**kw)
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = self.prompt_ids(prompt)
         ids: list[int] = []
         emitted = 0
         pending: list[int] = []
@@ -316,7 +333,7 @@ class DecoderModel(Model):
 
     def generate(self, prompt, **kw) -> Completion:
         params = kw.pop("params", None) or SamplingParams(**kw)
-        prompt_ids = self._prompt_ids(prompt)
+        prompt_ids = self.prompt_ids(prompt)
         text, ids, reason = [], [], None
         for chunk in self.generate_stream(prompt_ids, params=params):
             text.append(chunk.text)
@@ -419,8 +436,12 @@ class EncoderModel(Model):
         return self.classify(texts) if self.task == "classify" else self.embed(texts)
 
 
-def load_model(path, threads: int | None = None, **kw) -> Model:
-    """Open a converted weights file and return a DecoderModel or EncoderModel."""
+def load_model(path, threads: int | None = None, kv_tokens: int | None = None) -> Model:
+    """Open a converted weights file and return a DecoderModel or EncoderModel.
+
+    threads: kernel threads (default: core.threads.effective_n_threads()); kv_tokens: a decoder's
+    KV cache capacity in tokens (default: its context length; memory is committed as it is used).
+    """
     from core.threads import set_num_threads
 
     set_num_threads(threads)
@@ -430,7 +451,7 @@ def load_model(path, threads: int | None = None, **kw) -> Model:
         raise WeightsFormatError(f"{wf.path}: the file carries no tokenizer")
     tokenizer = Tokenizer(wf.raw("tokenizer.json").decode("utf-8"), wf.meta)
     if arch in ("llama", "gpt2"):
-        return DecoderModel(wf, tokenizer, **kw)
+        return DecoderModel(wf, tokenizer, kv_tokens=kv_tokens)
     if arch == "bert":
-        return EncoderModel(wf, tokenizer, **kw)
+        return EncoderModel(wf, tokenizer)
     raise WeightsFormatError(f"{wf.path}: unknown architecture {arch!r}")

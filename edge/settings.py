@@ -1,0 +1,47 @@
+"""Worker settings: command-line flags over environment variables over defaults.
+
+    EDGE_MODELS        comma-separated model names or paths (default: the default models)
+    EDGE_API_KEY       require `Authorization: Bearer KEY` on every route but /health
+    EDGE_API_KEY_FILE  ... or read the key from this file
+    EDGE_THREADS       kernel threads (default: the CPUs this process may use)
+    EDGE_MAX_BODY      largest request body in bytes (default 1 MiB)
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from edge.registry import DEFAULT_MODELS
+
+
+@dataclass
+class Settings:
+    models: list = field(default_factory=lambda: list(DEFAULT_MODELS))
+    host: str = "127.0.0.1"
+    port: int = 8080
+    api_key: str | None = None
+    threads: int | None = None
+    max_body_bytes: int = 1 << 20
+    max_new_tokens: int = 1024      # cap on generated tokens when a request names none (chat)
+    kv_tokens: int | None = None    # KV cache capacity per model, in tokens (default: the context)
+
+    @classmethod
+    def from_env(cls, **overrides) -> "Settings":
+        env = os.environ
+        s = cls()
+        if env.get("EDGE_MODELS"):
+            s.models = [m.strip() for m in env["EDGE_MODELS"].split(",") if m.strip()]
+        key = env.get("EDGE_API_KEY")
+        if not key and env.get("EDGE_API_KEY_FILE"):
+            with open(env["EDGE_API_KEY_FILE"], encoding="utf-8") as f:
+                key = f.read().strip()
+        s.api_key = key or None
+        if env.get("EDGE_THREADS", "").isdigit():
+            s.threads = int(env["EDGE_THREADS"])
+        if env.get("EDGE_MAX_BODY", "").isdigit():
+            s.max_body_bytes = int(env["EDGE_MAX_BODY"])
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(s, k, v)
+        return s

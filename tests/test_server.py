@@ -1,0 +1,275 @@
+"""The HTTP worker, live: `edge serve` on loopback driven by the official openai client and by raw
+HTTP for every error case, auth on and off, a client that disconnects mid-stream, concurrency."""
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import ROOT
+
+KV_TOKENS = 512
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, models, api_key=None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        env = dict(os.environ, EDGE_API_KEY=api_key or "")
+        args = [sys.executable, "-m", "edge.cli", "serve", "--port", str(self.port), "--kv-tokens", str(KV_TOKENS), "-q"]
+        for m in models:
+            args += ["-m", m]
+        self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            assert self.proc.poll() is None, self.proc.stdout.read().decode()
+            try:
+                if request(self.url + "/health")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError("edge serve did not become ready")
+
+    def stop(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def request(url, body=None, headers=None, method=None, raw: bytes | None = None):
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})},
+                                 method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read()
+
+
+@pytest.fixture(scope="module")
+def server(converted):
+    s = Server([converted("smollm2", "int8"), converted("minilm", "int8")])
+    yield s
+    s.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+    return OpenAI(base_url=server.url + "/v1", api_key="unused")
+
+
+LLM, ENC = "smollm2.int8", "minilm.int8"
+
+
+def test_openai_completion_matches_the_engine(client, loaded):
+    r = client.completions.create(model=LLM, prompt="The history of the printing press", max_tokens=12,
+                                  temperature=0)
+    expected = loaded("smollm2", "int8").generate("The history of the printing press", max_tokens=12)
+    assert r.choices[0].text == expected.text
+    assert r.usage.prompt_tokens == len(expected.prompt_ids)
+    assert r.usage.completion_tokens == len(expected.token_ids)
+    assert r.choices[0].finish_reason == expected.finish_reason
+
+
+def test_openai_chat_plain_and_streaming(client, loaded):
+    messages = [{"role": "user", "content": "Name a color."}]
+    r = client.chat.completions.create(model=LLM, messages=messages, max_tokens=16, temperature=0)
+    expected = loaded("smollm2", "int8").chat(messages, max_tokens=16)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == expected.text
+    stream = client.chat.completions.create(model=LLM, messages=messages, max_tokens=16, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+
+def test_openai_embeddings(client, loaded):
+    import numpy as np
+    texts = ["A cat sits on the mat.", "Stocks fell sharply today."]
+    r = client.embeddings.create(model=ENC, input=texts)
+    got = np.array([d.embedding for d in r.data])
+    np.testing.assert_allclose(got, loaded("minilm", "int8").embed(texts), atol=1e-6)
+    assert r.usage.prompt_tokens > 0
+    r = client.embeddings.create(model=ENC, input="one", encoding_format="float")
+    assert len(r.data[0].embedding) == 384
+
+
+def test_models_tokenize_detokenize_openapi_metrics(server, loaded):
+    status, body = request(server.url + "/v1/models")
+    assert status == 200 and {m["id"] for m in json.loads(body)["data"]} == {LLM, ENC}
+    status, body = request(server.url + "/tokenize", {"model": LLM, "content": "Hello world"})
+    tokens = json.loads(body)["tokens"]
+    assert status == 200 and tokens == loaded("smollm2", "int8").tokenize("Hello world")
+    status, body = request(server.url + "/detokenize", {"model": LLM, "tokens": tokens})
+    assert json.loads(body)["content"] == "Hello world"
+    spec = json.loads(request(server.url + "/openapi.json")[1])
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
+            "/tokenize", "/detokenize", "/openapi.json"} <= set(spec["paths"])
+    metrics = request(server.url + "/metrics")[1].decode()
+    for name in ("edge_requests_total", "edge_request_seconds_bucket", "edge_prompt_tokens_total",
+                 "edge_generated_tokens_total", "edge_queue_depth", "edge_model_load_seconds"):
+        assert name in metrics, name
+    assert 'route="/tokenize",status="200"' in metrics
+
+
+LONG = "word " * (KV_TOKENS + 10)
+ERRORS = [
+    # (route, raw body, status, code)
+    ("/v1/completions", b"{not json", 400, "invalid_json"),
+    ("/v1/completions", b"[1, 2]", 400, "invalid_json"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": 5}).encode(), 400, "invalid_type"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "max_tokens": "7"}).encode(), 400, "invalid_type"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "temperature": "hot"}).encode(), 400, "invalid_type"),
+    ("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "x"}).encode(), 404, "model_not_found"),
+    ("/v1/completions", json.dumps({"prompt": "x"}).encode(), 400, "missing_parameter"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": ""}).encode(), 400, "invalid_value"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": LONG}).encode(), 400, "context_length_exceeded"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "max_tokens": 0}).encode(), 400, "invalid_value"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "max_tokens": 10**6}).encode(), 400,
+     "context_length_exceeded"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "top_p": 0}).encode(), 400, "invalid_request_error"),
+    ("/v1/completions", json.dumps({"model": ENC, "prompt": "x"}).encode(), 400, "unsupported_task"),
+    ("/v1/chat/completions", json.dumps({"model": LLM, "messages": []}).encode(), 400, "invalid_value"),
+    ("/v1/chat/completions", json.dumps({"model": LLM, "messages": [{"content": "x"}]}).encode(), 400,
+     "invalid_value"),
+    ("/v1/embeddings", json.dumps({"model": ENC, "input": ""}).encode(), 400, "invalid_value"),
+    ("/v1/embeddings", json.dumps({"model": ENC, "input": []}).encode(), 400, "invalid_value"),
+    ("/v1/embeddings", json.dumps({"model": ENC, "input": [1.5]}).encode(), 400, "invalid_value"),
+    ("/v1/embeddings", json.dumps({"model": LLM, "input": "x"}).encode(), 400, "unsupported_task"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": "x" * (2 << 20)}).encode(), 413, "request_too_large"),
+    ("/detokenize", json.dumps({"model": LLM, "tokens": [10**9]}).encode(), 400, "invalid_request_error"),
+]
+
+
+@pytest.mark.parametrize("route,raw,status,code", ERRORS, ids=[f"{r}-{c}-{i}" for i, (r, _, _, c) in enumerate(ERRORS)])
+def test_errors_are_openai_shaped(server, route, raw, status, code):
+    got, body = request(server.url + route, raw=raw)
+    assert got == status, body[:300]
+    err = json.loads(body)["error"]
+    assert err["code"] == code and isinstance(err["message"], str) and err["message"]
+    assert err["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    assert "Traceback" not in body.decode() and "/work" not in body.decode()
+
+
+def test_unknown_route_and_method(server):
+    assert request(server.url + "/v2/nothing")[0] == 404
+    status, body = request(server.url + "/v1/completions", method="GET")
+    assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
+
+
+def test_concurrent_requests_each_get_their_own_answer(server, loaded):
+    from openai import OpenAI
+    prompts = ["The moon is", "Python is a language", "In the forest", "My favourite food is"]
+    model = loaded("smollm2", "int8")
+    expected = [model.generate(p, max_tokens=10).text for p in prompts]
+    results = [None] * len(prompts)
+
+    def run(i):
+        c = OpenAI(base_url=server.url + "/v1", api_key="x")
+        results[i] = c.completions.create(model=LLM, prompt=prompts[i], max_tokens=10, temperature=0).choices[0].text
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert results == expected
+
+
+def generated_total(server) -> float:
+    for line in request(server.url + "/metrics")[1].decode().splitlines():
+        if line.startswith("edge_generated_tokens_total") and LLM in line:
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_health_answers_during_generation_and_disconnect_stops_it(server):
+    """Open a long stream, read two events, check /health answers meanwhile, hang up; the
+    generation must stop (the generated-token counter freezes, the queue drains)."""
+    body = json.dumps({"model": LLM, "prompt": "Tell me a very long story.", "max_tokens": 400, "stream": True,
+                       "ignore_eos": True, "temperature": 0}).encode()
+    start = generated_total(server)
+    sock = socket.create_connection(("127.0.0.1", server.port))
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += sock.recv(65536)
+    t = time.time()
+    assert request(server.url + "/health")[0] == 200
+    assert time.time() - t < 5
+    sock.close()
+    deadline = time.time() + 20
+    while "edge_queue_depth 0.0" not in request(server.url + "/metrics")[1].decode():
+        assert time.time() < deadline, "the generation went on after the client left"
+        time.sleep(0.1)
+    before = generated_total(server)
+    time.sleep(1.0)
+    assert generated_total(server) == before < start + 400
+
+
+def test_api_key(converted):
+    s = Server([converted("smollm2", "int8")], api_key="s3cret")
+    try:
+        assert request(s.url + "/health")[0] == 200
+        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+            status, body = request(s.url + "/v1/models", headers=headers)
+            assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+        assert request(s.url + "/metrics")[0] == 401
+        assert request(s.url + "/v1/models", headers={"Authorization": "Bearer s3cret"})[0] == 200
+        from openai import AuthenticationError, OpenAI
+        ok = OpenAI(base_url=s.url + "/v1", api_key="s3cret")
+        assert ok.completions.create(model=LLM, prompt="Hi", max_tokens=2).choices[0].text is not None
+        with pytest.raises(AuthenticationError):
+            OpenAI(base_url=s.url + "/v1", api_key="nope").models.list()
+    finally:
+        s.stop()
+
+
+def test_health_is_503_while_loading(converted, monkeypatch):
+    """In process: hold model loading back and watch /health go from 503 to 200."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    import edge.app as app_module
+    from edge.settings import Settings
+
+    gate = threading.Event()
+    real = app_module.load_models
+
+    def slow(app):
+        gate.wait(30)
+        real(app)
+    monkeypatch.setattr(app_module, "load_models", slow)
+
+    async def scenario():
+        app = app_module.create_app(Settings(models=[converted("minilm", "int8")]))
+        async with TestClient(TestServer(app)) as c:
+            r = await c.get("/health")
+            assert r.status == 503 and (await r.json())["status"] == "loading"
+            r = await c.post("/v1/embeddings", json={"model": ENC, "input": "x"})
+            assert r.status == 503 and (await r.json())["error"]["code"] == "model_loading"
+            gate.set()
+            await app_module.wait_ready(app, timeout=60)
+            r = await c.get("/health")
+            assert r.status == 200
+    asyncio.run(scenario())

@@ -75,13 +75,13 @@ async def auth_middleware(request: web.Request, handler):
     return await handler(request)
 
 
-def load_models(app: web.Application) -> None:
-    """Load every configured model (on a worker thread, at start-up)."""
+def load_models(settings: Settings, state: ModelState, metrics: Metrics) -> None:
+    """Load every configured model into state (blocking; the HTTP app runs it on a worker thread
+    at start-up, the RPC server and the Lambda adapter reuse it)."""
     from core.threads import set_num_threads
     from edge.registry import DEFAULT_MODELS, canonical_name, resolve
     from models.api import load_model
 
-    settings, state = app[SETTINGS], app[MODELS]
     set_num_threads(settings.threads)
     for spec in settings.models:
         start = time.perf_counter()
@@ -92,8 +92,9 @@ def load_models(app: web.Application) -> None:
         state.aliases[name.lower()] = name
         for alias in DEFAULT_MODELS.get(canon, {}).get("aliases", ()):
             state.aliases[alias] = name
-        app[METRICS].model_load.labels(name).set(time.perf_counter() - start)
+        metrics.model_load.labels(name).set(time.perf_counter() - start)
         log.info("loaded %s in %.3f s", name, time.perf_counter() - start)
+    state.ready = True
 
 
 async def engine_ctx(app: web.Application):
@@ -103,8 +104,8 @@ async def engine_ctx(app: web.Application):
 
     async def load():
         try:
-            await asyncio.get_running_loop().run_in_executor(None, load_models, app)
-            state.ready = True
+            await asyncio.get_running_loop().run_in_executor(
+                None, load_models, app[SETTINGS], state, app[METRICS])
         except Exception as e:  # noqa: BLE001 - reported by /health, logged in full
             log.exception("loading models failed")
             state.failed = str(e)

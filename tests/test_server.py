@@ -256,9 +256,9 @@ def test_health_is_503_while_loading(converted, monkeypatch):
     gate = threading.Event()
     real = app_module.load_models
 
-    def slow(app):
+    def slow(*args):
         gate.wait(30)
-        real(app)
+        real(*args)
     monkeypatch.setattr(app_module, "load_models", slow)
 
     async def scenario():

@@ -5,14 +5,14 @@ BIN     := $(VENV)/bin
 DATA    := .cache/data
 KERNELS := $(wildcard core/kernels/*.pyx core/kernels/*.pxd core/kernels/*.h)
 
-.PHONY: serve test models data bench clean
+.PHONY: serve test cross bench clean
 
 # Serve the default models (SmolLM2-135M-Instruct, all-MiniLM-L6-v2) on 127.0.0.1:8080.
 serve: $(VENV)/.installed
 	$(BIN)/edge fetch
 	$(BIN)/edge serve
 
-test: $(VENV)/.installed-test $(DATA)/botchan.txt
+test: $(VENV)/.installed-test $(DATA)/botchan.txt cross
 	$(BIN)/edge fetch
 	$(BIN)/python -m pytest -q tests
 
@@ -32,6 +32,11 @@ $(DATA)/botchan.txt:
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: sentencepiece==0.2.3 -d $(DATA)/sdist
 	tar -xzf $(DATA)/sdist/sentencepiece-0.2.3.tar.gz -C $(DATA)/sdist --wildcards '*/botchan.txt'
 	cp $$(find $(DATA)/sdist -name botchan.txt | head -1) $@
+
+# aarch64 cross compiler and qemu: the NEON bodies of the kernels are tested under emulation.
+cross:
+	command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64 >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user; }
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'

@@ -85,3 +85,56 @@ def run_bench(args) -> dict:
     if args.json:
         print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in result.items()}))
     return result
+
+
+def _post(port: int, body: bytes, timeout: float = 30.0) -> int | None:
+    import http.client
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+        conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+        status = conn.getresponse().status
+        conn.close()
+        return status
+    except OSError:
+        return None
+
+
+def run_cold_start(args) -> dict:
+    """Process start of `edge serve -m MODEL` to the first 200 from /v1/completions (1 token),
+    polled every 5 ms; one warm-up, then the median of --runs fresh processes."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from edge.registry import canonical_name
+
+    name = canonical_name(args.model) or os.path.basename(args.model).removesuffix(".edge")
+    body = json.dumps({"model": name, "prompt": "Hello", "max_tokens": 1, "temperature": 0}).encode()
+    env = dict(os.environ)
+    if args.threads:
+        env["EDGE_THREADS"] = str(args.threads)
+    times = []
+    for _ in range(args.runs + 1):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        start = time.perf_counter()
+        proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "serve", "-m", args.model, "--port", str(port), "-q"],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            while (status := _post(port, body)) != 200:
+                if proc.poll() is not None or time.perf_counter() - start > 120:
+                    raise RuntimeError(f"edge serve did not answer 200 (last status {status})")
+                time.sleep(0.005)
+            times.append(time.perf_counter() - start)
+        finally:
+            proc.terminate()
+            proc.wait(10)
+    result = {"model": args.model, "cold_start_s": statistics.median(times[1:]), "runs": args.runs,
+              "all_s": [round(t, 4) for t in times[1:]]}
+    print(f"cold start (process start to first 200 from /v1/completions): {result['cold_start_s']:.3f} s "
+          f"(median of {args.runs}: {result['all_s']})")
+    if args.json:
+        print(json.dumps(result))
+    return result

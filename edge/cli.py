@@ -135,9 +135,9 @@ def cmd_serve(args):
 
 
 def cmd_bench(args):
-    from edge.bench import run_bench
+    from edge.bench import run_bench, run_cold_start
 
-    run_bench(args)
+    (run_cold_start if args.cold_start else run_bench)(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--runs", type=int, default=5, help="repetitions; medians are reported")
     s.add_argument("--json", action="store_true", help="last line: one JSON object")
+    s.add_argument("--cold-start", action="store_true",
+                   help="time from starting `edge serve` to the first 200 from /v1/completions")
     s.set_defaults(func=cmd_bench)
     return p
 

@@ -1,0 +1,43 @@
+"""Every instruction-set body of core/kernels/simd.h against plain C (tests/native/simd_check.c):
+the host's baseline (scalar) and native builds, aarch64 NEON with and without the dot-product
+extension under qemu, and a compile check of the AVX-512 VNNI body, which this machine cannot run.
+
+The cross toolchain (gcc-aarch64-linux-gnu, qemu-user) is installed by the README's test command.
+"""
+
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+SRC = ROOT / "tests" / "native" / "simd_check.c"
+INCLUDE = f"-I{ROOT / 'core' / 'kernels'}"
+
+
+def build_and_run(tmp_path, cc, flags, runner=()):
+    exe = tmp_path / "simd_check"
+    subprocess.run([cc, "-O2", *flags, INCLUDE, str(SRC), "-o", str(exe), "-lm"], check=True)
+    r = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    return r.stdout.split()[0]
+
+
+@pytest.mark.parametrize("flags,expected", [([], "scalar"), (["-march=native"], None)])
+def test_host(tmp_path, flags, expected):
+    name = build_and_run(tmp_path, "gcc", flags)
+    assert expected is None or name == expected
+
+
+@pytest.mark.parametrize("march,expected", [("armv8-a", "neon"), ("armv8.2-a+dotprod", "neon-dotprod")])
+def test_aarch64_under_qemu(tmp_path, march, expected):
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cc and qemu):
+        pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are needed: run the README's test command")
+    assert build_and_run(tmp_path, cc, [f"-march={march}"], [qemu, "-L", "/usr/aarch64-linux-gnu"]) == expected
+
+
+def test_avx512_vnni_body_compiles(tmp_path):
+    flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c"]
+    subprocess.run(["gcc", "-O2", *flags, INCLUDE, "-c", str(SRC), "-o", str(tmp_path / "o.o")], check=True)

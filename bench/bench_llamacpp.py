@@ -160,7 +160,7 @@ def llama_worker(path: str, threads: int, runs: int) -> dict:
     import numpy as np
 
     import llama_cpp
-    from edge.bench import real_text
+    from edge.bench import _median_time, real_text
 
     t = time.perf_counter()
     llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
@@ -181,13 +181,7 @@ def llama_worker(path: str, threads: int, runs: int) -> dict:
         return last_logits()
 
     def median_time(fn) -> float:
-        fn()                         # warm-up
-        times = []
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
+        return _median_time(fn, runs)
 
     prompt = ids[:PROMPT_TOKENS]
     t = time.perf_counter()

@@ -9,6 +9,7 @@
     edge info MODEL
     edge bench -m MODEL [--json] [--threads N] [--runs R]
     edge serve [-m MODEL ...] [--host H] [--port P]
+    edge rpc [-m MODEL ...] (--port P [--host H] | --unix PATH)   msgpack-RPC worker
 
 MODEL is a weights file or a default model's name.  Errors print one line and exit non-zero.
 """
@@ -134,6 +135,21 @@ def cmd_serve(args):
                 access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
 
 
+def cmd_rpc(args):
+    import asyncio
+    import logging
+
+    from edge.rpc import serve
+    from edge.settings import Settings
+
+    if args.unix and args.host:
+        raise ValueError("--host goes with --port, not with --unix")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
+                                 kv_tokens=args.kv_tokens)
+    asyncio.run(serve(settings, unix=args.unix))
+
+
 def cmd_bench(args):
     from edge.bench import run_bench, run_cold_start
 
@@ -205,6 +221,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
     s.add_argument("-q", "--quiet", action="store_true", help="no access log")
     s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("rpc", help="the msgpack-RPC worker: the same API on TCP or a Unix socket")
+    s.add_argument("-m", "--model", action="append", help="model name or file (repeatable; default: the default models)")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--port", type=int, help="listen on TCP")
+    where.add_argument("--unix", metavar="PATH", help="listen on a Unix socket")
+    s.add_argument("--host", default=None, help="with --port; default 127.0.0.1")
+    s.add_argument("--threads", type=int)
+    s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
+    s.set_defaults(func=cmd_rpc)
 
     s = sub.add_parser("bench", help="speed and memory of a model on this machine")
     s.add_argument("-m", "--model", required=True)

@@ -13,10 +13,11 @@ from contextlib import aclosing
 import numpy as np
 from aiohttp import web
 
-from core.errors import ModelNotFoundError, UnsupportedTaskError
 from edge import schemas
-from edge.errors import HTTPError, error_body
+from edge.errors import error_body
 from edge.keys import ENGINE, METRICS, MODELS, SETTINGS
+from edge.service import (check_dimensions, detokenize_fields, embedding_job, generated_ids, generation_job,
+                          get_model, tokenize_fields)
 
 
 def dumps(obj) -> str:
@@ -31,47 +32,6 @@ async def read_body(request: web.Request) -> dict:
     return schemas.load_json(await request.read())
 
 
-def get_model(request: web.Request, body: dict, task: str | None = None, required: bool = True):
-    """(name, model) for the body's 'model'.  Where it is optional, the first loaded model able to
-    do the task is used."""
-    state = request.app[MODELS]
-    if not state.ready:
-        raise HTTPError(503, "model_loading", "models are still loading; retry shortly")
-    name = schemas.field(body, "model", str, required=required)
-    if name is None:
-        name = next((n for n, m in state.models.items() if task is None or m.task == task
-                     or (task == "embed" and m.task == "classify")), None)
-        if name is None:
-            raise ModelNotFoundError(f"no loaded model can do '{task}'")
-    canon = state.aliases.get(name.lower(), name)
-    model = state.models.get(canon)
-    if model is None:
-        raise ModelNotFoundError(f"the model '{name}' does not exist; see GET /v1/models")
-    if task == "generate" and model.task != "generate":
-        raise UnsupportedTaskError(f"'{name}' is an encoder: it makes embeddings, not text")
-    if task == "embed" and model.task == "generate":
-        raise UnsupportedTaskError(f"'{name}' is a decoder: use an embedding model")
-    return canon, model
-
-
-def generation_job(request, model, prompt=None, messages=None, kw=None):
-    """A generator for the engine thread: first the prompt's token count (so that errors in the
-    request surface before any response starts), then StreamChunks."""
-    from models.api import SamplingParams
-    settings = request.app[SETTINGS]
-
-    def job():
-        ids = model.chat_prompt(messages) if messages is not None else model.prompt_ids(prompt)
-        args = dict(kw)
-        if args["max_tokens"] is None:
-            args["max_tokens"] = max(1, min(settings.max_new_tokens, model.context - len(ids)))
-        params = SamplingParams(**args)
-        model.check_fits(ids, params.max_tokens)
-        yield len(ids)
-        yield from model.generate_stream(ids, params=params)
-    return job
-
-
 async def run_generation(request, name, model, job, render, stream: bool, include_usage: bool):
     """Drive a generation job; render(kind, text, finish_reason) builds one response object."""
     metrics = request.app[METRICS]
@@ -81,7 +41,7 @@ async def run_generation(request, name, model, job, render, stream: bool, includ
         usage = {"prompt_tokens": n_prompt, "completion_tokens": 0, "total_tokens": n_prompt}
 
         def count(chunk):
-            n = len([t for t in chunk.token_ids if t not in model.tokenizer.end_ids or chunk.finish_reason is None])
+            n = len(generated_ids(model, chunk))
             usage["completion_tokens"] += n
             usage["total_tokens"] += n
             metrics.generated_tokens.labels(name).inc(n)
@@ -122,7 +82,7 @@ async def run_generation(request, name, model, job, render, stream: bool, includ
 
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
-    name, model = get_model(request, body, "generate")
+    name, model = get_model(request.app[MODELS], body, "generate")
     prompt = schemas.prompt(body)
     kw = schemas.sampling(body, default_max_tokens=16)
     stream, include_usage = schemas.stream_flags(body)
@@ -133,13 +93,13 @@ async def completions(request: web.Request) -> web.StreamResponse:
             return None
         return {"id": rid, "object": "text_completion", "created": created, "model": name,
                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason}]}
-    job = generation_job(request, model, prompt=prompt, kw=kw)
+    job = generation_job(request.app[SETTINGS], model, prompt=prompt, kw=kw)
     return await run_generation(request, name, model, job, render, stream, include_usage)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_body(request)
-    name, model = get_model(request, body, "generate")
+    name, model = get_model(request.app[MODELS], body, "generate")
     messages = schemas.messages(body)
     kw = schemas.sampling(body, default_max_tokens=None)
     stream, include_usage = schemas.stream_flags(body)
@@ -153,25 +113,19 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         delta = {"role": "assistant", "content": ""} if kind == "first" else ({"content": text} if text else {})
         return dict(base, object="chat.completion.chunk",
                     choices=[{"index": 0, "delta": delta, "finish_reason": reason}])
-    job = generation_job(request, model, messages=messages, kw=kw)
+    job = generation_job(request.app[SETTINGS], model, messages=messages, kw=kw)
     return await run_generation(request, name, model, job, render, stream, include_usage)
 
 
 async def embeddings(request: web.Request) -> web.Response:
     body = await read_body(request)
-    name, model = get_model(request, body, "embed")
+    name, model = get_model(request.app[MODELS], body, "embed")
     inputs = schemas.embedding_input(body)
     fmt = schemas.field(body, "encoding_format", str, "float")
     if fmt not in ("float", "base64"):
         raise schemas.invalid("encoding_format", "encoding_format must be 'float' or 'base64'")
-    dims = schemas.field(body, "dimensions", int)
-    if dims is not None and dims != model.config.dim:
-        raise schemas.invalid("dimensions", f"this model's embeddings have {model.config.dim} dimensions")
-
-    def work():
-        ids = [model.tokenize(t) if isinstance(t, str) else t for t in inputs]
-        return model.embed_ids(ids), sum(min(len(i), model.config.max_tokens) for i in ids)
-    vectors, n_tokens = await request.app[ENGINE].call(work)
+    check_dimensions(body, model)
+    vectors, n_tokens = await request.app[ENGINE].call(embedding_job(model, inputs))
     request.app[METRICS].prompt_tokens.labels(name).inc(n_tokens)
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
@@ -189,21 +143,16 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def tokenize(request: web.Request) -> web.Response:
     body = await read_body(request)
-    name, model = get_model(request, body, required=False)
-    text = schemas.field(body, "content", str, schemas.field(body, "prompt", str))
-    if text is None:
-        raise HTTPError(400, "missing_parameter", "'content' is required", param="content")
-    special = schemas.field(body, "add_special_tokens", bool, True)
+    name, model = get_model(request.app[MODELS], body, required=False)
+    text, special = tokenize_fields(body)
     tokens = await request.app[ENGINE].call(lambda: model.tokenize(text, special))
     return json_response({"model": name, "tokens": tokens})
 
 
 async def detokenize(request: web.Request) -> web.Response:
     body = await read_body(request)
-    name, model = get_model(request, body, required=False)
-    tokens = schemas.field(body, "tokens", list, required=True)
-    if not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-        raise schemas.invalid("tokens", "tokens must be a list of integers")
+    name, model = get_model(request.app[MODELS], body, required=False)
+    tokens = detokenize_fields(body)
     return json_response({"model": name, "content": await request.app[ENGINE].call(lambda: model.detokenize(tokens))})
 
 

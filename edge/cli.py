@@ -131,7 +131,7 @@ def cmd_serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
                                  kv_tokens=args.kv_tokens)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None, handler_cancellation=True,
                 access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
 
 

@@ -8,18 +8,20 @@ softmax_inplace: each row becomes exp(x - max) / sum(exp(x - max))
 from cython.parallel cimport prange
 from libc.math cimport erff, expf, tanhf
 
+cdef extern from "simd.h" nogil:
+    void edge_silu_mul_f32(float *out, const float *gate, const float *up, int n)
+
 
 def silu_mul(float[:, ::1] out,           # OUT (T, hidden)
              const float[:, ::1] gate,    # IN  (T, hidden)
              const float[:, ::1] up):     # IN  (T, hidden)
     if not (out.shape[0] == gate.shape[0] == up.shape[0] and out.shape[1] == gate.shape[1] == up.shape[1]):
         raise ValueError("silu_mul: out, gate and up must have one shape")
-    cdef Py_ssize_t t, j, T = gate.shape[0], H = gate.shape[1]
-    cdef float g
+    cdef Py_ssize_t t, T = gate.shape[0], H = gate.shape[1]
+    if H == 0:
+        return
     for t in prange(T, nogil=True, schedule="static"):
-        for j in range(H):
-            g = gate[t, j]
-            out[t, j] = g / (1.0 + expf(-g)) * up[t, j]
+        edge_silu_mul_f32(&out[t, 0], &gate[t, 0], &up[t, 0], H)
 
 
 def gelu_tanh(float[:, ::1] x):           # IN/OUT (T, hidden)

@@ -12,27 +12,12 @@ attention_varlen: bidirectional attention over packed sequences held contiguousl
 One (row, head) pair is one parallel task.
 """
 from cython.parallel cimport parallel, prange
-from libc.math cimport expf
 from libc.stdint cimport int32_t
 from libc.stdlib cimport free, malloc
 
 cdef extern from "simd.h" nogil:
     float edge_dot_f32(const float *a, const float *b, int K)
-
-
-cdef inline void _softmax_row(float *scores, int n) noexcept nogil:
-    cdef int j
-    cdef float mx = scores[0]
-    cdef double total = 0.0
-    for j in range(1, n):
-        if scores[j] > mx:
-            mx = scores[j]
-    for j in range(n):
-        scores[j] = expf(scores[j] - mx)
-        total += scores[j]
-    cdef float inv = <float> (1.0 / total)
-    for j in range(n):
-        scores[j] = scores[j] * inv
+    void edge_softmax_f32(float *x, int n)
 
 
 def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head_dim)
@@ -87,19 +72,23 @@ def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head
             kvh = h // group
             s = seq_ids[t]
             n = positions[t] + 1
-            for j in range(n):
-                slot = block_tables[s, j // block_size] * block_size + j % block_size
-                scores[j] = edge_dot_f32(&q[t, h * hd], &k_cache[slot, kvh * hd], hd) * scale
-            _softmax_row(scores, n)
+            for b in range((n + block_size - 1) // block_size):     # block by block: no division per key
+                slot = block_tables[s, b] * block_size
+                for j in range(b * block_size, min(n, (b + 1) * block_size)):
+                    scores[j] = edge_dot_f32(&q[t, h * hd], &k_cache[slot, kvh * hd], hd) * scale
+                    slot = slot + 1
+            edge_softmax_f32(scores, n)
             o = &out[t, h * hd]
             for d in range(hd):
                 o[d] = 0.0
-            for j in range(n):
-                slot = block_tables[s, j // block_size] * block_size + j % block_size
-                vrow = &v_cache[slot, kvh * hd]
-                p = scores[j]
-                for d in range(hd):
-                    o[d] = o[d] + p * vrow[d]
+            for b in range((n + block_size - 1) // block_size):
+                slot = block_tables[s, b] * block_size
+                for j in range(b * block_size, min(n, (b + 1) * block_size)):
+                    vrow = &v_cache[slot, kvh * hd]
+                    p = scores[j]
+                    for d in range(hd):
+                        o[d] = o[d] + p * vrow[d]
+                    slot = slot + 1
         free(scores)
 
 
@@ -141,7 +130,7 @@ def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
             n = key_end[t] - j0
             for j in range(n):
                 scores[j] = edge_dot_f32(&q[t, h * hd], &k[j0 + j, kvh * hd], hd) * scale
-            _softmax_row(scores, n)
+            edge_softmax_f32(scores, n)
             o = &out[t, h * hd]
             for d in range(hd):
                 o[d] = 0.0

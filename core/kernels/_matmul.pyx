@@ -18,6 +18,9 @@ cdef extern from "simd.h" nogil:
     float edge_f16_to_f32(uint16_t h)
     void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
     float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K)
+    void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
+                         const int8_t *w0, const int8_t *w1, const float *ws0, const float *ws1,
+                         int K, float *out)
     float edge_dot_f32(const float *a, const float *b, int K)
 
 cdef enum:
@@ -32,32 +35,57 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t
     cdef int8_t *q = <int8_t *> malloc(<size_t> M * Kp)
     cdef float *xs = <float *> malloc(<size_t> M * G * sizeof(float))
     cdef float *ws
-    cdef int m, n, t, g, m0, m1, n0, n1
+    cdef float *block
+    cdef int m, n, t, g, r, m0, m1, n0, n1
     cdef int n_tiles = (N + N_TILE - 1) // N_TILE
-    cdef float acc
     with parallel():
+        ws = <float *> malloc(2 * G * sizeof(float))     # two weight rows' scales, widened to fp32
+        block = <float *> malloc(8 * sizeof(float))       # one 4 x 2 block of outputs
         for m in prange(M, schedule="static"):
             edge_quantize_row_q8(x + <size_t> m * K, K, q + <size_t> m * Kp, xs + <size_t> m * G)
-    with parallel():
-        ws = <float *> malloc(G * sizeof(float))     # one weight row's scales, widened to fp32
-        for t in prange(n_tiles, schedule="static"):
+        for t in prange(n_tiles, schedule="static"):      # (the loop above ends with a barrier)
             n0 = t * N_TILE
             n1 = n0 + N_TILE if n0 + N_TILE < N else N
             m0 = 0
             while m0 < M:
                 m1 = m0 + M_BLOCK if m0 + M_BLOCK < M else M
-                for n in range(n0, n1):
-                    for g in range(G):
-                        ws[g] = edge_f16_to_f32(w_scale[<size_t> n * G + g])
-                    for m in range(m0, m1):
-                        acc = edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G, w + <size_t> n * K, ws, K)
-                        if bias != NULL:
-                            acc = acc + bias[n]
-                        out[<size_t> m * N + n] = acc
+                n = n0
+                while n < n1:
+                    if n + 1 < n1:                        # two weight rows at a time
+                        for g in range(G):
+                            ws[g] = edge_f16_to_f32(w_scale[<size_t> n * G + g])
+                            ws[G + g] = edge_f16_to_f32(w_scale[<size_t> (n + 1) * G + g])
+                        m = m0
+                        while m + 4 <= m1:                # 4 x 2 blocks
+                            edge_dot_q8_4x2(q + <size_t> m * Kp, Kp, xs + <size_t> m * G, G,
+                                            w + <size_t> n * K, w + <size_t> (n + 1) * K, ws, ws + G, K, block)
+                            for r in range(4):
+                                _store(out, bias, m + r, n, N, block[2 * r])
+                                _store(out, bias, m + r, n + 1, N, block[2 * r + 1])
+                            m = m + 4
+                        while m < m1:
+                            _store(out, bias, m, n, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
+                                                                   w + <size_t> n * K, ws, K))
+                            _store(out, bias, m, n + 1, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
+                                                                       w + <size_t> (n + 1) * K, ws + G, K))
+                            m = m + 1
+                        n = n + 2
+                    else:
+                        for g in range(G):
+                            ws[g] = edge_f16_to_f32(w_scale[<size_t> n * G + g])
+                        for m in range(m0, m1):
+                            _store(out, bias, m, n, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
+                                                                   w + <size_t> n * K, ws, K))
+                        n = n + 1
                 m0 = m1
         free(ws)
+        free(block)
     free(q)
     free(xs)
+
+
+cdef inline void _store(float *out, const float *bias, int m, int n, int N, float value) noexcept nogil:
+    out[<size_t> m * N + n] = value + bias[n] if bias != NULL else value
 
 
 cdef void _matmul_f32(float *out, const float *x, const float *w, const float *bias,

@@ -18,6 +18,7 @@
 #define EDGE_SIMD_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -151,6 +152,67 @@ static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *
     return total;
 }
 
+/* A 4 x 2 block of edge_dot_q8: out[2r + c] = dot(activation row r, weight row c), for the
+ * prefill shape.  Each weight vector is loaded once for four rows and |a| once for two weight
+ * rows; the scales are multiplied per group.  Rows are q + r * q_stride (and xs + r * xs_stride). */
+static inline void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
+                                   const int8_t *w0, const int8_t *w1, const float *ws0, const float *ws1,
+                                   int K, float *out) {
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[4][2];
+    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+#if !((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
+    const __m256i ones = _mm256_set1_epi16(1);
+#endif
+    int k = 0, g = 0;
+    for (; k + 32 <= K; k += 32, g++) {
+        const __m256i wa = _mm256_loadu_si256((const __m256i *)(w0 + k));
+        const __m256i wb = _mm256_loadu_si256((const __m256i *)(w1 + k));
+        const __m256 sa = _mm256_set1_ps(ws0[g]), sb = _mm256_set1_ps(ws1[g]);
+        for (int r = 0; r < 4; r++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k));
+            const __m256i ua = _mm256_sign_epi8(av, av);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+            const __m256i pa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wa, av));
+            const __m256i pb = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wb, av));
+#elif defined(__AVXVNNI__)
+            const __m256i pa = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wa, av));
+            const __m256i pb = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wb, av));
+#else
+            const __m256i pa = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(wa, av)), ones);
+            const __m256i pb = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(wb, av)), ones);
+#endif
+            const __m256 sx = _mm256_broadcast_ss(xs + r * xs_stride + g);
+            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_mul_ps(sx, sa), acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_mul_ps(sx, sb), acc[r][1]);
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        for (int c = 0; c < 2; c++) {
+            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r][c]), _mm256_extractf128_ps(acc[r][c], 1));
+            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+            s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+            out[2 * r + c] = _mm_cvtss_f32(s4);
+        }
+        if (k < K) {   /* the last, partial group */
+            const int8_t *a = q + r * q_stride;
+            int32_t s0 = 0, s1 = 0;
+            for (int i = k; i < K; i++) {
+                s0 += (int32_t)a[i] * (int32_t)w0[i];
+                s1 += (int32_t)a[i] * (int32_t)w1[i];
+            }
+            out[2 * r] += (float)s0 * (xs[r * xs_stride + g] * ws0[g]);
+            out[2 * r + 1] += (float)s1 * (xs[r * xs_stride + g] * ws1[g]);
+        }
+    }
+#else
+    for (int r = 0; r < 4; r++) {
+        out[2 * r] = edge_dot_q8(q + r * q_stride, xs + r * xs_stride, w0, ws0, K);
+        out[2 * r + 1] = edge_dot_q8(q + r * q_stride, xs + r * xs_stride, w1, ws1, K);
+    }
+#endif
+}
+
 /* sum_k a_k * b_k in fp32. */
 static inline float edge_dot_f32(const float *a, const float *b, int K) {
     int k = 0;
@@ -198,6 +260,79 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
     for (; k < K; k++) s0 += a[k] * b[k];
     return (s0 + s1) + (s2 + s3);
 #endif
+}
+
+/* Softmax of x[0..n) in place, in fp32: x = exp(x - max) / sum.  The exponential is the classic
+ * Cephes range reduction (x = k ln2 + r, |r| <= ln2/2) with a degree-5 polynomial, eight lanes at
+ * a time where AVX2 exists (about 1 ulp); plain expf otherwise. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __m256 edge_exp_ps(__m256 x) {
+    x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
+    const __m256 k = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(k, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#endif
+
+static inline void edge_softmax_f32(float *x, int n) {
+    int i = 0;
+    float mx = x[0];
+    double total = 0.0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (n >= 8) {
+        __m256 m8 = _mm256_loadu_ps(x);
+        for (i = 8; i + 8 <= n; i += 8) m8 = _mm256_max_ps(m8, _mm256_loadu_ps(x + i));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m8), _mm256_extractf128_ps(m8, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        mx = _mm_cvtss_f32(m4);
+    }
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    const __m256 vmax = _mm256_set1_ps(mx);
+    __m256 acc = _mm256_setzero_ps();
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = edge_exp_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), vmax));
+        _mm256_storeu_ps(x + i, e);
+        acc = _mm256_add_ps(acc, e);
+    }
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    total = _mm_cvtss_f32(s4);
+#else
+    for (i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    i = 0;
+#endif
+    for (; i < n; i++) {
+        x[i] = expf(x[i] - mx);
+        total += x[i];
+    }
+    const float inv = (float)(1.0 / total);
+    for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+/* out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). */
+static inline void edge_silu_mul_f32(float *out, const float *gate, const float *up, int n) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = edge_exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];
 }
 
 #endif /* EDGE_SIMD_H */

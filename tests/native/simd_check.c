@@ -53,6 +53,27 @@ int main(void) {
             printf("dot_q8 K=%d: %.7g vs %.7g\n", K, got, want);
             return 1;
         }
+        /* the 4 x 2 block: rows of four quantized activations against two weight rows */
+        const int Kp = edge_q8_padded(K);
+        int8_t *q4 = malloc(4 * Kp), *w2 = malloc(2 * K);
+        float *xs4 = malloc(4 * G * sizeof(float)), block[8];
+        for (int r = 0; r < 4; r++) {
+            for (int k = 0; k < K; k++) x[k] = uniform() * (1.0f + r);
+            edge_quantize_row_q8(x, K, q4 + r * Kp, xs4 + r * G);
+        }
+        for (int k = 0; k < 2 * K; k++) w2[k] = (int8_t)(uniform() * 127.0f);
+        edge_dot_q8_4x2(q4, Kp, xs4, G, w2, w2 + K, ws, ws, K, block);
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 2; c++) {
+                const float want2 = plain_dot_q8(q4 + r * Kp, xs4 + r * G, w2 + c * K, ws, K);
+                if (fabsf(block[2 * r + c] - want2) > 1e-4f * (fabsf(want2) + 1.0f)) {
+                    printf("dot_q8_4x2 K=%d r=%d c=%d: %.7g vs %.7g\n", K, r, c, block[2 * r + c], want2);
+                    return 1;
+                }
+            }
+        free(q4); free(w2); free(xs4);
+        for (int k = 0; k < K; k++) x[k] = uniform() * 3.0f;
+
         double ref = 0.0, mag = 0.0;
         for (int k = 0; k < K; k++) {
             ref += (double)x[k] * y[k];
@@ -63,6 +84,33 @@ int main(void) {
             printf("dot_f32 K=%d: %.7g vs %.7g\n", K, d, ref);
             return 1;
         }
+        /* softmax over scores spread like attention logits */
+        for (int k = 0; k < K; k++) y[k] = uniform() * 40.0f - 10.0f;
+        double mx = y[0], sum = 0.0;
+        for (int k = 1; k < K; k++) mx = y[k] > mx ? y[k] : mx;
+        for (int k = 0; k < K; k++) sum += exp((double)y[k] - mx);
+        float *p = malloc(K * sizeof(float));
+        for (int k = 0; k < K; k++) p[k] = y[k];
+        edge_softmax_f32(p, K);
+        for (int k = 0; k < K; k++) {
+            const double want_p = exp((double)y[k] - mx) / sum;
+            /* float rounding of (x - max) alone costs up to |x - max| * 2^-24 relative */
+            if (fabs(p[k] - want_p) > (2e-6 + 1.2e-7 * fabs((double)y[k] - mx)) * want_p + 1e-30) {
+                printf("softmax K=%d k=%d: %.9g vs %.9g\n", K, k, p[k], want_p);
+                return 1;
+            }
+        }
+        free(p);
+        float *silu = malloc(K * sizeof(float));
+        edge_silu_mul_f32(silu, y, x, K);
+        for (int k = 0; k < K; k++) {
+            const double want_s = (double)y[k] / (1.0 + exp(-(double)y[k])) * x[k];
+            if (fabs(silu[k] - want_s) > 1e-6 * fabs(want_s) + 1e-30) {
+                printf("silu_mul K=%d k=%d: %.9g vs %.9g\n", K, k, silu[k], want_s);
+                return 1;
+            }
+        }
+        free(silu);
         const uint16_t halves[] = {0x3c00, 0xc000, 0x0001, 0x7bff, 0x0000, 0x2e66};
         const float values[] = {1.0f, -2.0f, 5.9604644775390625e-8f, 65504.0f, 0.0f, 0.0999755859375f};
         for (int h = 0; h < 6; h++)

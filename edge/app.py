@@ -110,7 +110,6 @@ async def engine_ctx(app: web.Application):
             log.exception("loading models failed")
             state.failed = str(e)
     task = asyncio.create_task(load())
-    app["_edge_load_task"] = task
     yield
     task.cancel()
     engine.stop()

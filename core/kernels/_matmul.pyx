@@ -16,6 +16,7 @@ import numpy as np
 cdef extern from "simd.h" nogil:
     int edge_q8_padded(int K)
     float edge_f16_to_f32(uint16_t h)
+    void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n)
     void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
     float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K)
     void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
@@ -36,7 +37,7 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t
     cdef float *xs = <float *> malloc(<size_t> M * G * sizeof(float))
     cdef float *ws
     cdef float *block
-    cdef int m, n, t, g, r, m0, m1, n0, n1
+    cdef int m, n, t, r, m0, m1, n0, n1
     cdef int n_tiles = (N + N_TILE - 1) // N_TILE
     with parallel():
         ws = <float *> malloc(2 * G * sizeof(float))     # two weight rows' scales, widened to fp32
@@ -52,9 +53,7 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t
                 n = n0
                 while n < n1:
                     if n + 1 < n1:                        # two weight rows at a time
-                        for g in range(G):
-                            ws[g] = edge_f16_to_f32(w_scale[<size_t> n * G + g])
-                            ws[G + g] = edge_f16_to_f32(w_scale[<size_t> (n + 1) * G + g])
+                        edge_f16_to_f32_row(w_scale + <size_t> n * G, ws, 2 * G)
                         m = m0
                         while m + 4 <= m1:                # 4 x 2 blocks
                             edge_dot_q8_4x2(q + <size_t> m * Kp, Kp, xs + <size_t> m * G, G,
@@ -71,8 +70,7 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t
                             m = m + 1
                         n = n + 2
                     else:
-                        for g in range(G):
-                            ws[g] = edge_f16_to_f32(w_scale[<size_t> n * G + g])
+                        edge_f16_to_f32_row(w_scale + <size_t> n * G, ws, G)
                         for m in range(m0, m1):
                             _store(out, bias, m, n, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
                                                                    w + <size_t> n * K, ws, K))

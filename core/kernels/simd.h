@@ -68,6 +68,16 @@ static inline float edge_f16_to_f32(uint16_t h) {
 #endif
 }
 
+/* dst[i] = float(src[i]) for n IEEE halves, eight at a time where F16C exists. */
+static inline void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+#endif
+    for (; i < n; i++) dst[i] = edge_f16_to_f32(src[i]);
+}
+
 /* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|).
  * Writes q[0..Kp) (zero padded to a multiple of 32) and s[0..ceil(K/32)). */
 static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s) {

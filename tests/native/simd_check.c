@@ -113,9 +113,13 @@ int main(void) {
         free(silu);
         const uint16_t halves[] = {0x3c00, 0xc000, 0x0001, 0x7bff, 0x0000, 0x2e66};
         const float values[] = {1.0f, -2.0f, 5.9604644775390625e-8f, 65504.0f, 0.0f, 0.0999755859375f};
-        for (int h = 0; h < 6; h++)
-            if (edge_f16_to_f32(halves[h]) != values[h]) {
-                printf("f16 %#x: %g vs %g\n", halves[h], edge_f16_to_f32(halves[h]), values[h]);
+        float widened[6 * 3];
+        uint16_t many[6 * 3];
+        for (int h = 0; h < 18; h++) many[h] = halves[h % 6];
+        edge_f16_to_f32_row(many, widened, 18);
+        for (int h = 0; h < 18; h++)
+            if (edge_f16_to_f32(many[h]) != values[h % 6] || widened[h] != values[h % 6]) {
+                printf("f16 %#x: %g / %g vs %g\n", many[h], edge_f16_to_f32(many[h]), widened[h], values[h % 6]);
                 return 1;
             }
         free(x); free(y); free(xs); free(ws); free(q); free(w);

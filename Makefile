@@ -42,6 +42,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[bench]'
 	$(BIN)/edge fetch
 	$(BIN)/python bench/bench_llamacpp.py
+	$(BIN)/python bench/bench_peers.py
 
 clean:
 	rm -rf build $(VENV) .cache core/kernels/*.so core/kernels/*.c

@@ -6,10 +6,11 @@ gelu_erf:        x = 0.5 x (1 + erf(x / sqrt(2)))                        (BERT, 
 softmax_inplace: each row becomes exp(x - max) / sum(exp(x - max))
 """
 from cython.parallel cimport prange
-from libc.math cimport erff, expf, tanhf
+from libc.math cimport expf, tanhf
 
 cdef extern from "simd.h" nogil:
     void edge_silu_mul_f32(float *out, const float *gate, const float *up, int n)
+    void edge_gelu_erf_f32(float *x, int n)
 
 
 def silu_mul(float[:, ::1] out,           # OUT (T, hidden)
@@ -34,12 +35,11 @@ def gelu_tanh(float[:, ::1] x):           # IN/OUT (T, hidden)
 
 
 def gelu_erf(float[:, ::1] x):            # IN/OUT (T, hidden)
-    cdef Py_ssize_t t, j, T = x.shape[0], H = x.shape[1]
-    cdef float v
+    cdef Py_ssize_t t, T = x.shape[0], H = x.shape[1]
+    if H == 0:
+        return
     for t in prange(T, nogil=True, schedule="static"):
-        for j in range(H):
-            v = x[t, j]
-            x[t, j] = 0.5 * v * (1.0 + erff(v * 0.7071067811865476))
+        edge_gelu_erf_f32(&x[t, 0], H)
 
 
 def softmax_inplace(float[:, ::1] x):     # IN/OUT (T, n)

@@ -111,6 +111,17 @@ int main(void) {
             }
         }
         free(silu);
+        float *gelu = malloc(K * sizeof(float));
+        for (int k = 0; k < K; k++) gelu[k] = y[k] * 0.4f;       /* [-20, 12] */
+        edge_gelu_erf_f32(gelu, K);
+        for (int k = 0; k < K; k++) {
+            const double v = (double)y[k] * 0.4f, want_g = 0.5 * v * (1.0 + erf(v / sqrt(2.0)));
+            if (fabs(gelu[k] - want_g) > 2e-7 * fabs(v) + 1e-6 * fabs(want_g) + 1e-30) {
+                printf("gelu_erf K=%d k=%d: %.9g vs %.9g\n", K, k, gelu[k], want_g);
+                return 1;
+            }
+        }
+        free(gelu);
         const uint16_t halves[] = {0x3c00, 0xc000, 0x0001, 0x7bff, 0x0000, 0x2e66};
         const float values[] = {1.0f, -2.0f, 5.9604644775390625e-8f, 65504.0f, 0.0f, 0.0999755859375f};
         float widened[6 * 3];

@@ -39,7 +39,10 @@ class Engine:
     def __init__(self):
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: deque[_Job] = deque()
-        self._n_jobs = 0            # submitted and not yet finished (read from any thread)
+        # depth = submitted - finished; each counter has one writer (the event loop, the engine
+        # thread), so neither loses an update
+        self._submitted = 0
+        self._finished = 0
         self._thread = threading.Thread(target=self._loop, name="edge-engine", daemon=True)
 
     def start(self) -> None:
@@ -52,12 +55,12 @@ class Engine:
     @property
     def depth(self) -> int:
         """Jobs waiting or running."""
-        return self._n_jobs
+        return self._submitted - self._finished
 
     async def stream(self, make: Callable[[], Iterator]) -> AsyncIterator:
         """Run make() on the engine thread and yield its items here."""
         job = _Job(asyncio.get_running_loop(), make)
-        self._n_jobs += 1
+        self._submitted += 1
         self._inbox.put(job)
         finished = False
         try:
@@ -95,7 +98,7 @@ class Engine:
                         for j in active:
                             self._close(j)
                         active.clear()
-                        self._n_jobs = 0
+                        self._finished = self._submitted
                         return
                     active.append(job)
             except queue.Empty:
@@ -104,7 +107,7 @@ class Engine:
                 job = active.popleft()
                 if job.cancelled:
                     self._close(job)
-                    self._n_jobs -= 1
+                    self._finished += 1
                     continue
                 try:
                     if job.it is None:
@@ -112,11 +115,11 @@ class Engine:
                     value = next(job.it)
                 except StopIteration:
                     job.emit(_DONE)
-                    self._n_jobs -= 1
+                    self._finished += 1
                     continue
                 except BaseException as e:  # noqa: BLE001 - every failure goes back to its request
                     job.emit(_ERROR, e)
-                    self._n_jobs -= 1
+                    self._finished += 1
                     continue
                 job.emit(_ITEM, value)
                 active.append(job)

@@ -211,23 +211,19 @@ class DecoderModel(Model):
 
     def logits(self, ids) -> np.ndarray:
         """Logits (len(ids), vocab) for every position of one sequence."""
-        ids = self._check_ids(ids)
-        if len(ids) > self.context:
-            raise ContextOverflowError(f"{len(ids)} tokens exceed the context of {self.context}")
-        seq = self.cache.new_sequence()
-        try:
-            return self._run(seq, ids, all_logits=True)
-        finally:
-            seq.release()
+        return self._fresh_run(ids, all_logits=True)
 
     def next_token_logits(self, ids) -> np.ndarray:
         """Logits (vocab,) after feeding ids to a fresh sequence (a prefill)."""
+        return self._fresh_run(ids, all_logits=False)
+
+    def _fresh_run(self, ids, all_logits: bool) -> np.ndarray:
         ids = self._check_ids(ids)
         if len(ids) > self.context:
             raise ContextOverflowError(f"{len(ids)} tokens exceed the context of {self.context}")
         seq = self.cache.new_sequence()
         try:
-            return self._run(seq, ids, all_logits=False)
+            return self._run(seq, ids, all_logits=all_logits)
         finally:
             seq.release()
 

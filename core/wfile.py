@@ -37,7 +37,7 @@ import numpy as np
 from core.errors import WeightsFormatError
 
 MAGIC = b"EDGEWTS\x00"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2      # 2: int8 rows interleaved (docs/weights-format.md); 1 is refused
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQQQ24x")
 assert PREAMBLE.size == 64
@@ -129,6 +129,19 @@ class WeightsFile:
     @property
     def nbytes(self) -> int:
         return len(self._mm)
+
+
+def file_version(path: str | os.PathLike) -> int | None:
+    """The format version in a weights file's preamble, or None when it is not one (cheap: reads
+    64 bytes; nothing else is checked)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(PREAMBLE.size)
+    except OSError:
+        return None
+    if len(head) < PREAMBLE.size or head[:8] != MAGIC:
+        return None
+    return PREAMBLE.unpack(head)[1]
 
 
 def _fail(path: str, msg: str, tensor: str | None = None):

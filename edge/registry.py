@@ -17,6 +17,7 @@ import subprocess
 import sys
 
 from core.errors import ModelNotFoundError
+from core.wfile import FORMAT_VERSION, file_version
 
 DEFAULT_MODELS = {
     "smollm2-135m-instruct": {
@@ -72,7 +73,7 @@ def fetch_default_models(names=None, quant: str = "int8", force: bool = False, p
     out = {}
     for n in names:
         path = cached_path(n, quant)
-        if force or not os.path.exists(path):
+        if force or not os.path.exists(path) or file_version(path) != FORMAT_VERSION:   # stale: re-convert
             src = source_path(n)
             if src is None:
                 raise ModelNotFoundError(f"package {DEFAULT_MODELS[n]['package']} is installed but holds no model")
@@ -90,7 +91,7 @@ def resolve(name_or_path: str, quant: str = "int8") -> str:
         raise ModelNotFoundError(f"{name_or_path}: no such file, and not a default model "
                                  f"({', '.join(DEFAULT_MODELS)})")
     path = cached_path(canon, quant)
-    if not os.path.exists(path):
+    if not os.path.exists(path) or file_version(path) != FORMAT_VERSION:
         if source_path(canon) is None:
             raise ModelNotFoundError(f"default model {canon} is not fetched yet: run `edge fetch`")
         fetch_default_models([canon], quant=quant, progress=False)

@@ -10,7 +10,7 @@ from core.kernels import reference as R
 
 # fp32 kernels vs float64 numpy: relative to the magnitude of the terms summed
 TOL = {"f32": 2e-5, "q8": 2e-5}
-AWKWARD = [1, 3, 31, 32, 33, 63, 64, 65, 127, 576]
+AWKWARD = [1, 3, 31, 32, 33, 63, 64, 65, 127, 255, 256, 257, 288, 384, 512, 576, 600, 1536]
 dims = st.sampled_from(AWKWARD) | st.integers(1, 200)
 rows = st.integers(1, 70)
 seeds = st.integers(0, 2**32 - 1)
@@ -40,12 +40,13 @@ def test_quantize_q8_matches_reference_and_error_bound(M, K_, seed):
 def test_matmul_q8(M, N, K_, bias, seed):
     rng = np.random.default_rng(seed)
     x = rand(rng, M, K_)
-    w, w_scale = R.quantize_weights_q8(rand(rng, N, K_))
+    w_natural, w_scale = R.quantize_weights_q8(rand(rng, N, K_))
+    w = R.pack_q8_rows(w_natural)
     b = rand(rng, N) if bias else None
     out, ref = np.empty((M, N), np.float32), np.empty((M, N), np.float64)
     K.matmul_q8(out, x, w, w_scale.view(np.uint16), b)
     R.matmul_q8(ref, x, w, w_scale, b)
-    wd = R.dequantize_q8(w, w_scale.astype(np.float32))
+    wd = R.dequantize_q8(w_natural, w_scale.astype(np.float32))
     mag = np.abs(x) @ np.abs(wd).T + (np.abs(b) if bias else 0) + 1e-6
     assert (np.abs(out - ref) <= TOL["q8"] * mag + 1e-6).all()
 
@@ -70,10 +71,27 @@ def test_matmul_q8_int8_error_bound_against_fp32():
     w, w_scale = R.quantize_weights_q8(wf)
     wd = R.dequantize_q8(w, w_scale.astype(np.float32)).astype(np.float64)
     out = np.empty((8, 64), np.float32)
-    K.matmul_q8(out, x, w, w_scale.view(np.uint16))
+    K.matmul_q8(out, x, R.pack_q8_rows(w), w_scale.view(np.uint16))
     _, s = R.quantize_q8(x)
     bound = 0.5 * np.repeat(s, 32, axis=1) @ np.abs(wd).T
     assert (np.abs(out - x.astype(np.float64) @ wd.T) <= bound * 1.001 + 1e-5).all()
+
+
+@pytest.mark.parametrize("K_", [1, 31, 255, 256, 257, 576, 1536, 1600])
+def test_q8_interleaved_layout(K_):
+    """pack_q8_rows follows the documented formula, unpack inverts it, and the kernel's activation
+    quantizer reads back the same values as the reference (through the layout)."""
+    rng = np.random.default_rng(K_)
+    q = rng.integers(-127, 128, (3, K_)).astype(np.int8)
+    packed = R.pack_q8_rows(q)
+    for k in rng.integers(0, K_, 50):
+        b, within = divmod(int(k), 256)
+        g, j, i = within // 32, within % 32 // 4, within % 4
+        where = 256 * b + 32 * j + 4 * g + i if b < K_ // 256 else int(k)
+        assert packed[:, where].tolist() == q[:, k].tolist()
+    np.testing.assert_array_equal(R.unpack_q8_rows(packed), q)
+    x = rand(rng, 2, K_)
+    np.testing.assert_array_equal(K.quantize_q8(x)[0], R.quantize_q8(x)[0])
 
 
 def test_matmul_rejects_bad_shapes():
@@ -109,9 +127,10 @@ def test_embeddings(T, dim, vocab, seed):
     R.embed_f32(ref, tokens, table)
     np.testing.assert_array_equal(out, ref)
     q, s = R.quantize_weights_q8(table)
-    K.embed_q8(out, tokens, q, s.view(np.uint16))
-    R.embed_q8(ref, tokens, q, s)
+    K.embed_q8(out, tokens, R.pack_q8_rows(q), s.view(np.uint16))
+    R.embed_q8(ref, tokens, R.pack_q8_rows(q), s)
     np.testing.assert_allclose(out, ref, rtol=1e-6)
+    np.testing.assert_allclose(out, R.dequantize_q8(q[tokens], s[tokens].astype(np.float32)), rtol=1e-6)
     with pytest.raises(IndexError, match="vocabulary"):
         K.embed_f32(out[:1], np.array([vocab], np.int32), table)
 

@@ -1,10 +1,12 @@
 """Embedding lookups: out[t] = table[tokens[t]], from an fp32 table or an int8 table with one fp16
-scale per group of 32 (a decoder's token embedding, shared with its logits head when tied)."""
+scale per group of 32 (a decoder's token embedding, shared with its logits head when tied), whose
+rows are in the interleaved layout of the int8 matmul (reference.pack_q8_rows)."""
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int32_t, uint16_t
 
 cdef extern from "simd.h" nogil:
     float edge_f16_to_f32(uint16_t h)
+    int edge_q8_pack_index(int k, int K)
 
 
 def _check(out, tokens, table):
@@ -31,11 +33,11 @@ def embed_q8(float[:, ::1] out,               # OUT (T, dim)
              const int32_t[::1] tokens,       # IN  (T,)
              const int8_t[:, ::1] table,      # IN  (vocab, dim)
              const uint16_t[:, ::1] scale):   # IN  (vocab, ceil(dim/32)) fp16 bits
-    """out[t, j] = table[tokens[t], j] * scale[tokens[t], j // 32]"""
+    """out[t, j] = unpack(table[tokens[t]])[j] * scale[tokens[t], j // 32]"""
     _check(out, tokens, table)
     if scale.shape[0] != table.shape[0] or scale.shape[1] != (table.shape[1] + 31) // 32:
         raise ValueError("embed_q8: scale must be (vocab, ceil(dim/32))")
     cdef Py_ssize_t t, j, T = tokens.shape[0], dim = table.shape[1]
     for t in prange(T, nogil=True, schedule="static"):
         for j in range(dim):
-            out[t, j] = table[tokens[t], j] * edge_f16_to_f32(scale[tokens[t], j // 32])
+            out[t, j] = table[tokens[t], edge_q8_pack_index(j, dim)] * edge_f16_to_f32(scale[tokens[t], j // 32])

@@ -1,8 +1,9 @@
 """Linear layers: out[M, N] = x[M, K] @ w[N, K].T (+ bias).
 
-matmul_q8: int8 weights with one fp16 scale per group of 32 along K (per output row); the
-activations are quantized to int8 on the fly with one fp32 scale per group of 32 along K (int32
-accumulation inside a group, fp32 across groups).  matmul_f32: the same product in fp32, for files converted with --quant f32.
+matmul_q8: int8 weights with one fp16 scale per group of 32 along K (per output row), each row in
+the interleaved layout of simd.h (reference.pack_q8_rows); the activations are quantized to int8 on
+the fly, into the same layout, with one fp32 scale per group of 32 along K (int32 accumulation
+inside a group, fp32 across groups).  matmul_f32: the same product in fp32, for files converted with --quant f32.
 
 Work is split across threads by tiles of output columns (weight rows); inside a tile the loop runs
 over blocks of activation rows so that a weight tile stays in L1 and an activation block in L2.
@@ -15,10 +16,13 @@ import numpy as np
 
 cdef extern from "simd.h" nogil:
     int edge_q8_padded(int K)
+    int edge_q8_pack_index(int k, int K)
     float edge_f16_to_f32(uint16_t h)
     void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n)
     void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
     float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K)
+    void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
+                         const float *ws0, const float *ws1, int K, float *out)
     void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
                          const int8_t *w0, const int8_t *w1, const float *ws0, const float *ws1,
                          int K, float *out)
@@ -62,11 +66,11 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t
                                 _store(out, bias, m + r, n, N, block[2 * r])
                                 _store(out, bias, m + r, n + 1, N, block[2 * r + 1])
                             m = m + 4
-                        while m < m1:
-                            _store(out, bias, m, n, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
-                                                                   w + <size_t> n * K, ws, K))
-                            _store(out, bias, m, n + 1, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
-                                                                       w + <size_t> (n + 1) * K, ws + G, K))
+                        while m < m1:                     # 1 x 2 for the rest (all of a decode step)
+                            edge_dot_q8_1x2(q + <size_t> m * Kp, xs + <size_t> m * G, w + <size_t> n * K,
+                                            w + <size_t> (n + 1) * K, ws, ws + G, K, block)
+                            _store(out, bias, m, n, N, block[0])
+                            _store(out, bias, m, n + 1, N, block[1])
                             m = m + 1
                         n = n + 2
                     else:
@@ -157,7 +161,8 @@ def matmul_f32(float[:, ::1] out,            # OUT (M, N)
 def quantize_q8(const float[:, ::1] x):
     """Quantize rows of x to int8 with one scale per group of 32 columns.
 
-    Returns (q, scales): int8 (M, K) and float32 (M, ceil(K/32)), exactly as matmul_q8 sees them.
+    Returns (q, scales): int8 (M, K) and float32 (M, ceil(K/32)), the values matmul_q8 multiplies,
+    in natural column order (the kernel keeps them interleaved, see reference.pack_q8_rows).
     """
     cdef int M = x.shape[0], K = x.shape[1]
     if K == 0:
@@ -168,6 +173,11 @@ def quantize_q8(const float[:, ::1] x):
     cdef int8_t[:, ::1] qv = qp
     cdef float[:, ::1] sv = scales
     cdef int m
+    cdef int k
+    natural = np.empty((M, K), dtype=np.int8)
+    cdef int8_t[:, ::1] nv = natural
     for m in range(M):
         edge_quantize_row_q8(&x[m, 0], K, &qv[m, 0], &sv[m, 0])
-    return qp[:, :K].copy(), scales
+        for k in range(K):
+            nv[m, k] = qv[m, edge_q8_pack_index(k, K)]
+    return natural, scales

@@ -58,10 +58,41 @@ def quantize_weights_q8(w):
     return q, scales
 
 
+Q8_BLOCK = 256   # 8 groups, interleaved
+
+
+def q8_pack_order(K):
+    """The interleaved layout of an int8 row of K values as a gather index: packed = natural[order].
+
+    In each whole block of 8 groups (256 values) the 32-byte vector j holds 4-byte chunk j of
+    groups 0..7 in turn: packed[256 b + 32 j + 4 g + i] = natural[256 b + 32 g + 4 j + i].  Values
+    after the last whole block keep their natural order.  The int8 matmul's weights and activations
+    are both stored this way, so that a 32-bit lane of a SIMD sum sees one group only.
+    """
+    order = np.arange(K)
+    whole = K // Q8_BLOCK * Q8_BLOCK
+    natural = np.arange(whole).reshape(-1, 8, 8, 4)                  # axes (block, group, chunk, byte)
+    order[:whole] = natural.transpose(0, 2, 1, 3).reshape(-1)        # read as (block, chunk, group, byte)
+    return order
+
+
+def pack_q8_rows(q):
+    """Natural -> interleaved layout for each row of an int8 matrix (N, K)."""
+    return np.ascontiguousarray(q[:, q8_pack_order(q.shape[1])])
+
+
+def unpack_q8_rows(q):
+    """Interleaved -> natural layout, the inverse of pack_q8_rows."""
+    natural = np.empty_like(q)
+    natural[:, q8_pack_order(q.shape[1])] = q
+    return natural
+
+
 def matmul_q8(out, x, w, w_scale, bias=None):
+    """w: int8 (N, K) in the interleaved layout, w_scale (N, ceil(K/32)) fp16."""
     q, s = quantize_q8(x)
     xq = dequantize_q8(q, s).astype(np.float64)
-    wq = dequantize_q8(w, w_scale.astype(np.float32)).astype(np.float64)
+    wq = dequantize_q8(unpack_q8_rows(w), w_scale.astype(np.float32)).astype(np.float64)
     out[...] = xq @ wq.T
     if bias is not None:
         out += bias
@@ -78,7 +109,8 @@ def embed_f32(out, tokens, table):
 
 
 def embed_q8(out, tokens, table, scale):
-    out[...] = dequantize_q8(table[tokens], scale[tokens].astype(np.float32))
+    """table: int8 (vocab, dim) in the interleaved layout, scale (vocab, ceil(dim/32)) fp16."""
+    out[...] = dequantize_q8(unpack_q8_rows(table[tokens]), scale[tokens].astype(np.float32))
 
 
 def rmsnorm(out, x, weight, eps):

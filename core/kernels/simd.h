@@ -11,8 +11,9 @@
  * int8 scheme (Q8_0-like): weights are int8 rows of K with one scale per group of 32 along K
  * (stored as fp16 in the file, widened to fp32 by the caller once per row); activations are
  * quantized on the fly by edge_quantize_row_q8 to int8 with one fp32 scale per group of 32, the
- * row zero padded to a multiple of 32.  edge_dot_q8 accumulates int32 inside a group and fp32
- * across groups.
+ * row zero padded to a multiple of 32.  The dot products accumulate int32 inside a group and fp32
+ * across groups.  Both operands are stored in the interleaved layout described at
+ * edge_q8_pack_index, weights by the converter and activations by edge_quantize_row_q8.
  */
 #ifndef EDGE_SIMD_H
 #define EDGE_SIMD_H
@@ -78,11 +79,64 @@ static inline void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n) {
     for (; i < n; i++) dst[i] = edge_f16_to_f32(src[i]);
 }
 
-/* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|).
- * Writes q[0..Kp) (zero padded to a multiple of 32) and s[0..ceil(K/32)). */
+/* Interleaved int8 rows.  Both operands of an int8 dot product, the weight rows (at convert time)
+ * and the quantized activation rows (as they are quantized), are stored in one layout: each block
+ * of 8 groups (256 values) is interleaved in 4-byte chunks, so that one 32-byte vector holds chunk j
+ * of all 8 groups,
+ *
+ *     packed[256 b + 32 j + 4 g + i] = natural[256 b + 32 g + 4 j + i]     (j, g < 8, i < 4),
+ *
+ * and lane g of a 32-bit sum accumulates group g alone.  Integer sums then run over the whole block
+ * and the group scales are applied once per block as one vector (xs[g..g+8] * ws[g..g+8]), instead
+ * of once per group.  Values past the last whole block (K mod 256) keep their natural order.  The
+ * layout is the same on every instruction set; NEON reads a chunk vector as two halves (groups 0-3
+ * and 4-7), AVX-512 would read two chunks at once. */
+#define EDGE_Q8_BLOCK 256
+
+/* Where natural index k of a row of K values lives in the packed row. */
+static inline int edge_q8_pack_index(int k, int K) {
+    if (k >= K / EDGE_Q8_BLOCK * EDGE_Q8_BLOCK) return k;
+    return (k & ~(EDGE_Q8_BLOCK - 1)) + 32 * ((k >> 2) & 7) + 4 * ((k >> 5) & 7) + (k & 3);
+}
+
+/* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|),
+ * rounding half to even.  Writes q[0..Kp) in the packed layout (zero padded to a multiple of 32)
+ * and s[0..ceil(K/32)). */
 static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s) {
-    int g = 0;
-    for (int k0 = 0; k0 < K; k0 += EDGE_Q8_GROUP, g++) {
+    int g = 0, k0 = 0;
+#if defined(__AVX2__)
+    const int packed_end = K / EDGE_Q8_BLOCK * EDGE_Q8_BLOCK;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; k0 + EDGE_Q8_GROUP <= K; k0 += EDGE_Q8_GROUP, g++) {
+        const __m256 v0 = _mm256_loadu_ps(x + k0), v1 = _mm256_loadu_ps(x + k0 + 8);
+        const __m256 v2 = _mm256_loadu_ps(x + k0 + 16), v3 = _mm256_loadu_ps(x + k0 + 24);
+        __m256 m = _mm256_max_ps(_mm256_max_ps(_mm256_andnot_ps(sign, v0), _mm256_andnot_ps(sign, v1)),
+                                 _mm256_max_ps(_mm256_andnot_ps(sign, v2), _mm256_andnot_ps(sign, v3)));
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float amax = _mm_cvtss_f32(m4);
+        const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+        /* |x * inv| <= 127 up to rounding, so the saturating packs never clip */
+        const __m256i i01 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v0, inv)),
+                                               _mm256_cvtps_epi32(_mm256_mul_ps(v1, inv)));
+        const __m256i i23 = _mm256_packs_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(v2, inv)),
+                                               _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv)));
+        /* packs work within 128-bit lanes: 4-byte chunks come out as 0 2 4 6 1 3 5 7 */
+        const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i01, i23), order);
+        if (k0 < packed_end) {
+            int32_t chunks[8];
+            _mm256_storeu_si256((__m256i *)chunks, bytes);
+            int8_t *dst = q + (k0 & ~(EDGE_Q8_BLOCK - 1)) + 4 * ((k0 >> 5) & 7);
+            for (int j = 0; j < 8; j++) memcpy(dst + 32 * j, &chunks[j], 4);
+        } else {
+            _mm256_storeu_si256((__m256i *)(q + k0), bytes);
+        }
+        s[g] = amax / 127.0f;
+    }
+#endif
+    for (; k0 < K; k0 += EDGE_Q8_GROUP, g++) {
         const int k1 = k0 + EDGE_Q8_GROUP < K ? k0 + EDGE_Q8_GROUP : K;
         float amax = 0.0f;
         for (int k = k0; k < k1; k++) {
@@ -93,134 +147,176 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
         for (int k = k0; k < k1; k++) {
             int v = (int)lrintf(x[k] * inv);
             v = v > 127 ? 127 : (v < -127 ? -127 : v);
-            q[k] = (int8_t)v;
+            q[edge_q8_pack_index(k, K)] = (int8_t)v;
         }
         s[g] = amax / 127.0f;
     }
     for (int k = K; k < edge_q8_padded(K); k++) q[k] = 0;
 }
 
-/* sum_g xs[g] * ws[g] * sum_{k in group g} q_k * w_k: the dot product of an int8 activation row
- * (q, one scale xs per group of 32) with an int8 weight row (w, one scale ws per group of 32).
- * int32 accumulation inside a group, fp32 across groups. */
-static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K) {
-    int k = 0, g = 0;
-    float total = 0.0f;
-#if defined(__AVX2__)
-    __m256 acc = _mm256_setzero_ps();
-#if !((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
-    const __m256i ones = _mm256_set1_epi16(1);
-#endif
-    for (; k + 32 <= K; k += 32, g++) {
-        const __m256i av = _mm256_loadu_si256((const __m256i *)(q + k));
-        const __m256i wv = _mm256_loadu_si256((const __m256i *)(w + k));
-        /* |a| (u8) x sign(a)*w (s8): pairs sum to at most 2*127*127, no saturation. */
-        const __m256i ua = _mm256_sign_epi8(av, av), sw = _mm256_sign_epi8(wv, av);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-        const __m256i p32 = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, sw);
-#elif defined(__AVXVNNI__)
-        const __m256i p32 = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ua, sw);
-#else
-        const __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, sw), ones);
-#endif
-        const __m256 scale = _mm256_set1_ps(xs[g] * ws[g]);
-#if defined(__FMA__)
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), scale, acc);
-#else
-        acc = _mm256_add_ps(acc, _mm256_mul_ps(_mm256_cvtepi32_ps(p32), scale));
-#endif
-    }
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    total = _mm_cvtss_f32(s4);
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    for (; k + 32 <= K; k += 32, g++) {
-#if defined(__ARM_FEATURE_DOTPROD)
-        int32x4_t p = vdotq_s32(vdupq_n_s32(0), vld1q_s8(q + k), vld1q_s8(w + k));
-        p = vdotq_s32(p, vld1q_s8(q + k + 16), vld1q_s8(w + k + 16));
-#else
-        int32x4_t p = vdupq_n_s32(0);
-        for (int h = 0; h < 32; h += 16) {
-            const int8x16_t a = vld1q_s8(q + k + h), b = vld1q_s8(w + k + h);
-            p = vpadalq_s16(p, vmull_s8(vget_low_s8(a), vget_low_s8(b)));
-            p = vpadalq_s16(p, vmull_s8(vget_high_s8(a), vget_high_s8(b)));
-        }
-#endif
-        acc = vfmaq_n_f32(acc, vcvtq_f32_s32(p), xs[g] * ws[g]);
-    }
-    total = vaddvq_f32(acc);
-#endif
-    /* the remaining groups (all of them in a scalar build), the last one possibly partial */
-    for (; k < K; k += EDGE_Q8_GROUP, g++) {
-        const int k1 = k + EDGE_Q8_GROUP < K ? k + EDGE_Q8_GROUP : K;
-        int32_t sum = 0;
-        for (int i = k; i < k1; i++) sum += (int32_t)q[i] * (int32_t)w[i];
-        total += (float)sum * (xs[g] * ws[g]);
-    }
-    return total;
+/* sum over group g of q_k * w_k for one group in natural order, the last one possibly partial. */
+static inline int32_t edge_dot_i8_plain(const int8_t *q, const int8_t *w, int n) {
+    int32_t sum = 0;
+    for (int i = 0; i < n; i++) sum += (int32_t)q[i] * (int32_t)w[i];
+    return sum;
 }
 
-/* A 4 x 2 block of edge_dot_q8: out[2r + c] = dot(activation row r, weight row c), for the
- * prefill shape.  Each weight vector is loaded once for four rows and |a| once for two weight
- * rows; the scales are multiplied per group.  Rows are q + r * q_stride (and xs + r * xs_stride). */
+#if defined(__AVX2__)
+static inline float edge_hsum_ps(__m256 v) {
+    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
+    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
+    return _mm_cvtss_f32(s4);
+}
+
+/* The 8 lanes of sum_k a_k * w_k for a chunk vector (32 int8 values each), added into acc:
+ * |a| (u8) x sign(a)*w (s8), whose pairs sum to at most 2*127*127 (no saturation). */
+static inline __m256i edge_dot_i8x32(__m256i acc, __m256i ua, __m256i av, __m256i wv) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(acc, ua, _mm256_sign_epi8(wv, av));
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(acc, ua, _mm256_sign_epi8(wv, av));
+#else
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv, av)),
+                                                   _mm256_set1_epi16(1)));
+#endif
+}
+#endif
+
+/* An R x C tile of int8 dot products: out[r * C + c] = sum_g xs_r[g] ws_c[g] sum_{k in g} q_r,k w_c,k
+ * for R packed activation rows (q + r * q_stride, scales xs + r * xs_stride) and C packed weight
+ * rows (w[c], scales ws[c] widened to fp32).  int32 inside a group, fp32 across groups.  Each
+ * weight vector is loaded once for R rows and each |a| once for C weight rows.  Called with
+ * constant R and C, and inlined, so that the compiler keeps the tile in registers. */
+static inline __attribute__((always_inline)) void
+edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
+                 const int8_t *const *w, const float *const *ws, int K, float *out) {
+    const int packed_end = K / EDGE_Q8_BLOCK * EDGE_Q8_BLOCK;
+    int k = 0, g = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[R][C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
+    for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8) {
+        __m256i isum[R][C];
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) isum[r][c] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            __m256i wv[C];
+            for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
+            for (int r = 0; r < R; r++) {
+                const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j));
+                const __m256i ua = _mm256_sign_epi8(av, av);
+                for (int c = 0; c < C; c++) isum[r][c] = edge_dot_i8x32(isum[r][c], ua, av, wv[c]);
+            }
+        }
+        __m256 wsv[C];
+        for (int c = 0; c < C; c++) wsv[c] = _mm256_loadu_ps(ws[c] + g);
+        for (int r = 0; r < R; r++) {
+            const __m256 xsv = _mm256_loadu_ps(xs + r * xs_stride + g);
+            for (int c = 0; c < C; c++)
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][c]), _mm256_mul_ps(xsv, wsv[c]), acc[r][c]);
+        }
+    }
+    for (; k + EDGE_Q8_GROUP <= K; k += EDGE_Q8_GROUP, g++) {     /* whole groups after the last block */
+        __m256i wv[C];
+        for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k));
+        for (int r = 0; r < R; r++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k));
+            const __m256i ua = _mm256_sign_epi8(av, av);
+            const __m256 sx = _mm256_set1_ps(xs[r * xs_stride + g]);
+            for (int c = 0; c < C; c++)
+                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(edge_dot_i8x32(_mm256_setzero_si256(), ua, av, wv[c])),
+                                            _mm256_mul_ps(sx, _mm256_set1_ps(ws[c][g])), acc[r][c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[r * C + c] = edge_hsum_ps(acc[r][c]);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    float32x4_t acc[R][C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) acc[r][c] = vdupq_n_f32(0.0f);
+    for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8) {
+        int32x4_t lo[R][C], hi[R][C];    /* groups 0-3 and 4-7 of the block */
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) lo[r][c] = hi[r][c] = vdupq_n_s32(0);
+        for (int j = 0; j < 8; j++) {
+            for (int r = 0; r < R; r++) {
+                const int8x16_t a0 = vld1q_s8(q + r * q_stride + k + 32 * j);
+                const int8x16_t a1 = vld1q_s8(q + r * q_stride + k + 32 * j + 16);
+                for (int c = 0; c < C; c++) {
+                    const int8x16_t w0 = vld1q_s8(w[c] + k + 32 * j), w1 = vld1q_s8(w[c] + k + 32 * j + 16);
+#if defined(__ARM_FEATURE_DOTPROD)
+                    lo[r][c] = vdotq_s32(lo[r][c], a0, w0);
+                    hi[r][c] = vdotq_s32(hi[r][c], a1, w1);
+#else
+                    /* vpadal pairs: lanes (0,1) hold group 0 or 2, (2,3) group 1 or 3; folded below */
+                    const int32x4_t p0 = vpaddlq_s16(vmull_s8(vget_low_s8(a0), vget_low_s8(w0)));
+                    const int32x4_t p1 = vpaddlq_s16(vmull_s8(vget_high_s8(a0), vget_high_s8(w0)));
+                    const int32x4_t p2 = vpaddlq_s16(vmull_s8(vget_low_s8(a1), vget_low_s8(w1)));
+                    const int32x4_t p3 = vpaddlq_s16(vmull_s8(vget_high_s8(a1), vget_high_s8(w1)));
+                    lo[r][c] = vaddq_s32(lo[r][c], vpaddq_s32(p0, p1));
+                    hi[r][c] = vaddq_s32(hi[r][c], vpaddq_s32(p2, p3));
+#endif
+                }
+            }
+        }
+        for (int r = 0; r < R; r++) {
+            const float32x4_t x0 = vld1q_f32(xs + r * xs_stride + g), x1 = vld1q_f32(xs + r * xs_stride + g + 4);
+            for (int c = 0; c < C; c++) {
+                acc[r][c] = vfmaq_f32(acc[r][c], vcvtq_f32_s32(lo[r][c]), vmulq_f32(x0, vld1q_f32(ws[c] + g)));
+                acc[r][c] = vfmaq_f32(acc[r][c], vcvtq_f32_s32(hi[r][c]), vmulq_f32(x1, vld1q_f32(ws[c] + g + 4)));
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[r * C + c] = vaddvq_f32(acc[r][c]);
+#else
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) out[r * C + c] = 0.0f;
+    for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8)
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                for (int gg = 0; gg < 8; gg++) {
+                    int32_t sum = 0;
+                    for (int j = 0; j < 8; j++)
+                        sum += edge_dot_i8_plain(q + r * q_stride + k + 32 * j + 4 * gg, w[c] + k + 32 * j + 4 * gg, 4);
+                    out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * ws[c][g + gg]);
+                }
+#endif
+    /* the remaining groups in natural order (all of them after the last block, in a NEON or scalar
+     * build; only the last, partial one after AVX2), reading no weight byte past K */
+    for (; k < K; k += EDGE_Q8_GROUP, g++) {
+        const int n = K - k < EDGE_Q8_GROUP ? K - k : EDGE_Q8_GROUP;
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++)
+                out[r * C + c] += (float)edge_dot_i8_plain(q + r * q_stride + k, w[c] + k, n) *
+                                  (xs[r * xs_stride + g] * ws[c][g]);
+    }
+}
+
+/* One packed activation row against one packed weight row. */
+static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K) {
+    float out;
+    edge_dot_q8_tile(1, 1, q, 0, xs, 0, &w, &ws, K, &out);
+    return out;
+}
+
+/* One activation row against two weight rows (decode): out[c]. */
+static inline void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
+                                   const float *ws0, const float *ws1, int K, float *out) {
+    const int8_t *w[2] = {w0, w1};
+    const float *ws[2] = {ws0, ws1};
+    edge_dot_q8_tile(1, 2, q, 0, xs, 0, w, ws, K, out);
+}
+
+/* Four activation rows (q + r * q_stride) against two weight rows (prefill): out[2 r + c]. */
 static inline void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
                                    const int8_t *w0, const int8_t *w1, const float *ws0, const float *ws1,
                                    int K, float *out) {
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[4][2];
-    for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-#if !((defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__))
-    const __m256i ones = _mm256_set1_epi16(1);
-#endif
-    int k = 0, g = 0;
-    for (; k + 32 <= K; k += 32, g++) {
-        const __m256i wa = _mm256_loadu_si256((const __m256i *)(w0 + k));
-        const __m256i wb = _mm256_loadu_si256((const __m256i *)(w1 + k));
-        const __m256 sa = _mm256_set1_ps(ws0[g]), sb = _mm256_set1_ps(ws1[g]);
-        for (int r = 0; r < 4; r++) {
-            const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k));
-            const __m256i ua = _mm256_sign_epi8(av, av);
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-            const __m256i pa = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wa, av));
-            const __m256i pb = _mm256_dpbusd_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wb, av));
-#elif defined(__AVXVNNI__)
-            const __m256i pa = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wa, av));
-            const __m256i pb = _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), ua, _mm256_sign_epi8(wb, av));
-#else
-            const __m256i pa = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(wa, av)), ones);
-            const __m256i pb = _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(wb, av)), ones);
-#endif
-            const __m256 sx = _mm256_broadcast_ss(xs + r * xs_stride + g);
-            acc[r][0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pa), _mm256_mul_ps(sx, sa), acc[r][0]);
-            acc[r][1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(pb), _mm256_mul_ps(sx, sb), acc[r][1]);
-        }
-    }
-    for (int r = 0; r < 4; r++) {
-        for (int c = 0; c < 2; c++) {
-            __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(acc[r][c]), _mm256_extractf128_ps(acc[r][c], 1));
-            s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-            s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-            out[2 * r + c] = _mm_cvtss_f32(s4);
-        }
-        if (k < K) {   /* the last, partial group */
-            const int8_t *a = q + r * q_stride;
-            int32_t s0 = 0, s1 = 0;
-            for (int i = k; i < K; i++) {
-                s0 += (int32_t)a[i] * (int32_t)w0[i];
-                s1 += (int32_t)a[i] * (int32_t)w1[i];
-            }
-            out[2 * r] += (float)s0 * (xs[r * xs_stride + g] * ws0[g]);
-            out[2 * r + 1] += (float)s1 * (xs[r * xs_stride + g] * ws1[g]);
-        }
-    }
-#else
-    for (int r = 0; r < 4; r++) {
-        out[2 * r] = edge_dot_q8(q + r * q_stride, xs + r * xs_stride, w0, ws0, K);
-        out[2 * r + 1] = edge_dot_q8(q + r * q_stride, xs + r * xs_stride, w1, ws1, K);
-    }
-#endif
+    const int8_t *w[2] = {w0, w1};
+    const float *ws[2] = {ws0, ws1};
+    edge_dot_q8_tile(4, 2, q, q_stride, xs, xs_stride, w, ws, K, out);
 }
 
 /* sum_k a_k * b_k in fp32. */

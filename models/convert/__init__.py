@@ -9,7 +9,8 @@ at a time, so memory stays near one tensor plus the output).
 Quantization (--quant int8, the default): every linear layer's weight becomes int8 with one fp16
 scale per group of 32 values along each row (NAME.weight i8 + NAME.scale f16, like llama.cpp's
 Q8_0); a decoder's token embedding is quantized the same way (it doubles as the logits head when
-tied).  Chosen by measurement on SmolLM2-135M (botchan.txt, 1024 tokens): one scale per row cost
+tied); the int8 rows are stored in the interleaved layout the kernels read (see
+docs/weights-format.md).  Chosen by measurement on SmolLM2-135M (botchan.txt, 1024 tokens): one scale per row cost
 +0.87% perplexity from the weights alone, groups of 32 +0.19%.  Norms, biases, position
 embeddings and an encoder's token embedding stay fp32.  Activations are quantized at run time
 (one scale per 32 values), see core.kernels.  --quant f32 keeps everything fp32.
@@ -24,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from core.errors import ConversionError
-from core.kernels.reference import quantize_weights_q8
+from core.kernels.reference import pack_q8_rows, quantize_weights_q8
 from core.wfile import write_weights
 
 QUANT_SCHEMES = {
@@ -119,7 +120,7 @@ def convert(src: str, out: str, quant: str = "int8", progress: bool = True) -> d
         n_params += a.size
         if quant == "int8" and is_quantized_linear(ckpt.arch, name):
             q, scale = quantize_weights_q8(a)
-            tensors += [(name, q), (name[: -len(".weight")] + ".scale", scale)]
+            tensors += [(name, pack_q8_rows(q)), (name[: -len(".weight")] + ".scale", scale)]
         else:
             tensors.append((name, a))
         if bar is not None:

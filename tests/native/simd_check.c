@@ -27,6 +27,22 @@ static float plain_dot_q8(const int8_t *q, const float *xs, const int8_t *w, con
     return total;
 }
 
+/* The interleaved layout, spelled out independently of edge_q8_pack_index: in each whole block of
+ * 256 values, 4-byte chunk j of group g is stored at 32 j + 4 g. */
+static int plain_pack_index(int k, int K) {
+    const int block = k / 256, in_block = k % 256, group = in_block / 32, chunk = in_block % 32 / 4;
+    if (block >= K / 256) return k;
+    return block * 256 + chunk * 32 + group * 4 + k % 4;
+}
+
+static void plain_pack(const int8_t *natural, int8_t *packed, int K) {
+    for (int k = 0; k < K; k++) packed[plain_pack_index(k, K)] = natural[k];
+}
+
+static void plain_unpack(const int8_t *packed, int8_t *natural, int K) {
+    for (int k = 0; k < K; k++) natural[k] = packed[plain_pack_index(k, K)];
+}
+
 int main(void) {
     static const int sizes[] = {1, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 576, 1536, 4097};
     for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
@@ -40,38 +56,59 @@ int main(void) {
             w[k] = (int8_t)(uniform() * 127.0f);
         }
         for (int g = 0; g < G; g++) ws[g] = 0.01f + 0.001f * (float)g;
+        int8_t *qn = malloc(edge_q8_padded(K)), *wp = malloc(K);   /* q unpacked, w packed */
         edge_quantize_row_q8(x, K, q, xs);
+        for (int k = K; k < edge_q8_padded(K); k++)
+            if (q[k] != 0) {
+                printf("quantize K=%d: padding byte %d is %d\n", K, k, q[k]);
+                return 1;
+            }
+        plain_unpack(q, qn, K);
+        plain_pack(w, wp, K);
         for (int k = 0; k < K; k++) {
-            const float back = (float)q[k] * xs[k / 32];
+            if (edge_q8_pack_index(k, K) != plain_pack_index(k, K)) {
+                printf("pack_index K=%d k=%d: %d vs %d\n", K, k, edge_q8_pack_index(k, K), plain_pack_index(k, K));
+                return 1;
+            }
+            const float back = (float)qn[k] * xs[k / 32];
             if (fabsf(back - x[k]) > 0.5f * xs[k / 32] * 1.0001f + 1e-7f) {
                 printf("quantize K=%d k=%d: %g vs %g\n", K, k, back, x[k]);
                 return 1;
             }
         }
-        const float got = edge_dot_q8(q, xs, w, ws, K), want = plain_dot_q8(q, xs, w, ws, K);
+        const float got = edge_dot_q8(q, xs, wp, ws, K), want = plain_dot_q8(qn, xs, w, ws, K);
         if (fabsf(got - want) > 1e-4f * (fabsf(want) + 1.0f)) {
             printf("dot_q8 K=%d: %.7g vs %.7g\n", K, got, want);
             return 1;
         }
         /* the 4 x 2 block: rows of four quantized activations against two weight rows */
         const int Kp = edge_q8_padded(K);
-        int8_t *q4 = malloc(4 * Kp), *w2 = malloc(2 * K);
-        float *xs4 = malloc(4 * G * sizeof(float)), block[8];
+        int8_t *q4 = malloc(4 * Kp), *q4n = malloc(4 * Kp), *w2 = malloc(2 * K), *w2p = malloc(2 * K);
+        float *xs4 = malloc(4 * G * sizeof(float)), *ws2 = malloc(G * sizeof(float)), block[8], pair[2];
         for (int r = 0; r < 4; r++) {
             for (int k = 0; k < K; k++) x[k] = uniform() * (1.0f + r);
             edge_quantize_row_q8(x, K, q4 + r * Kp, xs4 + r * G);
+            plain_unpack(q4 + r * Kp, q4n + r * Kp, K);
         }
         for (int k = 0; k < 2 * K; k++) w2[k] = (int8_t)(uniform() * 127.0f);
-        edge_dot_q8_4x2(q4, Kp, xs4, G, w2, w2 + K, ws, ws, K, block);
-        for (int r = 0; r < 4; r++)
+        for (int c = 0; c < 2; c++) plain_pack(w2 + c * K, w2p + c * K, K);
+        for (int g = 0; g < G; g++) ws2[g] = 0.02f - 0.0005f * (float)(g % 7);
+        edge_dot_q8_4x2(q4, Kp, xs4, G, w2p, w2p + K, ws, ws2, K, block);
+        for (int r = 0; r < 4; r++) {
+            edge_dot_q8_1x2(q4 + r * Kp, xs4 + r * G, w2p, w2p + K, ws, ws2, K, pair);
             for (int c = 0; c < 2; c++) {
-                const float want2 = plain_dot_q8(q4 + r * Kp, xs4 + r * G, w2 + c * K, ws, K);
+                const float want2 = plain_dot_q8(q4n + r * Kp, xs4 + r * G, w2 + c * K, c ? ws2 : ws, K);
+                if (fabsf(pair[c] - want2) > 1e-4f * (fabsf(want2) + 1.0f)) {
+                    printf("dot_q8_1x2 K=%d r=%d c=%d: %.7g vs %.7g\n", K, r, c, pair[c], want2);
+                    return 1;
+                }
                 if (fabsf(block[2 * r + c] - want2) > 1e-4f * (fabsf(want2) + 1.0f)) {
                     printf("dot_q8_4x2 K=%d r=%d c=%d: %.7g vs %.7g\n", K, r, c, block[2 * r + c], want2);
                     return 1;
                 }
             }
-        free(q4); free(w2); free(xs4);
+        }
+        free(q4); free(q4n); free(w2); free(w2p); free(xs4); free(ws2); free(qn); free(wp);
         for (int k = 0; k < K; k++) x[k] = uniform() * 3.0f;
 
         double ref = 0.0, mag = 0.0;

@@ -23,6 +23,7 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 KERNELS = ["_omp", "_matmul", "_embedding", "_norms", "_rope", "_activations", "_attention"]
+NATIVE_MODELS = ["_llama_native"]   # forward passes in one native call, built on the kernels' C entry points
 
 _PROBE = r"""
 #include <omp.h>
@@ -80,6 +81,15 @@ def _extensions() -> list[Extension]:
             extra_link_args=link_args,
         )
         for name in KERNELS
+    ] + [
+        Extension(
+            f"models.{name}",
+            [f"models/{name}.pyx"],
+            include_dirs=["core/kernels", numpy.get_include()],
+            extra_compile_args=compile_args,
+            extra_link_args=link_args,
+        )
+        for name in NATIVE_MODELS
     ]
     debug = os.environ.get("EDGE_CYTHON_DEBUG") == "1"
     directives = {

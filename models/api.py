@@ -167,13 +167,16 @@ class DecoderModel(Model):
             from models import gpt2 as arch
             self.config = arch.GPT2Config(**wf.meta["config"])
             self.weights = arch.GPT2Weights(wf, self.config)
-        self._forward = arch.forward
         self.state = arch.RunState(self.config, max_rows)
         cfg = self.config
         self.context = min(cfg.seq_len, kv_tokens or cfg.seq_len)
         block = 16
         n_blocks = -(-self.context // block) + 1
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block)
+        # the forward pass: native (one call per step) where the architecture has one
+        self._forward = arch.forward
+        if hasattr(arch, "native_forward") and os.environ.get("EDGE_NATIVE_FORWARD", "1") != "0":
+            self._forward = arch.native_forward(self.config, self.weights, self.state, self.cache)
 
     # -- forward ----------------------------------------------------------------------------
     def _run(self, seq, ids: list, all_logits: bool) -> np.ndarray | None:

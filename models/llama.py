@@ -118,3 +118,10 @@ def forward(cfg: LlamaConfig, w: LlamaWeights, s: RunState, cache, batch) -> np.
         ffn(s, layer, T)
         x += s.xb2[:T]
     return w.output_norm(s.xb[:T], x)
+
+
+def native_forward(cfg: LlamaConfig, w: LlamaWeights, s: RunState, cache):
+    """forward() bound to these weights, run state and cache, in one native call per step
+    (models/_llama_native.pyx; this file's forward is its twin)."""
+    from models._llama_native import LlamaNative
+    return LlamaNative(cfg, w, s, cache)

@@ -18,11 +18,15 @@ def silu_mul(float[:, ::1] out,           # OUT (T, hidden)
              const float[:, ::1] up):     # IN  (T, hidden)
     if not (out.shape[0] == gate.shape[0] == up.shape[0] and out.shape[1] == gate.shape[1] == up.shape[1]):
         raise ValueError("silu_mul: out, gate and up must have one shape")
-    cdef Py_ssize_t t, T = gate.shape[0], H = gate.shape[1]
-    if H == 0:
-        return
-    for t in prange(T, nogil=True, schedule="static"):
-        edge_silu_mul_f32(&out[t, 0], &gate[t, 0], &up[t, 0], H)
+    if gate.shape[0] and gate.shape[1]:
+        with nogil:
+            silu_mul_rows(&out[0, 0], &gate[0, 0], &up[0, 0], gate.shape[0], gate.shape[1])
+
+
+cdef void silu_mul_rows(float *out, const float *gate, const float *up, int T, int H) noexcept nogil:
+    cdef int t
+    for t in prange(T, schedule="static"):
+        edge_silu_mul_f32(out + <size_t> t * H, gate + <size_t> t * H, up + <size_t> t * H, H)
 
 
 def gelu_tanh(float[:, ::1] x):           # IN/OUT (T, hidden)

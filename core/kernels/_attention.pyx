@@ -14,6 +14,7 @@ One (row, head) pair is one parallel task.
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t
 from libc.stdlib cimport free, malloc
+from libc.string cimport memcpy
 
 cdef extern from "simd.h" nogil:
     float edge_dot_f32(const float *a, const float *b, int K)
@@ -40,51 +41,76 @@ def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head
         raise ValueError("attention: out, q, seq_ids and positions must have T rows")
     cdef int n_blocks = k_cache.shape[0] // block_size
     cdef int n_seqs = block_tables.shape[0], max_blocks = block_tables.shape[1]
-    cdef Py_ssize_t t, j, i, bad = 0
-    cdef int max_pos = 0, s, b
-    with nogil:
-        for t in range(T):
-            s = seq_ids[t]
-            if s < 0 or s >= n_seqs or positions[t] < 0 or positions[t] // block_size >= max_blocks:
-                bad = 1
-                break
-            max_pos = positions[t] if positions[t] > max_pos else max_pos
-            for j in range(positions[t] // block_size + 1):
-                b = block_tables[s, j]
-                if b < 0 or b >= n_blocks:
-                    bad = 1
-            if bad:
-                break
-    if bad:
-        raise ValueError(f"attention: row {t} names a sequence, position or KV block outside the cache")
+    cdef Py_ssize_t t
+    cdef int max_pos = 0, bad = -1
+    if T and max_blocks:
+        with nogil:
+            bad = check_paged_rows(&block_tables[0, 0], n_seqs, max_blocks, n_blocks, &seq_ids[0], &positions[0],
+                                   T, block_size)
+    elif T:
+        bad = 0
+    if bad >= 0:
+        raise ValueError(f"attention: row {bad} names a sequence, position or KV block outside the cache")
+    for t in range(T):
+        max_pos = positions[t] if positions[t] > max_pos else max_pos
     if T == 0:
         return
-    cdef int group = n_heads // n_kv_heads, h, kvh, n, d, slot
+    with nogil:
+        attention_paged_rows(&out[0, 0], &q[0, 0], &k_cache[0, 0], &v_cache[0, 0], &block_tables[0, 0],
+                             max_blocks, &seq_ids[0], &positions[0], T, max_pos, n_heads, n_kv_heads, hd,
+                             block_size, scale)
+
+
+cdef int check_paged_rows(const int32_t *block_tables, int n_seqs, int max_blocks, int n_blocks,
+                          const int32_t *seq_ids, const int32_t *positions, int T, int block_size) noexcept nogil:
+    """The first row (0..T-1) whose sequence, position or KV blocks fall outside the cache, or -1."""
+    cdef int t, j, s, b
+    for t in range(T):
+        s = seq_ids[t]
+        if s < 0 or s >= n_seqs or positions[t] < 0 or positions[t] // block_size >= max_blocks:
+            return t
+        for j in range(positions[t] // block_size + 1):
+            b = block_tables[<size_t> s * max_blocks + j]
+            if b < 0 or b >= n_blocks:
+                return t
+    return -1
+
+
+cdef void attention_paged_rows(float *out, const float *q, const float *k_cache, const float *v_cache,
+                               const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
+                               const int32_t *positions, int T, int max_pos, int n_heads, int n_kv_heads,
+                               int hd, int block_size, float scale) noexcept nogil:
+    """attention_paged on raw rows (already checked; max_pos = max(positions))."""
+    cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
+    cdef int i, t, h, kvh, s, n, b, j, d, slot
+    cdef const int32_t *table
+    cdef const float *qrow
     cdef float *scores
     cdef float *o
     cdef const float *vrow
     cdef float p
-    with nogil, parallel():
+    with parallel():
         scores = <float *> malloc((max_pos + 1) * sizeof(float))
         for i in prange(T * n_heads, schedule="guided"):
             t = i // n_heads
             h = i % n_heads
             kvh = h // group
-            s = seq_ids[t]
+            table = block_tables + <size_t> seq_ids[t] * max_blocks
+            qrow = q + <size_t> t * width + h * hd
             n = positions[t] + 1
             for b in range((n + block_size - 1) // block_size):     # block by block: no division per key
-                slot = block_tables[s, b] * block_size
+                slot = table[b] * block_size
                 for j in range(b * block_size, min(n, (b + 1) * block_size)):
-                    scores[j] = edge_dot_f32(&q[t, h * hd], &k_cache[slot, kvh * hd], hd) * scale
+                    scores[j] = edge_dot_f32(qrow, k_cache + <size_t> slot * kv_width + kvh * hd, hd) * scale
                     slot = slot + 1
             edge_softmax_f32(scores, n)
-            o = &out[t, h * hd]
+            o = out + <size_t> t * width + h * hd
             for d in range(hd):
                 o[d] = 0.0
             for b in range((n + block_size - 1) // block_size):
-                slot = block_tables[s, b] * block_size
+                slot = table[b] * block_size
                 for j in range(b * block_size, min(n, (b + 1) * block_size)):
-                    vrow = &v_cache[slot, kvh * hd]
+                    vrow = v_cache + <size_t> slot * kv_width + kvh * hd
                     p = scores[j]
                     for d in range(hd):
                         o[d] = o[d] + p * vrow[d]
@@ -155,8 +181,14 @@ def kv_write(float[:, ::1] k_cache,        # OUT (n_slots, width)
     for t in range(T):
         if not (0 <= slots[t] < n_slots):
             raise ValueError(f"kv_write: slot {slots[t]} is outside the cache of {n_slots}")
-    with nogil:
-        for t in range(T):
-            for d in range(W):
-                k_cache[slots[t], d] = k[t, d]
-                v_cache[slots[t], d] = v[t, d]
+    if T and W:
+        with nogil:
+            kv_write_rows(&k_cache[0, 0], &v_cache[0, 0], &k[0, 0], &v[0, 0], &slots[0], T, W)
+
+
+cdef void kv_write_rows(float *k_cache, float *v_cache, const float *k, const float *v, const int32_t *slots,
+                        int T, int W) noexcept nogil:
+    cdef int t
+    for t in range(T):
+        memcpy(k_cache + <size_t> slots[t] * W, k + <size_t> t * W, W * sizeof(float))
+        memcpy(v_cache + <size_t> slots[t] * W, v + <size_t> t * W, W * sizeof(float))

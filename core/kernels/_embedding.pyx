@@ -23,10 +23,16 @@ def embed_f32(float[:, ::1] out,           # OUT (T, dim)
               const float[:, ::1] table):  # IN  (vocab, dim)
     """out[t] = table[tokens[t]]"""
     _check(out, tokens, table)
-    cdef Py_ssize_t t, j, T = tokens.shape[0], dim = table.shape[1]
-    for t in prange(T, nogil=True, schedule="static"):
+    if tokens.shape[0]:
+        with nogil:
+            embed_f32_rows(&out[0, 0], &tokens[0], &table[0, 0], tokens.shape[0], table.shape[1])
+
+
+cdef void embed_f32_rows(float *out, const int32_t *tokens, const float *table, int T, int dim) noexcept nogil:
+    cdef int t, j
+    for t in prange(T, schedule="static"):
         for j in range(dim):
-            out[t, j] = table[tokens[t], j]
+            out[<size_t> t * dim + j] = table[<size_t> tokens[t] * dim + j]
 
 
 def embed_q8(float[:, ::1] out,               # OUT (T, dim)
@@ -37,7 +43,18 @@ def embed_q8(float[:, ::1] out,               # OUT (T, dim)
     _check(out, tokens, table)
     if scale.shape[0] != table.shape[0] or scale.shape[1] != (table.shape[1] + 31) // 32:
         raise ValueError("embed_q8: scale must be (vocab, ceil(dim/32))")
-    cdef Py_ssize_t t, j, T = tokens.shape[0], dim = table.shape[1]
-    for t in prange(T, nogil=True, schedule="static"):
+    if tokens.shape[0]:
+        with nogil:
+            embed_q8_rows(&out[0, 0], &tokens[0], &table[0, 0], &scale[0, 0], tokens.shape[0], table.shape[1])
+
+
+cdef void embed_q8_rows(float *out, const int32_t *tokens, const int8_t *table, const uint16_t *scale,
+                        int T, int dim) noexcept nogil:
+    cdef int t, j, G = (dim + 31) // 32
+    cdef const int8_t *row
+    cdef const uint16_t *row_scale
+    for t in prange(T, schedule="static"):
+        row = table + <size_t> tokens[t] * dim
+        row_scale = scale + <size_t> tokens[t] * G
         for j in range(dim):
-            out[t, j] = table[tokens[t], edge_q8_pack_index(j, dim)] * edge_f16_to_f32(scale[tokens[t], j // 32])
+            out[<size_t> t * dim + j] = row[edge_q8_pack_index(j, dim)] * edge_f16_to_f32(row_scale[j // 32])

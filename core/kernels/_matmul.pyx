@@ -20,6 +20,8 @@ cdef extern from "simd.h" nogil:
     float edge_f16_to_f32(uint16_t h)
     void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n)
     void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
+    void edge_prefetch(const void *p, size_t nbytes)
+    int EDGE_PREFETCH_ROWS
     float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K)
     void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
                          const float *ws0, const float *ws1, int K, float *out)
@@ -31,25 +33,46 @@ cdef extern from "simd.h" nogil:
 cdef enum:
     N_TILE = 16     # weight rows per task
     M_BLOCK = 64    # activation rows per inner block
+                    # (MAX_SHARED, in _matmul.pxd: matrices one _matmul_q8_shared call may take)
 
 
 cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t *w_scale,
                      const float *bias, int M, int N, int K) noexcept nogil:
+    _matmul_q8_shared(1, &out, &w, &w_scale, &bias, &N, x, M, K)
+
+
+cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const uint16_t **scales,
+                            const float **biases, const int *Ns, const float *x, int M, int K) noexcept nogil:
+    """out_i = quantize_q8(x) @ dequantize(w_i).T + bias_i for up to MAX_SHARED matrices that share x
+    (q, k and v; gate and up): x is quantized once and one parallel region covers every tile."""
     cdef int Kp = edge_q8_padded(K)
     cdef int G = (K + 31) // 32
     cdef int8_t *q = <int8_t *> malloc(<size_t> M * Kp)
     cdef float *xs = <float *> malloc(<size_t> M * G * sizeof(float))
+    cdef int tile_start[MAX_SHARED + 1]
+    cdef int i, m, t, r, m0, m1, n, n0, n1, N
     cdef float *ws
     cdef float *block
-    cdef int m, n, t, r, m0, m1, n0, n1
-    cdef int n_tiles = (N + N_TILE - 1) // N_TILE
+    cdef float *out
+    cdef const int8_t *w
+    cdef const float *bias
+    tile_start[0] = 0
+    for i in range(n_mats):
+        tile_start[i + 1] = tile_start[i] + (Ns[i] + N_TILE - 1) // N_TILE
     with parallel():
         ws = <float *> malloc(2 * G * sizeof(float))     # two weight rows' scales, widened to fp32
         block = <float *> malloc(8 * sizeof(float))       # one 4 x 2 block of outputs
         for m in prange(M, schedule="static"):
             edge_quantize_row_q8(x + <size_t> m * K, K, q + <size_t> m * Kp, xs + <size_t> m * G)
-        for t in prange(n_tiles, schedule="static"):      # (the loop above ends with a barrier)
-            n0 = t * N_TILE
+        for t in prange(tile_start[n_mats], schedule="static"):   # (the loop above ends with a barrier)
+            i = 0
+            while t >= tile_start[i + 1]:
+                i = i + 1
+            out = outs[i]
+            w = ws_[i]
+            bias = biases[i]
+            N = Ns[i]
+            n0 = (t - tile_start[i]) * N_TILE
             n1 = n0 + N_TILE if n0 + N_TILE < N else N
             m0 = 0
             while m0 < M:
@@ -57,7 +80,9 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t
                 n = n0
                 while n < n1:
                     if n + 1 < n1:                        # two weight rows at a time
-                        edge_f16_to_f32_row(w_scale + <size_t> n * G, ws, 2 * G)
+                        edge_f16_to_f32_row(scales[i] + <size_t> n * G, ws, 2 * G)
+                        if M < 4 and n + 2 + EDGE_PREFETCH_ROWS <= N:    # decode: stream the weights
+                            edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
                         m = m0
                         while m + 4 <= m1:                # 4 x 2 blocks
                             edge_dot_q8_4x2(q + <size_t> m * Kp, Kp, xs + <size_t> m * G, G,
@@ -74,7 +99,7 @@ cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t
                             m = m + 1
                         n = n + 2
                     else:
-                        edge_f16_to_f32_row(w_scale + <size_t> n * G, ws, G)
+                        edge_f16_to_f32_row(scales[i] + <size_t> n * G, ws, G)
                         for m in range(m0, m1):
                             _store(out, bias, m, n, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
                                                                    w + <size_t> n * K, ws, K))

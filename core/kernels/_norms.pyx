@@ -13,16 +13,24 @@ def rmsnorm(float[:, ::1] out,            # OUT (T, dim)
             float eps):
     if x.shape[1] != weight.shape[0] or out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]:
         raise ValueError("rmsnorm: shapes of out, x and weight disagree")
-    cdef Py_ssize_t t, j, T = x.shape[0], dim = x.shape[1]
+    if x.shape[0] and x.shape[1]:
+        with nogil:
+            rmsnorm_rows(&out[0, 0], &x[0, 0], &weight[0], x.shape[0], x.shape[1], eps)
+
+
+cdef void rmsnorm_rows(float *out, const float *x, const float *weight, int T, int dim, float eps) noexcept nogil:
+    cdef int t, j
     cdef double ss
     cdef float inv
-    for t in prange(T, nogil=True, schedule="static"):
+    cdef const float *row
+    for t in prange(T, schedule="static"):
+        row = x + <size_t> t * dim
         ss = 0.0
         for j in range(dim):
-            ss = ss + <double> x[t, j] * x[t, j]
+            ss = ss + <double> row[j] * row[j]
         inv = <float> (1.0 / sqrt(ss / dim + eps))
         for j in range(dim):
-            out[t, j] = (x[t, j] * inv) * weight[j]
+            out[<size_t> t * dim + j] = (row[j] * inv) * weight[j]
 
 
 def layernorm(float[:, ::1] out,          # OUT (T, dim)

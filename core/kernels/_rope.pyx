@@ -18,10 +18,19 @@ def rope(float[:, ::1] x,                 # IN/OUT (T, n_heads * head_dim)
         raise ValueError("rope: x must be (T, n_heads * head_dim) and positions (T,)")
     if rot_dim % 2 or rot_dim > head_dim or rot_dim <= 0:
         raise ValueError(f"rope: rot_dim {rot_dim} must be even and within head_dim {head_dim}")
-    cdef Py_ssize_t t, h, i, ia, ib, T = x.shape[0], half = rot_dim // 2
+    if x.shape[0]:
+        with nogil:
+            rope_rows(&x[0, 0], &positions[0], x.shape[0], n_heads, head_dim, rot_dim, base, neox)
+
+
+cdef void rope_rows(float *x, const int32_t *positions, int T, int n_heads, int head_dim, int rot_dim,
+                    double base, bint neox) noexcept nogil:
+    cdef int t, h, i, ia, ib, half = rot_dim // 2
     cdef double angle
     cdef float c, s, a, b
-    for t in prange(T, nogil=True, schedule="static"):
+    cdef float *row
+    for t in prange(T, schedule="static"):
+        row = x + <size_t> t * n_heads * head_dim
         for i in range(half):
             angle = positions[t] * pow(base, -2.0 * i / rot_dim)
             c = <float> cos(angle)
@@ -33,7 +42,7 @@ def rope(float[:, ::1] x,                 # IN/OUT (T, n_heads * head_dim)
                 ia = 2 * i
                 ib = 2 * i + 1
             for h in range(n_heads):
-                a = x[t, h * head_dim + ia]
-                b = x[t, h * head_dim + ib]
-                x[t, h * head_dim + ia] = a * c - b * s
-                x[t, h * head_dim + ib] = a * s + b * c
+                a = row[h * head_dim + ia]
+                b = row[h * head_dim + ib]
+                row[h * head_dim + ia] = a * c - b * s
+                row[h * head_dim + ib] = a * s + b * c

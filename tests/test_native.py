@@ -1,0 +1,158 @@
+"""The native forward (models/_llama_native.pyx) against its twin, models.llama.forward: the same
+kernels in the same order, so hidden states and KV cache agree bit for bit, for prefill chunks,
+decode steps and batches that mix sequences; and bad batches are refused before any work."""
+
+import numpy as np
+import pytest
+
+from core.kernels.reference import pack_q8_rows, quantize_weights_q8
+from core.wfile import write_weights
+from models import llama
+from models.api import Batch, load_model
+from test_parity_random import byte_level_tokenizer_json
+
+VOCAB = 300
+
+
+def random_llama(path, quant: str, bias: bool, dim=288, hidden=544, n_layers=2, n_heads=6, n_kv_heads=2):
+    """A Llama (Qwen2 when bias) weights file with random weights; dim and hidden are chosen so that
+    int8 rows hold whole interleaved blocks and a tail."""
+    rng = np.random.default_rng(7 + bias)
+    hd = dim // n_heads
+    shapes = {"token_embd.weight": (VOCAB, dim), "output_norm.weight": (dim,), "output.weight": (VOCAB, dim)}
+    for l in range(n_layers):
+        p = f"blk.{l}"
+        shapes.update({f"{p}.attn_norm.weight": (dim,), f"{p}.ffn_norm.weight": (dim,),
+                       f"{p}.attn_q.weight": (dim, dim), f"{p}.attn_k.weight": (n_kv_heads * hd, dim),
+                       f"{p}.attn_v.weight": (n_kv_heads * hd, dim), f"{p}.attn_output.weight": (dim, dim),
+                       f"{p}.ffn_gate.weight": (hidden, dim), f"{p}.ffn_up.weight": (hidden, dim),
+                       f"{p}.ffn_down.weight": (dim, hidden)})
+        if bias:
+            shapes.update({f"{p}.attn_{x}.bias": (n,) for x, n in
+                           [("q", dim), ("k", n_kv_heads * hd), ("v", n_kv_heads * hd)]})
+    tensors = []
+    for name, shape in shapes.items():
+        if name.endswith("norm.weight"):
+            a = (1 + 0.1 * rng.standard_normal(shape)).astype(np.float32)
+        else:
+            a = (rng.standard_normal(shape) / np.sqrt(shape[-1])).astype(np.float32)
+        if quant == "int8" and len(shape) == 2:
+            q, s = quantize_weights_q8(a)
+            tensors += [(name, pack_q8_rows(q)), (name.replace(".weight", ".scale"), s)]
+        else:
+            tensors.append((name, a))
+    tensors.append(("tokenizer.json", np.frombuffer(byte_level_tokenizer_json(VOCAB).encode(), np.uint8)))
+    config = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                  head_dim=hd, vocab_size=VOCAB, seq_len=512, norm_eps=1e-5, rope_base=10000.0, rope_dim=hd,
+                  rope_style="neox", attn_bias=bias, tied_embeddings=False)
+    meta = dict(arch="llama", config=config, quant={"name": quant}, eos_token_id=VOCAB - 1)
+    write_weights(path, meta, tensors)
+    return path
+
+
+@pytest.fixture(scope="module", params=[("int8", False), ("int8", True), ("f32", True)],
+                ids=["int8", "int8-bias", "f32-bias"])
+def model(request, tmp_path_factory):
+    quant, bias = request.param
+    path = random_llama(str(tmp_path_factory.mktemp("native") / "m.edge"), quant, bias)
+    m = load_model(path)
+    assert isinstance(m._forward, llama.native_forward(m.config, m.weights, m.state, m.cache).__class__)
+    return m
+
+
+def run_both(m, batch):
+    """Python forward, then native forward, on the same batch: (hidden, k, v) of each."""
+    touched = np.unique(batch.slots)
+    py = llama.forward(m.config, m.weights, m.state, m.cache, batch).copy()
+    py_k, py_v = m.cache.k[:, touched].copy(), m.cache.v[:, touched].copy()
+    m.cache.k[:, touched] = np.nan                      # the native pass must write them again
+    m.cache.v[:, touched] = np.nan
+    nat = m._forward(m.config, m.weights, m.state, m.cache, batch).copy()
+    return (py, py_k, py_v), (nat, m.cache.k[:, touched].copy(), m.cache.v[:, touched].copy())
+
+
+def assert_same(a, b):
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_prefill_then_decode_bit_for_bit(model):
+    m = model
+    rng = np.random.default_rng(0)
+    seq = m.cache.new_sequence()
+    try:
+        for T in [37, 64, 1, 1, 5, 1]:           # prefill chunks, then decode steps
+            tokens = rng.integers(0, VOCAB, T).astype(np.int32)
+            positions = np.arange(seq.n_tokens, seq.n_tokens + T, dtype=np.int32)
+            seq.reserve(seq.n_tokens + T)
+            batch = Batch(tokens, positions, np.zeros(T, np.int32), seq.slots(positions), seq.block_table(),
+                          m.cache.block_size)
+            py, nat = run_both(m, batch)
+            assert np.isfinite(nat[0]).all()
+            assert_same(py, nat)
+            seq.n_tokens += T
+    finally:
+        seq.release()
+
+
+def test_mixed_batch_of_sequences_bit_for_bit(model):
+    """One call decodes three sequences at different positions (and prefills a fourth)."""
+    m = model
+    rng = np.random.default_rng(1)
+    seqs = [m.cache.new_sequence() for _ in range(4)]
+    try:
+        for seq, n in zip(seqs, [20, 3, 45, 0]):
+            if n:
+                ids = rng.integers(0, VOCAB, n).tolist()
+                m._run(seq, ids, all_logits=False)
+        news = [1, 1, 1, 6]
+        for seq, new in zip(seqs, news):
+            seq.reserve(seq.n_tokens + new)
+        width = max(len(s.blocks) for s in seqs) + 4
+        tables = np.zeros((4, width), np.int32)
+        tokens, positions, seq_ids, slots = [], [], [], []
+        for i, (seq, new) in enumerate(zip(seqs, news)):
+            pos = np.arange(seq.n_tokens, seq.n_tokens + new, dtype=np.int32)
+            table = seq.block_table()[0]
+            tables[i, :len(table)] = table
+            tokens += rng.integers(0, VOCAB, new).tolist()
+            positions += pos.tolist()
+            seq_ids += [i] * new
+            slots += seq.slots(pos).tolist()
+        batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32), np.array(seq_ids, np.int32),
+                      np.array(slots, np.int32), tables, m.cache.block_size)
+        py, nat = run_both(m, batch)
+        assert_same(py, nat)
+    finally:
+        for seq in seqs:
+            seq.release()
+
+
+def test_bad_batches_are_refused(model):
+    m = model
+    seq = m.cache.new_sequence()
+    try:
+        seq.reserve(4)
+        pos = np.arange(4, dtype=np.int32)
+
+        def batch(**kw):
+            args = dict(tokens=np.array([1, 2, 3, 4], np.int32), positions=pos, seq_ids=np.zeros(4, np.int32),
+                        slots=seq.slots(pos), block_tables=seq.block_table(), block_size=m.cache.block_size)
+            args.update(kw)
+            return Batch(**args)
+
+        call = lambda b: m._forward(m.config, m.weights, m.state, m.cache, b)   # noqa: E731
+        with pytest.raises(IndexError, match="vocabulary"):
+            call(batch(tokens=np.array([1, 2, VOCAB, 4], np.int32)))
+        with pytest.raises(ValueError, match="slot"):
+            call(batch(slots=np.array([0, 1, 2, 10**6], np.int32)))
+        with pytest.raises(ValueError, match="outside the cache"):
+            call(batch(positions=np.array([0, 1, 2, 400], np.int32)))
+        with pytest.raises(ValueError, match="outside the cache"):
+            call(batch(seq_ids=np.array([0, 0, 1, 0], np.int32)))
+        with pytest.raises(ValueError, match="rows"):
+            call(batch(tokens=np.zeros(m.state.max_rows + 1, np.int32)))
+        with pytest.raises(ValueError):
+            call(batch(tokens=np.array([1, 2, 3, 4], np.int64)))
+    finally:
+        seq.release()

@@ -3,7 +3,7 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 DATA    := .cache/data
-KERNELS := $(wildcard core/kernels/*.pyx core/kernels/*.pxd core/kernels/*.h)
+KERNELS := $(wildcard core/kernels/*.pyx core/kernels/*.pxd core/kernels/*.h models/*.pyx)
 
 .PHONY: serve test cross bench clean
 
@@ -45,4 +45,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/bench_peers.py
 
 clean:
-	rm -rf build $(VENV) .cache core/kernels/*.so core/kernels/*.c
+	rm -rf build $(VENV) .cache core/kernels/*.so core/kernels/*.c models/*.so models/*.c

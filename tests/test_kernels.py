@@ -182,7 +182,7 @@ def test_activations(T, H, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 4, 17, 64]),
+@given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 4, 8, 17, 24, 32, 64, 128]),
        block_size=st.sampled_from([1, 4, 16]), lens=st.lists(st.integers(1, 40), min_size=1, max_size=3),
        n_new=st.integers(1, 5), seed=seeds)
 def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
@@ -220,7 +220,7 @@ def test_attention_paged_rejects_bad_tables():
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 8, 32]),
+@given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 8, 24, 32, 64, 128]),
        lens=st.lists(st.integers(1, 30), min_size=1, max_size=4), seed=seeds)
 def test_attention_varlen(n_kv, group, hd, lens, seed):
     rng = np.random.default_rng(seed)

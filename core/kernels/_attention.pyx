@@ -19,6 +19,8 @@ from libc.string cimport memcpy
 cdef extern from "simd.h" nogil:
     float edge_dot_f32(const float *a, const float *b, int K)
     void edge_softmax_f32(float *x, int n)
+    void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale, float *scores)
+    void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd)
 
 
 def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head_dim)
@@ -98,23 +100,18 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
             table = block_tables + <size_t> seq_ids[t] * max_blocks
             qrow = q + <size_t> t * width + h * hd
             n = positions[t] + 1
-            for b in range((n + block_size - 1) // block_size):     # block by block: no division per key
-                slot = table[b] * block_size
-                for j in range(b * block_size, min(n, (b + 1) * block_size)):
-                    scores[j] = edge_dot_f32(qrow, k_cache + <size_t> slot * kv_width + kvh * hd, hd) * scale
-                    slot = slot + 1
+            for b in range((n + block_size - 1) // block_size):     # block by block: keys of a block are contiguous
+                j = b * block_size
+                edge_scores_f32(qrow, k_cache + <size_t> table[b] * block_size * kv_width + kvh * hd, kv_width,
+                                min(n - j, block_size), hd, scale, scores + j)
             edge_softmax_f32(scores, n)
             o = out + <size_t> t * width + h * hd
             for d in range(hd):
                 o[d] = 0.0
             for b in range((n + block_size - 1) // block_size):
-                slot = table[b] * block_size
-                for j in range(b * block_size, min(n, (b + 1) * block_size)):
-                    vrow = v_cache + <size_t> slot * kv_width + kvh * hd
-                    p = scores[j]
-                    for d in range(hd):
-                        o[d] = o[d] + p * vrow[d]
-                    slot = slot + 1
+                j = b * block_size
+                edge_weighted_sum_f32(o, scores + j, v_cache + <size_t> table[b] * block_size * kv_width + kvh * hd,
+                                      kv_width, min(n - j, block_size), hd)
         free(scores)
 
 
@@ -154,17 +151,12 @@ def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
             kvh = h // group
             j0 = key_start[t]
             n = key_end[t] - j0
-            for j in range(n):
-                scores[j] = edge_dot_f32(&q[t, h * hd], &k[j0 + j, kvh * hd], hd) * scale
+            edge_scores_f32(&q[t, h * hd], &k[j0, kvh * hd], k.shape[1], n, hd, scale, scores)
             edge_softmax_f32(scores, n)
             o = &out[t, h * hd]
             for d in range(hd):
                 o[d] = 0.0
-            for j in range(n):
-                vrow = &v[j0 + j, kvh * hd]
-                p = scores[j]
-                for d in range(hd):
-                    o[d] = o[d] + p * vrow[d]
+            edge_weighted_sum_f32(o, scores, &v[j0, kvh * hd], v.shape[1], n, hd)
         free(scores)
 
 

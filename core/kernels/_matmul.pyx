@@ -32,8 +32,19 @@ cdef extern from "simd.h" nogil:
 
 cdef enum:
     N_TILE = 16     # weight rows per task
-    M_BLOCK = 64    # activation rows per inner block
+    M_BLOCK = 64             # activation rows per inner block of the fp32 matmul
                     # (MAX_SHARED, in _matmul.pxd: matrices one _matmul_q8_shared call may take)
+
+
+# quantized activation bytes per inner block (rounded down to a multiple of 4 rows): the block stays
+# in L1 while a tile's weight rows pass over it.  Measured on Zen 3 (32 KiB L1d): 16 KiB.
+cdef int m_block_bytes = 16384
+
+
+def _set_m_block_bytes(int n):
+    """Tuning knob for benchmarks: the activation block size of matmul_q8, in bytes."""
+    global m_block_bytes
+    m_block_bytes = n
 
 
 cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t *w_scale,
@@ -49,6 +60,7 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
     cdef int G = (K + 31) // 32
     cdef int8_t *q = <int8_t *> malloc(<size_t> M * Kp)
     cdef float *xs = <float *> malloc(<size_t> M * G * sizeof(float))
+    cdef int m_block = (m_block_bytes // Kp) & ~3 if m_block_bytes // Kp >= 4 else 4
     cdef int tile_start[MAX_SHARED + 1]
     cdef int i, m, t, r, m0, m1, n, n0, n1, N
     cdef float *ws
@@ -76,7 +88,7 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
             n1 = n0 + N_TILE if n0 + N_TILE < N else N
             m0 = 0
             while m0 < M:
-                m1 = m0 + M_BLOCK if m0 + M_BLOCK < M else M
+                m1 = m0 + m_block if m0 + m_block < M else M
                 n = n0
                 while n < n1:
                     if n + 1 < n1:                        # two weight rows at a time

@@ -380,6 +380,74 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
 #endif
 }
 
+/* Attention's two inner loops over n key/value rows (row j at k + j * stride), in fp32.
+ *
+ * edge_scores_f32: scores[j] = scale * dot(q, k_j).  Eight keys at a time where AVX2 exists and
+ * head_dim is a multiple of 8: eight running sums, folded into one vector of eight scores with a
+ * transposing hadd tree instead of eight horizontal sums. */
+static inline void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale,
+                                   float *scores) {
+    int j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    if (hd % 8 == 0) {
+        const __m256 vscale = _mm256_set1_ps(scale);
+        for (; j + 8 <= n; j += 8) {
+            const float *kj = k + (size_t)j * stride;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+            for (int d = 0; d < hd; d += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + d);
+                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + d), a0);
+                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + stride + d), a1);
+                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 2 * stride + d), a2);
+                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 3 * stride + d), a3);
+                a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 4 * stride + d), a4);
+                a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 5 * stride + d), a5);
+                a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 6 * stride + d), a6);
+                a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 7 * stride + d), a7);
+            }
+            const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+            const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+            const __m256 total = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+            _mm256_storeu_ps(scores + j, _mm256_mul_ps(total, vscale));
+        }
+    }
+#endif
+    for (; j < n; j++) scores[j] = edge_dot_f32(q, k + (size_t)j * stride, hd) * scale;
+}
+
+/* edge_weighted_sum_f32: o[0..hd) += sum_j p[j] * v_j.  For the common head widths the output row
+ * stays in registers across all n rows. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __attribute__((always_inline)) void
+edge_weighted_sum_fixed(const int HD, float *o, const float *p, const float *v, size_t stride, int n) {
+    __m256 acc[HD / 8];
+    for (int c = 0; c < HD / 8; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+    for (int j = 0; j < n; j++) {
+        const __m256 pj = _mm256_set1_ps(p[j]);
+        const float *vj = v + (size_t)j * stride;
+        for (int c = 0; c < HD / 8; c++) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < HD / 8; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+}
+#endif
+
+static inline void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd) {
+#if defined(__AVX2__) && defined(__FMA__)
+    if (hd == 64) { edge_weighted_sum_fixed(64, o, p, v, stride, n); return; }
+    if (hd == 32) { edge_weighted_sum_fixed(32, o, p, v, stride, n); return; }
+    if (hd == 128) {
+        edge_weighted_sum_fixed(64, o, p, v, stride, n);
+        edge_weighted_sum_fixed(64, o + 64, p, v + 64, stride, n);
+        return;
+    }
+#endif
+    for (int j = 0; j < n; j++) {
+        const float pj = p[j];
+        const float *vj = v + (size_t)j * stride;
+        for (int d = 0; d < hd; d++) o[d] += pj * vj[d];
+    }
+}
+
 /* Softmax of x[0..n) in place, in fp32: x = exp(x - max) / sum.  The exponential is the classic
  * Cephes range reduction (x = k ln2 + r, |r| <= ln2/2) with a degree-5 polynomial, eight lanes at
  * a time where AVX2 exists (about 1 ulp); plain expf otherwise. */

@@ -121,6 +121,39 @@ int main(void) {
             printf("dot_f32 K=%d: %.7g vs %.7g\n", K, d, ref);
             return 1;
         }
+        /* attention's inner loops: K rows of width hd (row stride hd + 3) */
+        static const int widths[] = {5, 8, 24, 32, 64, 128};
+        for (unsigned wi = 0; wi < sizeof widths / sizeof widths[0]; wi++) {
+            const int hd = widths[wi], n = K < 300 ? K : 300;
+            const size_t stride = (size_t)hd + 3;
+            float *rows = malloc((size_t)n * stride * sizeof(float)), *qv = malloc(hd * sizeof(float));
+            float *sc = malloc(n * sizeof(float)), *o = malloc(hd * sizeof(float));
+            for (size_t e = 0; e < (size_t)n * stride; e++) rows[e] = uniform();
+            for (int d = 0; d < hd; d++) { qv[d] = uniform(); o[d] = uniform(); }
+            edge_scores_f32(qv, rows, stride, n, hd, 0.125f, sc);
+            for (int j = 0; j < n; j++) {
+                double want_s = 0.0, mag_s = 0.0;
+                for (int d = 0; d < hd; d++) {
+                    want_s += (double)qv[d] * rows[j * stride + d];
+                    mag_s += fabs((double)qv[d] * rows[j * stride + d]);
+                }
+                if (fabs(sc[j] - 0.125 * want_s) > 1e-6 * (mag_s + 1.0)) {
+                    printf("scores hd=%d n=%d j=%d: %.7g vs %.7g\n", hd, n, j, sc[j], 0.125 * want_s);
+                    return 1;
+                }
+            }
+            double *want_o = malloc(hd * sizeof(double));
+            for (int d = 0; d < hd; d++) want_o[d] = o[d];
+            for (int j = 0; j < n; j++)
+                for (int d = 0; d < hd; d++) want_o[d] += (double)sc[j] * rows[j * stride + d];
+            edge_weighted_sum_f32(o, sc, rows, stride, n, hd);
+            for (int d = 0; d < hd; d++)
+                if (fabs(o[d] - want_o[d]) > 1e-5 * (fabs(want_o[d]) + n)) {
+                    printf("weighted_sum hd=%d n=%d d=%d: %.7g vs %.7g\n", hd, n, d, o[d], want_o[d]);
+                    return 1;
+                }
+            free(rows); free(qv); free(sc); free(o); free(want_o);
+        }
         /* softmax over scores spread like attention logits */
         for (int k = 0; k < K; k++) y[k] = uniform() * 40.0f - 10.0f;
         double mx = y[0], sum = 0.0;

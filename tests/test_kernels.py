@@ -246,3 +246,10 @@ def test_kv_write():
     np.testing.assert_array_equal(vc, vr)
     with pytest.raises(ValueError, match="outside"):
         K.kv_write(kc, vc, k, v, np.array([0, 1, 10], np.int32))
+
+
+@pytest.mark.parametrize("n", [0, 1, 31, 64, 65, (1 << 20) - 1, 1 << 20, (3 << 20) + 17])
+def test_sum_bytes(n):
+    from core.kernels._omp import sum_bytes
+    buf = np.random.default_rng(n).integers(0, 256, n).astype(np.uint8)
+    assert sum_bytes(buf) == R.sum_bytes(buf)

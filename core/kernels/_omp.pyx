@@ -1,7 +1,11 @@
-"""OpenMP thread control and build facts, for core.threads."""
+"""OpenMP thread control and build facts, for core.threads; and sum_bytes, a parallel streaming
+read with which the benchmarks measure the memory bandwidth that bounds decoding."""
+from cython.parallel cimport prange
+from libc.stdint cimport uint8_t, uint64_t
 
 cdef extern from "simd.h" nogil:
     const char *edge_simd_name()
+    uint64_t edge_sum_u8(const uint8_t *p, size_t n)
 
 cdef extern from *:
     """
@@ -40,3 +44,17 @@ def get_num_threads():
 def simd_name():
     """The instruction set the kernels were compiled for: avx512-vnni, avx2, neon-dotprod, neon, scalar."""
     return edge_simd_name().decode()
+
+
+def sum_bytes(const uint8_t[::1] buf):
+    """The sum of all bytes of buf, read once by every thread's share in parallel (see
+    reference.sum_bytes).  Timing it over a buffer much larger than the caches gives the read
+    bandwidth available to the team."""
+    cdef size_t n = buf.shape[0], chunk = 1 << 20, i, n_chunks
+    cdef uint64_t total = 0
+    if n == 0:
+        return 0
+    n_chunks = (n + chunk - 1) // chunk
+    for i in prange(n_chunks, nogil=True, schedule="static"):
+        total += edge_sum_u8(&buf[i * chunk], chunk if (i + 1) * chunk <= n else n - i * chunk)
+    return total

@@ -194,3 +194,8 @@ def attention_varlen(out, q, k, v, key_start, key_end, n_heads, n_kv_heads, scal
 def kv_write(k_cache, v_cache, k, v, slots):
     k_cache[slots] = k
     v_cache[slots] = v
+
+
+def sum_bytes(buf):
+    """The sum of all bytes of a uint8 buffer, as an integer."""
+    return int(np.asarray(buf, dtype=np.uint8).sum(dtype=np.uint64))

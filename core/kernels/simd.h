@@ -448,6 +448,30 @@ static inline void edge_weighted_sum_f32(float *o, const float *p, const float *
     }
 }
 
+/* sum of n bytes as unsigned integers: one vpsadbw per 32 bytes, so that memory, not the core,
+ * sets the pace. */
+static inline uint64_t edge_sum_u8(const uint8_t *p, size_t n) {
+    size_t i = 0;
+    uint64_t total = 0;
+#if defined(__AVX2__)
+    __m256i acc0 = _mm256_setzero_si256(), acc1 = _mm256_setzero_si256();
+    const __m256i zero = _mm256_setzero_si256();
+    for (; i + 64 <= n; i += 64) {
+        acc0 = _mm256_add_epi64(acc0, _mm256_sad_epu8(_mm256_loadu_si256((const __m256i *)(p + i)), zero));
+        acc1 = _mm256_add_epi64(acc1, _mm256_sad_epu8(_mm256_loadu_si256((const __m256i *)(p + i + 32)), zero));
+    }
+    uint64_t lanes[4];
+    _mm256_storeu_si256((__m256i *)lanes, _mm256_add_epi64(acc0, acc1));
+    total = lanes[0] + lanes[1] + lanes[2] + lanes[3];
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    uint64x2_t acc = vdupq_n_u64(0);
+    for (; i + 16 <= n; i += 16) acc = vpadalq_u32(acc, vpaddlq_u16(vpaddlq_u8(vld1q_u8(p + i))));
+    total = vaddvq_u64(acc);
+#endif
+    for (; i < n; i++) total += p[i];
+    return total;
+}
+
 /* Softmax of x[0..n) in place, in fp32: x = exp(x - max) / sum.  The exponential is the classic
  * Cephes range reduction (x = k ln2 + r, |r| <= ln2/2) with a degree-5 polynomial, eight lanes at
  * a time where AVX2 exists (about 1 ulp); plain expf otherwise. */

@@ -126,6 +126,12 @@ class WeightsFile:
         start = self._data_offset + info.offset
         return self._mm[start:start + info.nbytes]
 
+    def buffer(self, name: str) -> memoryview:
+        """A tensor's bytes as a zero-copy memoryview of the map (no numpy needed)."""
+        info = self._info(name)
+        start = self._data_offset + info.offset
+        return memoryview(self._mm)[start:start + info.nbytes]
+
     @property
     def nbytes(self) -> int:
         return len(self._mm)

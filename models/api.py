@@ -448,7 +448,7 @@ def load_model(path, threads: int | None = None, kv_tokens: int | None = None) -
     arch = wf.meta.get("arch")
     if "tokenizer.json" not in wf:
         raise WeightsFormatError(f"{wf.path}: the file carries no tokenizer")
-    tokenizer = Tokenizer(wf.raw("tokenizer.json").decode("utf-8"), wf.meta)
+    tokenizer = Tokenizer.from_weights(wf)
     if arch in ("llama", "gpt2"):
         return DecoderModel(wf, tokenizer, kv_tokens=kv_tokens)
     if arch == "bert":

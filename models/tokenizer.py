@@ -1,8 +1,10 @@
 """Text <-> token ids, and chat messages -> prompt text.
 
-The tokenizer itself is the `tokenizers` library, loaded from the tokenizer.json that the converter
-stored in the weights file; this module adds the model's special ids and its chat template (Jinja,
-rendered in a sandbox, imported only when a chat is rendered).
+Byte-level BPE models (SmolLM2, Qwen2, Llama 3) use models.bpe over the flat tables the converter
+stored in the weights file: nothing to parse, shared by every process mapping the file.  Others
+(BERT's WordPiece) use the `tokenizers` library on the stored tokenizer.json.  This module adds the
+model's special ids and its chat template (Jinja, rendered in a sandbox, imported only when a chat
+is rendered).
 """
 
 from __future__ import annotations
@@ -14,30 +16,49 @@ END_TOKENS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<
 
 
 class Tokenizer:
-    def __init__(self, tokenizer_json: str, meta: dict):
-        from tokenizers import Tokenizer as _Tokenizer
+    def __init__(self, tokenizer_json: str | None, meta: dict, bpe=None):
+        self._bpe = bpe
+        if bpe is None:
+            from tokenizers import Tokenizer as _Tokenizer
 
-        self._tok = _Tokenizer.from_str(tokenizer_json)
-        self._tok.no_padding()
-        self._tok.no_truncation()
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+            self._tok = _Tokenizer.from_str(tokenizer_json)
+            self._tok.no_padding()
+            self._tok.no_truncation()
+            self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        else:
+            self.vocab_size = bpe.vocab_size
         self.bos_id = meta.get("bos_token_id")
         self.eos_id = meta.get("eos_token_id")
         self.chat_template = meta.get("chat_template")
         ends = {self.eos_id} if self.eos_id is not None else set()
         for name in END_TOKENS:
-            i = self._tok.token_to_id(name)
+            i = self.token_to_id(name)
             if i is not None:
                 ends.add(i)
         self.end_ids = frozenset(ends)
         self._template = None
 
+    @classmethod
+    def from_weights(cls, wf) -> "Tokenizer":
+        """The tokenizer stored in an open weights file: the fast tables when present."""
+        if "tokenizer_bpe" in wf.meta and "tokenizer.bpe.merges" in wf:
+            from models.bpe import ByteLevelBPE, Unsupported
+            try:
+                return cls(None, wf.meta, bpe=ByteLevelBPE(wf, wf.meta["tokenizer_bpe"]))
+            except Unsupported:
+                pass
+        return cls(wf.raw("tokenizer.json").decode("utf-8"), wf.meta)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise InvalidRequestError(f"text must be a string, not {type(text).__name__}")
+        if self._bpe is not None:     # (byte-level BPE files have no post-processor: nothing to add)
+            return self._bpe.encode(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        if self._bpe is not None:
+            return [self.encode(t, add_special_tokens) for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=add_special_tokens)]
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
@@ -45,10 +66,19 @@ class Tokenizer:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
         if bad:
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary of {self.vocab_size}")
+        if self._bpe is not None:
+            return self._bpe.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_to_id(self, token: str):
+        if self._bpe is not None:
+            return self._bpe.token_to_id(token)
         return self._tok.token_to_id(token)
+
+    def id_to_token(self, i: int) -> str:
+        if self._bpe is not None:
+            return self._bpe.token_bytes(i).decode("utf-8", "replace")
+        return self._tok.id_to_token(i)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Render chat messages ([{"role": ..., "content": ...}]) with the model's template."""
@@ -69,9 +99,8 @@ class Tokenizer:
 
             env.globals["raise_exception"] = raise_exception
             self._template = env.from_string(self.chat_template)
-        tok = self._tok
         return self._template.render(
             messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=tok.id_to_token(self.bos_id) if self.bos_id is not None else "",
-            eos_token=tok.id_to_token(self.eos_id) if self.eos_id is not None else "",
+            bos_token=self.id_to_token(self.bos_id) if self.bos_id is not None else "",
+            eos_token=self.id_to_token(self.eos_id) if self.eos_id is not None else "",
         )

@@ -18,6 +18,7 @@ embeddings and an encoder's token embedding stay fp32.  Activations are quantize
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,6 +28,10 @@ import numpy as np
 from core.errors import ConversionError
 from core.kernels.reference import pack_q8_rows, quantize_weights_q8
 from core.wfile import write_weights
+
+# Bumped when the converter starts writing something that files it wrote before lack; `edge fetch`
+# re-converts cached default models of an older revision.  2: byte-level BPE tokenizer tables.
+REVISION = 2
 
 QUANT_SCHEMES = {
     "int8": {"weights": "int8, fp16 scale per 32-value group", "activations": "int8, fp32 scale per 32-value group",
@@ -127,9 +132,16 @@ def convert(src: str, out: str, quant: str = "int8", progress: bool = True) -> d
             bar.update(1)
     if bar is not None:
         bar.close()
+    extra_meta = {}
+    try:    # byte-level BPE: flat tables that load in milliseconds (models/bpe.py)
+        from models.bpe import Unsupported, build_tables
+        bpe_tensors, extra_meta["tokenizer_bpe"] = build_tables(json.loads(ckpt.tokenizer_json))
+        tensors += list(bpe_tensors.items())
+    except Unsupported:
+        pass
     tok = np.frombuffer(ckpt.tokenizer_json.encode(), dtype=np.uint8)
     tensors.append(("tokenizer.json", tok))
     meta = dict(ckpt.meta, arch=ckpt.arch, config=ckpt.config, quant=dict(QUANT_SCHEMES[quant], name=quant),
-                n_params=n_params)
+                n_params=n_params, converter_revision=REVISION, **extra_meta)
     size = write_weights(out, meta, tensors)
     return {"arch": ckpt.arch, "quant": quant, "n_params": n_params, "bytes": size, "path": out}

@@ -1,11 +1,18 @@
 """The inference thread: the one owner of the models' run state and KV caches.
 
-Requests submit jobs; a job is a generator factory that runs on this thread.  The thread steps
-every active job in turn, one item each (for a generation: one streamed chunk), so concurrent
-streams all make progress and the event loop never runs a kernel.  Items travel back to the
-request's coroutine through an asyncio queue.  A request that goes away (client disconnect,
+Requests submit jobs; a job is a generator factory that runs on this thread, and its items travel
+back to the request's coroutine through an asyncio queue.  The thread works in rounds:
+
+  1. every active job is advanced until it needs a forward pass (a generation yields a Feed, see
+     models.api.DecoderModel.generate_ids(batched=True)), ends, or yields one item (a streamed
+     chunk, an embedding result);
+  2. one forward pass per model then serves all the waiting feeds at once (continuous batching,
+     DecoderModel.run_feeds): every decoding sequence gets a row, and prompts are fed in chunks of
+     at most `prefill_rows` rows while others decode, so a long prompt never stalls their streams.
+
+Sequences join and leave the batch at every round.  A request that goes away (client disconnect,
 cancellation) marks its job cancelled; the thread then closes the generator, which frees its KV
-blocks at once.  (The batched scheduler of a later issue replaces the round-robin stepping.)
+blocks at once.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ class _Job:
         self.it: Iterator | None = None
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
+        self.feed = None              # the Feed the job waits on, if any
 
     def emit(self, kind: int, value=None) -> None:
         try:
@@ -36,7 +44,11 @@ class _Job:
 
 
 class Engine:
-    def __init__(self):
+    def __init__(self, prefill_rows: int = 32):
+        self.prefill_rows = prefill_rows   # prompt rows per round while other sequences decode
+        self.rounds = 0                    # forward passes run (batched), for the metrics
+        self.batched_rows = 0              # sequences served by them, summed over rounds
+        self.running = 0                   # sequences in the last round's batch
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._active: deque[_Job] = deque()
         # depth = submitted - finished; each counter has one writer (the event loop, the engine
@@ -103,26 +115,53 @@ class Engine:
                     active.append(job)
             except queue.Empty:
                 pass
+            feeds: dict = {}
             for _ in range(len(active)):
                 job = active.popleft()
                 if job.cancelled:
                     self._close(job)
                     self._finished += 1
                     continue
+                if job.feed is not None and not job.feed.ready:   # still being fed (a long prompt)
+                    feeds.setdefault(job.feed.model, []).append(job.feed)
+                    active.append(job)
+                    continue
+                if self._advance(job):
+                    if job.feed is not None:
+                        feeds.setdefault(job.feed.model, []).append(job.feed)
+                    active.append(job)
+            self.running = sum(len(b) for b in feeds.values())
+            for model, batch in feeds.items():
                 try:
-                    if job.it is None:
-                        job.it = iter(job.make())
-                    value = next(job.it)
-                except StopIteration:
-                    job.emit(_DONE)
-                    self._finished += 1
-                    continue
-                except BaseException as e:  # noqa: BLE001 - every failure goes back to its request
-                    job.emit(_ERROR, e)
-                    self._finished += 1
-                    continue
+                    model.run_feeds(batch, prefill_rows=self.prefill_rows)
+                except BaseException as e:  # noqa: BLE001 - a failed pass fails its feeds, not the thread
+                    for f in batch:
+                        if not f.ready:
+                            f.error = e
+                self.rounds += 1
+                self.batched_rows += len(batch)
+
+    def _advance(self, job: _Job) -> bool:
+        """Run job, passing its items on, until it waits on a Feed (True) or ends (False)."""
+        from models.api import Feed
+        job.feed = None
+        try:
+            if job.it is None:
+                job.it = iter(job.make())
+            while True:
+                value = next(job.it)
+                if isinstance(value, Feed):
+                    job.feed = value
+                    return True
                 job.emit(_ITEM, value)
-                active.append(job)
+                if job.cancelled:
+                    return True                  # closed at the next round
+        except StopIteration:
+            job.emit(_DONE)
+        except BaseException as e:  # noqa: BLE001 - every failure goes back to its request
+            job.emit(_ERROR, e)
+        self._finished += 1
+        return False
 
     @staticmethod
     def _close(job: _Job) -> None:

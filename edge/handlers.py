@@ -167,7 +167,16 @@ async def health(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     m = request.app[METRICS]
-    m.queue_depth.set(request.app[ENGINE].depth)
+    engine = request.app[ENGINE]
+    m.queue_depth.set(engine.depth)
+    m.running.set(engine.running)
+    m.rounds.set(engine.rounds)
+    m.batched.set(engine.batched_rows)
+    for name, model in request.app[MODELS].models.items():
+        cache = getattr(model, "cache", None)
+        if cache is not None:
+            m.kv_blocks.labels(name, "free").set(cache.n_free)
+            m.kv_blocks.labels(name, "used").set(cache.n_blocks - cache.n_free)
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
 

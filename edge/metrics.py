@@ -19,6 +19,12 @@ class Metrics:
         self.prompt_tokens = Counter("edge_prompt_tokens", "prompt tokens processed", ["model"], registry=r)
         self.generated_tokens = Counter("edge_generated_tokens", "tokens generated", ["model"], registry=r)
         self.queue_depth = Gauge("edge_queue_depth", "inference jobs waiting or running", registry=r)
+        self.running = Gauge("edge_running_sequences", "sequences in the batch of the last round", registry=r)
+        self.rounds = Gauge("edge_batched_rounds", "forward passes run for generations (each serves a batch)",
+                            registry=r)
+        self.batched = Gauge("edge_batched_sequences", "sequences served by those passes, summed", registry=r)
+        self.kv_blocks = Gauge("edge_kv_blocks", "KV cache blocks of each decoder, used or free", ["model", "state"],
+                               registry=r)
         self.model_load = Gauge("edge_model_load_seconds", "time to load each model", ["model"], registry=r)
 
     def render(self) -> bytes:

@@ -51,7 +51,7 @@ def generation_job(settings: Settings, model, prompt=None, messages=None, kw=Non
         params = SamplingParams(**args)
         model.check_fits(ids, params.max_tokens)
         yield len(ids)
-        yield from model.generate_stream(ids, params=params)
+        yield from model.generate_stream(ids, params=params, batched=True)   # the engine batches the passes
     return job
 
 

@@ -128,6 +128,23 @@ class Batch:
     block_size: int
 
 
+class Feed:
+    """One sequence's request for a forward pass, yielded by generate_ids(batched=True) and answered
+    by whoever batches the feeds of many sequences (DecoderModel.run_feeds, from the engine): when
+    all of ids are in the cache, logits holds the last row's logits (or error the failure)."""
+    __slots__ = ("model", "seq", "ids", "done", "logits", "error")
+
+    def __init__(self, model: "DecoderModel", seq, ids: list):
+        self.model, self.seq, self.ids = model, seq, ids
+        self.done = 0                 # ids already fed
+        self.logits = None
+        self.error: BaseException | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.logits is not None or self.error is not None
+
+
 class Model:
     """What every model has: its file, tokenizer and config."""
 
@@ -203,6 +220,63 @@ class DecoderModel(Model):
             seq.n_tokens += T
         return np.concatenate(outs) if all_logits else last
 
+    def run_feeds(self, feeds: list, prefill_rows: int | None = None) -> None:
+        """One forward pass for many sequences (continuous batching).  Every decoding feed (one id
+        left) gets a row; prompts then fill the rest of the state's rows, oldest first, at most
+        prefill_rows of them while any sequence is decoding (so that a long prompt is fed in chunks
+        between decode steps instead of stalling them).  Rows are independent in every kernel, so
+        each sequence's results are bit for bit those of running it alone."""
+        s = self.state
+        decoding = [f for f in feeds if len(f.ids) - f.done == 1]
+        prefilling = [f for f in feeds if len(f.ids) - f.done > 1]
+        budget = s.max_rows
+        plan = []                                          # (feed, first id, count)
+        for f in decoding[:budget]:
+            plan.append((f, f.done, 1))
+        budget -= len(plan)
+        if decoding and prefill_rows is not None:
+            budget = min(budget, prefill_rows)
+        for f in prefilling:
+            n = min(len(f.ids) - f.done, budget)
+            if n <= 0:
+                break
+            plan.append((f, f.done, n))
+            budget -= n
+        rows = []
+        for f, first, n in list(plan):
+            try:
+                f.seq.reserve(f.seq.n_tokens + n)
+            except BaseException as e:  # noqa: BLE001 - e.g. the KV pool is full: that feed fails alone
+                f.error = e
+                plan.remove((f, first, n))
+        if not plan:
+            return
+        tables = [f.seq.block_table()[0] for f, _, _ in plan]
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((len(plan), width), np.int32)
+        tokens, positions, seq_ids, slots, last_rows = [], [], [], [], []
+        for i, ((f, first, n), table) in enumerate(zip(plan, tables)):
+            block_tables[i, :len(table)] = table
+            pos = np.arange(f.seq.n_tokens, f.seq.n_tokens + n, dtype=np.int32)
+            tokens += f.ids[first:first + n]
+            positions.append(pos)
+            seq_ids += [i] * n
+            slots.append(f.seq.slots(pos))
+            last_rows.append(len(tokens) - 1)
+        batch = Batch(np.asarray(tokens, np.int32), np.concatenate(positions), np.asarray(seq_ids, np.int32),
+                      np.concatenate(slots), block_tables, self.cache.block_size)
+        with self._lock:
+            hidden = self._forward(self.config, self.weights, s, self.cache, batch)
+            finished = [i for i, (f, first, n) in enumerate(plan) if first + n == len(f.ids)]
+            if finished:
+                rows = np.ascontiguousarray(hidden[[last_rows[i] for i in finished]])
+                logits = self.weights.output(s.logits[:len(finished)], rows)
+                for k, i in enumerate(finished):
+                    plan[i][0].logits = logits[k].copy()
+        for f, first, n in plan:
+            f.done += n
+            f.seq.n_tokens += n
+
     def _check_ids(self, ids) -> list:
         ids = [int(i) for i in ids]
         if not ids:
@@ -274,13 +348,25 @@ class DecoderModel(Model):
             return self._check_ids(prompt)
         raise InvalidRequestError("prompt must be a string or a list of token ids")
 
-    def generate_ids(self, prompt_ids: list, params: SamplingParams) -> Iterator[int]:
-        """Token ids as they are sampled; ends after an end token (which is yielded) or max_tokens."""
+    def generate_ids(self, prompt_ids: list, params: SamplingParams, batched: bool = False) -> Iterator:
+        """Token ids as they are sampled; ends after an end token (which is yielded) or max_tokens.
+        batched: instead of running the forward passes, yield a Feed for each and read its logits
+        when resumed (the engine batches the feeds of all running sequences, see run_feeds)."""
         self.check_fits(prompt_ids, params.max_tokens)
         rng = np.random.default_rng(params.seed)
         seq = self.cache.new_sequence()
+
+        def forward(ids):                    # a generator either way: `yield from` it
+            if not batched:
+                return self._run(seq, ids, all_logits=False)
+            feed = Feed(self, seq, ids)
+            yield feed
+            if feed.error is not None:
+                raise feed.error
+            return feed.logits
+
         try:
-            logits = self._run(seq, prompt_ids, all_logits=False)
+            logits = yield from forward(prompt_ids)
             history = list(prompt_ids)
             for _ in range(params.max_tokens):
                 tok = sample(logits, params, rng, history, history[len(prompt_ids):])
@@ -288,20 +374,24 @@ class DecoderModel(Model):
                 if tok in self.tokenizer.end_ids and not params.ignore_eos:
                     return
                 history.append(tok)
-                logits = self._run(seq, [tok], all_logits=False)
+                logits = yield from forward([tok])
         finally:
             seq.release()
 
     def generate_stream(self, prompt, **kw) -> Iterator[StreamChunk]:
         """Text as it is generated.  Stop strings are honoured across token boundaries: text that
         could begin a stop string is held back until it is known not to."""
+        batched = kw.pop("batched", False)
         params = kw.pop("params", None) or SamplingParams(**kw)
         prompt_ids = self.prompt_ids(prompt)
         ids: list[int] = []
         emitted = 0
         pending: list[int] = []
         longest_stop = max((len(s) for s in params.stop), default=0)
-        for tok in self.generate_ids(prompt_ids, params):
+        for tok in self.generate_ids(prompt_ids, params, batched=batched):
+            if isinstance(tok, Feed):                # batched: handed up to the engine
+                yield tok
+                continue
             if tok in self.tokenizer.end_ids and not params.ignore_eos:
                 text = self.tokenizer.decode(ids)
                 yield StreamChunk(text[emitted:], pending + [tok], "stop")

@@ -178,22 +178,49 @@ def test_unknown_route_and_method(server):
     assert status == 405 and json.loads(body)["error"]["code"] == "method_not_allowed"
 
 
-def test_concurrent_requests_each_get_their_own_answer(server, loaded):
+def metric(server, name: str) -> float:
+    for line in request(server.url + "/metrics")[1].decode().splitlines():
+        if line.startswith(name + " ") or line.startswith(name + "{"):
+            return float(line.split()[-1])
+    raise KeyError(name)
+
+
+def test_concurrent_streams_are_batched_and_each_get_their_own_answer(server, loaded):
+    """16 requests at once (streaming and not, different prompts and lengths, a long prompt among
+    them) are served by shared forward passes, and each gets exactly its solo greedy answer."""
     from openai import OpenAI
-    prompts = ["The moon is", "Python is a language", "In the forest", "My favourite food is"]
     model = loaded("smollm2", "int8")
-    expected = [model.generate(p, max_tokens=10).text for p in prompts]
+    base = ["The moon is", "Python is a language", "In the forest", "My favourite food is",
+            "Once upon a time", "The capital of France", "def fibonacci(n):", "Dear Sir,"]
+    prompts = base + [p + " and then" for p in base]
+    prompts[5] = "Here is a long story about a cat. " * 12 + "The end. Next,"      # a chunked prefill
+    lengths = [4 + (i % 5) * 3 for i in range(len(prompts))]
+    expected = [model.generate(p, max_tokens=n).text for p, n in zip(prompts, lengths)]
+    rounds0, batched0 = metric(server, "edge_batched_rounds"), metric(server, "edge_batched_sequences")
     results = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
 
     def run(i):
         c = OpenAI(base_url=server.url + "/v1", api_key="x")
-        results[i] = c.completions.create(model=LLM, prompt=prompts[i], max_tokens=10, temperature=0).choices[0].text
+        barrier.wait()
+        if i % 2:
+            chunks = c.completions.create(model=LLM, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
+                                          stream=True)
+            results[i] = "".join(ch.choices[0].text for ch in chunks if ch.choices)
+        else:
+            results[i] = c.completions.create(model=LLM, prompt=prompts[i], max_tokens=lengths[i],
+                                              temperature=0).choices[0].text
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
+        t.join(180)
     assert results == expected
+    rounds = metric(server, "edge_batched_rounds") - rounds0
+    batched = metric(server, "edge_batched_sequences") - batched0
+    assert rounds > 0 and batched / rounds > 2, (rounds, batched)     # passes were shared
+    assert metric(server, "edge_running_sequences") >= 0
+    assert metric(server, 'edge_kv_blocks') >= 0
 
 
 def generated_total(server) -> float:

@@ -22,6 +22,7 @@ from core.errors import EdgeError
 class KVCacheFullError(EdgeError):
     status = 429
     code = "kv_cache_full"
+    retry_after = 1
 
 
 class KVCache:
@@ -64,6 +65,7 @@ class Sequence:
         self.cache = cache
         self.blocks: list[int] = []
         self.n_tokens = 0
+        self.tokens: list[int] = []     # the ids at positions 0..n_tokens-1 (to recompute after preemption)
 
     def reserve(self, n_total: int) -> None:
         """Make room for positions 0..n_total-1."""
@@ -83,3 +85,4 @@ class Sequence:
         self.cache._give(self.blocks)
         self.blocks = []
         self.n_tokens = 0
+        self.tokens = []

@@ -61,6 +61,9 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception as e:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
         status, body = error_body(e)
+        retry = getattr(e, "retry_after", None)
+        if retry is not None:
+            return handlers.json_response(body, status=status, headers={"Retry-After": str(retry)})
     return handlers.json_response(body, status=status)
 
 

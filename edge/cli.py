@@ -130,7 +130,7 @@ def cmd_serve(args):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
-                                 kv_tokens=args.kv_tokens)
+                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue)
     web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None, handler_cancellation=True,
                 access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
 
@@ -146,7 +146,7 @@ def cmd_rpc(args):
         raise ValueError("--host goes with --port, not with --unix")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
-                                 kv_tokens=args.kv_tokens)
+                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue)
     asyncio.run(serve(settings, unix=args.unix))
 
 
@@ -219,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="default 8080")
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
+    s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.add_argument("-q", "--quiet", action="store_true", help="no access log")
     s.set_defaults(func=cmd_serve)
 
@@ -230,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None, help="with --port; default 127.0.0.1")
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
+    s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.set_defaults(func=cmd_rpc)
 
     s = sub.add_parser("bench", help="speed and memory of a model on this machine")

@@ -25,6 +25,13 @@ class HTTPError(EdgeError):
         self.status, self.code, self.param = status, code, param
 
 
+class ServerBusyError(EdgeError):
+    """The bounded queue of inference jobs is full: come back shortly (Retry-After)."""
+    status = 429
+    code = "server_busy"
+    retry_after = 1
+
+
 def error_type(status: int) -> str:
     if status == 401:
         return "authentication_error"

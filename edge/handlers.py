@@ -16,7 +16,7 @@ from aiohttp import web
 from edge import schemas
 from edge.errors import error_body
 from edge.keys import ENGINE, METRICS, MODELS, SETTINGS
-from edge.service import (check_dimensions, detokenize_fields, embedding_job, generated_ids, generation_job,
+from edge.service import (check_capacity, check_dimensions, detokenize_fields, embedding_job, generated_ids, generation_job,
                           get_model, tokenize_fields)
 
 
@@ -24,8 +24,8 @@ def dumps(obj) -> str:
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
-def json_response(obj, status: int = 200) -> web.Response:
-    return web.Response(text=dumps(obj), status=status, content_type="application/json")
+def json_response(obj, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(text=dumps(obj), status=status, content_type="application/json", headers=headers)
 
 
 async def read_body(request: web.Request) -> dict:
@@ -35,6 +35,7 @@ async def read_body(request: web.Request) -> dict:
 async def run_generation(request, name, model, job, render, stream: bool, include_usage: bool):
     """Drive a generation job; render(kind, text, finish_reason) builds one response object."""
     metrics = request.app[METRICS]
+    check_capacity(request.app[SETTINGS], request.app[ENGINE])
     async with aclosing(request.app[ENGINE].stream(job)) as items:
         n_prompt = await anext(items)
         metrics.prompt_tokens.labels(name).inc(n_prompt)

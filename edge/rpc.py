@@ -42,7 +42,7 @@ from edge.engine import Engine
 from edge.errors import HTTPError, rpc_error
 from edge.keys import ModelState
 from edge.metrics import Metrics
-from edge.service import (check_dimensions, detokenize_fields, embedding_job, generated_ids, generation_job,
+from edge.service import (check_capacity, check_dimensions, detokenize_fields, embedding_job, generated_ids, generation_job,
                           get_model, require_ready, tokenize_fields)
 from edge.settings import Settings
 
@@ -315,6 +315,7 @@ class RpcServer:
 
     async def run_generation(self, model, job, stream_to: Call | None) -> dict:
         """Drive a generation job; stream_to, if given, gets each chunk as a notification."""
+        check_capacity(self.settings, self.engine)
         async with aclosing(self.engine.stream(job)) as items:
             n_prompt = await anext(items)
             parts, ids, reason = [], [], None

@@ -55,6 +55,15 @@ def generation_job(settings: Settings, model, prompt=None, messages=None, kw=Non
     return job
 
 
+def check_capacity(settings: Settings, engine) -> None:
+    """The bounded queue: refuse a new inference job (429, retry after 1 s) when settings.max_queue
+    jobs are already waiting or running."""
+    if engine.depth >= settings.max_queue:
+        from edge.errors import ServerBusyError
+        raise ServerBusyError(f"the server is busy ({engine.depth} requests in progress, at most "
+                              f"{settings.max_queue}); retry after {ServerBusyError.retry_after} s")
+
+
 def generated_ids(model, chunk) -> list:
     """The ids a StreamChunk adds to the completion: the end token that closes a generation is not
     part of it (as in DecoderModel.generate)."""

@@ -25,6 +25,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_new_tokens: int = 1024      # cap on generated tokens when a request names none (chat)
     kv_tokens: int | None = None    # KV cache capacity per model, in tokens (default: the context)
+    max_queue: int = 64             # inference jobs waiting or running; past it requests get 429
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -39,6 +40,8 @@ class Settings:
         s.api_key = key or None
         if env.get("EDGE_THREADS", "").isdigit():
             s.threads = int(env["EDGE_THREADS"])
+        if env.get("EDGE_MAX_QUEUE", "").isdigit():
+            s.max_queue = int(env["EDGE_MAX_QUEUE"])
         if env.get("EDGE_MAX_BODY", "").isdigit():
             s.max_body_bytes = int(env["EDGE_MAX_BODY"])
         for k, v in overrides.items():

@@ -21,7 +21,7 @@ from typing import Iterator
 import numpy as np
 
 from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTaskError, WeightsFormatError
-from core.kv_cache import KVCache
+from core.kv_cache import KVCache, KVCacheFullError
 from core.wfile import WeightsFile
 from models.tokenizer import Tokenizer
 
@@ -218,6 +218,7 @@ class DecoderModel(Model):
                 else:
                     last = logits[0].copy()
             seq.n_tokens += T
+            seq.tokens += ids[start:start + T]
         return np.concatenate(outs) if all_logits else last
 
     def run_feeds(self, feeds: list, prefill_rows: int | None = None) -> None:
@@ -225,7 +226,11 @@ class DecoderModel(Model):
         left) gets a row; prompts then fill the rest of the state's rows, oldest first, at most
         prefill_rows of them while any sequence is decoding (so that a long prompt is fed in chunks
         between decode steps instead of stalling them).  Rows are independent in every kernel, so
-        each sequence's results are bit for bit those of running it alone."""
+        each sequence's results are bit for bit those of running it alone.  A feed that finds the
+        KV pool full waits (stays pending) for blocks that finishing sequences release; if no feed
+        can move at all, the youngest sequence holding blocks is preempted: its blocks go back to
+        the pool and it recomputes its history once there is room (feeds are planned oldest
+        first, so the older sequences get the blocks and finish)."""
         s = self.state
         decoding = [f for f in feeds if len(f.ids) - f.done == 1]
         prefilling = [f for f in feeds if len(f.ids) - f.done > 1]
@@ -242,14 +247,24 @@ class DecoderModel(Model):
                 break
             plan.append((f, f.done, n))
             budget -= n
-        rows = []
+        waiting = []
         for f, first, n in list(plan):
             try:
                 f.seq.reserve(f.seq.n_tokens + n)
-            except BaseException as e:  # noqa: BLE001 - e.g. the KV pool is full: that feed fails alone
+            except KVCacheFullError:          # the pool is full: wait for blocks to come free
+                waiting.append(f)
+                plan.remove((f, first, n))
+            except BaseException as e:  # noqa: BLE001 - that feed fails alone
                 f.error = e
                 plan.remove((f, first, n))
         if not plan:
+            if waiting:   # nobody can move, so nobody would free blocks: preempt the youngest holder
+                holders = [f for f in feeds if f.seq.blocks]
+                if holders:
+                    self._preempt(holders[-1])
+                else:
+                    waiting[-1].error = KVCacheFullError(
+                        f"KV cache is full ({self.cache.n_blocks} blocks in use); retry later")
             return
         tables = [f.seq.block_table()[0] for f, _, _ in plan]
         width = max(len(t) for t in tables)
@@ -276,6 +291,15 @@ class DecoderModel(Model):
         for f, first, n in plan:
             f.done += n
             f.seq.n_tokens += n
+            f.seq.tokens += f.ids[first:first + n]
+
+    @staticmethod
+    def _preempt(f: Feed) -> None:
+        """Give f's KV blocks back and make it feed its whole history again later (recomputation:
+        the same tokens at the same positions give bit for bit the same cache and logits)."""
+        f.ids = f.seq.tokens + f.ids[f.done:]
+        f.done = 0
+        f.seq.release()
 
     def _check_ids(self, ids) -> list:
         ids = [int(i) for i in ids]

@@ -287,6 +287,31 @@ def test_pipelined_requests_each_get_their_answer(worker, loaded):
     assert responses[23][3]["status"] == "ok"
 
 
+def test_concurrent_streams_each_get_their_solo_answer(worker, loaded):
+    """12 generations pipelined on one connection, half of them streamed: the engine batches them,
+    and each result (and each stream's concatenated chunks) is the solo greedy answer."""
+    model = loaded("smollm2", "int8")
+    prompts = [f"Fact number {i}: the sky" if i % 3 else f"A poem about the number {i}:" for i in range(12)]
+    expected = [model.generate(p, max_tokens=6 + i % 4).text for i, p in enumerate(prompts)]
+    with worker.connect() as sock:
+        sock.sendall(b"".join(pack([0, 100 + i, "generate", [{"model": LLM, "prompt": p, "max_tokens": 6 + i % 4,
+                                                               "temperature": 0, "stream": bool(i % 2)}]])
+                              for i, p in enumerate(prompts)))
+        responses, streamed = {}, {}
+        while len(responses) < len(prompts):
+            for m in read_messages(sock, 1):
+                if m[0] == 1:
+                    responses[m[1]] = m
+                elif m[0] == 2 and m[1] == "stream":
+                    msgid, chunk = m[2]
+                    streamed.setdefault(msgid, []).append(chunk["text"])
+    for i in range(len(prompts)):
+        r = responses[100 + i]
+        assert r[2] is None and r[3]["text"] == expected[i], (i, r)
+    assert sorted(streamed) == [100 + i for i in range(1, 12, 2)]
+    assert all("".join(streamed[m]) == expected[m - 100] for m in streamed)
+
+
 def test_hanging_up_cancels_the_generation(worker):
     """Start a long stream, read three chunks, check that health answers meanwhile, hang up: the
     engine's queue must drain long before the 2000 tokens could have been generated."""

@@ -26,13 +26,14 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, models, api_key=None):
+    def __init__(self, models, api_key=None, extra=()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, EDGE_API_KEY=api_key or "")
         args = [sys.executable, "-m", "edge.cli", "serve", "--port", str(self.port), "--kv-tokens", str(KV_TOKENS), "-q"]
         for m in models:
             args += ["-m", m]
+        args += list(extra)
         self.proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -179,8 +180,9 @@ def test_unknown_route_and_method(server):
 
 
 def metric(server, name: str) -> float:
+    """A metric's value: by plain name (the first series) or by name{labels} exactly."""
     for line in request(server.url + "/metrics")[1].decode().splitlines():
-        if line.startswith(name + " ") or line.startswith(name + "{"):
+        if line.startswith(name + " ") or ("{" not in name and line.startswith(name + "{")):
             return float(line.split()[-1])
     raise KeyError(name)
 
@@ -221,6 +223,63 @@ def test_concurrent_streams_are_batched_and_each_get_their_own_answer(server, lo
     assert rounds > 0 and batched / rounds > 2, (rounds, batched)     # passes were shared
     assert metric(server, "edge_running_sequences") >= 0
     assert metric(server, 'edge_kv_blocks') >= 0
+
+
+def test_full_kv_pool_makes_requests_wait_and_a_full_queue_gives_429(converted, loaded):
+    """A pool of 5 blocks (80 tokens) for 6 requests of 2 blocks each: they wait for each other's
+    blocks and all finish with their solo answers.  With 20 at once and a queue bound of 6, the
+    rest get 429 with Retry-After; afterwards the worker serves again and every block is free."""
+    tiny = Server([converted("smollm2", "int8")], extra=["--kv-tokens", "64", "--max-queue", "6"])
+    try:
+        model = loaded("smollm2", "int8")
+        name = json.loads(request(tiny.url + "/v1/models")[1])["data"][0]["id"]
+        prompts = [f"Story number {i}: once upon a time" for i in range(20)]
+        expected = {p: model.generate(p, max_tokens=20).text for p in prompts[:6]}
+        results = {}
+
+        def run(p):
+            body = {"model": name, "prompt": p, "max_tokens": 20, "temperature": 0}
+            status, raw = request(tiny.url + "/v1/completions", body)
+            results[p] = (status, json.loads(raw))
+
+        def wave(ps):
+            threads = [threading.Thread(target=run, args=(p,)) for p in ps]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(180)
+        wave(prompts[:6])
+        for p in prompts[:6]:
+            status, body = results[p]
+            assert status == 200, body
+            assert body["choices"][0]["text"] == expected[p]
+        results.clear()
+        wave(prompts)
+        statuses = [results[p][0] for p in prompts]
+        assert set(statuses) <= {200, 429} and 200 in statuses and 429 in statuses, statuses
+        busy = [results[p][1] for p in prompts if results[p][0] == 429]
+        assert all(b["error"]["code"] in ("server_busy", "kv_cache_full") for b in busy)
+        req = urllib.request.Request(tiny.url + "/v1/completions", json.dumps(
+            {"model": name, "prompt": prompts[0], "max_tokens": 20, "temperature": 0}).encode(),
+            {"Content-Type": "application/json"})
+        assert json.loads(urllib.request.urlopen(req).read())["choices"][0]["text"] == expected[prompts[0]]
+        assert metric(tiny, 'edge_kv_blocks{model="%s",state="used"}' % name) == 0
+    finally:
+        tiny.stop()
+
+
+def test_retry_after_on_429(converted):
+    tiny = Server([converted("smollm2", "int8")], extra=["--max-queue", "0"])
+    try:
+        name = json.loads(request(tiny.url + "/v1/models")[1])["data"][0]["id"]
+        req = urllib.request.Request(tiny.url + "/v1/completions", json.dumps(
+            {"model": name, "prompt": "hi", "max_tokens": 2}).encode(), {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 429 and e.value.headers["Retry-After"] == "1"
+        assert json.loads(e.value.read())["error"]["code"] == "server_busy"
+    finally:
+        tiny.stop()
 
 
 def generated_total(server) -> float:

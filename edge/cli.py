@@ -131,8 +131,19 @@ def cmd_serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
                                  kv_tokens=args.kv_tokens, max_queue=args.max_queue)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None, handler_cancellation=True,
-                access_log=None if args.quiet else logging.getLogger("aiohttp.access"))
+    access_log = None if args.quiet else logging.getLogger("aiohttp.access")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError("--workers must be at least 1")
+    if (args.workers or 1) == 1:
+        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                    handler_cancellation=True, access_log=access_log)
+        return
+    from edge.workers import serve_workers
+
+    def run_worker():
+        web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
+                    handler_cancellation=True, access_log=access_log, reuse_port=True)
+    serve_workers(args.workers, run_worker)
 
 
 def cmd_rpc(args):
@@ -220,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
+    s.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT) and the "
+                                               "weights (one mmapped copy); a dead one is replaced")
     s.add_argument("-q", "--quiet", action="store_true", help="no access log")
     s.set_defaults(func=cmd_serve)
 

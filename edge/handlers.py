@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import time
 import uuid
 from contextlib import aclosing
@@ -163,7 +164,7 @@ async def health(request: web.Request) -> web.Response:
         return json_response({"status": "error", "error": state.failed}, status=503)
     if not state.ready:
         return json_response({"status": "loading"}, status=503)
-    return json_response({"status": "ok", "models": list(state.models)})
+    return json_response({"status": "ok", "models": list(state.models), "pid": os.getpid()})
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -124,7 +124,7 @@ def create_app(settings: Settings | None = None) -> web.Application:
                           middlewares=[metrics_middleware, error_middleware, auth_middleware])
     app[SETTINGS] = settings
     app[METRICS] = Metrics()
-    app[ENGINE] = Engine()
+    app[ENGINE] = Engine(prefill_rows=settings.prefill_chunk)
     app[MODELS] = ModelState()
     app.cleanup_ctx.append(engine_ctx)
     app.router.add_get("/health", handlers.health)

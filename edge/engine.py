@@ -44,7 +44,7 @@ class _Job:
 
 
 class Engine:
-    def __init__(self, prefill_rows: int = 32):
+    def __init__(self, prefill_rows: int = 16):
         self.prefill_rows = prefill_rows   # prompt rows per round while other sequences decode
         self.rounds = 0                    # forward passes run (batched), for the metrics
         self.batched_rows = 0              # sequences served by them, summed over rounds

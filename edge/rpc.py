@@ -196,7 +196,7 @@ class RpcServer:
         self.settings = settings
         self.state = ModelState()
         self.metrics = Metrics()         # load_models records load times; this front serves no metrics
-        self.engine = Engine()
+        self.engine = Engine(prefill_rows=settings.prefill_chunk)
         self.listener: asyncio.Server | None = None
         self.unix_path: str | None = None
         self.loading: asyncio.Task | None = None

@@ -26,6 +26,7 @@ class Settings:
     max_new_tokens: int = 1024      # cap on generated tokens when a request names none (chat)
     kv_tokens: int | None = None    # KV cache capacity per model, in tokens (default: the context)
     max_queue: int = 64             # inference jobs waiting or running; past it requests get 429
+    prefill_chunk: int = 16         # prompt rows per forward pass while other sequences decode
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -40,6 +41,8 @@ class Settings:
         s.api_key = key or None
         if env.get("EDGE_THREADS", "").isdigit():
             s.threads = int(env["EDGE_THREADS"])
+        if env.get("EDGE_PREFILL_CHUNK", "").isdigit():
+            s.prefill_chunk = max(1, int(env["EDGE_PREFILL_CHUNK"]))
         if env.get("EDGE_MAX_QUEUE", "").isdigit():
             s.max_queue = int(env["EDGE_MAX_QUEUE"])
         if env.get("EDGE_MAX_BODY", "").isdigit():

@@ -237,7 +237,8 @@ def test_app_errors_are_openai_shaped(runtime, event, status, code):
 def test_health_and_metrics(runtime):
     health = runtime.invoke(http_event("GET", "/health"))
     assert health["statusCode"] == 200
-    assert json_body(health) == {"status": "ok", "models": [LLM]}
+    body = json_body(health)
+    assert body["status"] == "ok" and body["models"] == [LLM] and isinstance(body["pid"], int)
     metrics = runtime.invoke(http_event("GET", "/metrics"))
     assert metrics["statusCode"] == 200 and metrics["isBase64Encoded"] is False
     assert metrics["headers"]["Content-Type"].startswith("text/plain")

@@ -9,6 +9,9 @@ of --runs.  Decode bound: bandwidth / bytes read per generated token, i.e. every
 weights file but the tokenizer (and, when the logits head is not the token embedding, but the
 embedding table, of which one row is read).
 
+Peak RSS budget: the weights file + the KV cache of the longest sequence `edge bench` runs (its
+512-token prefill, in whole blocks) + 60 MB.
+
 PSS: --workers processes each open SmolLM2 and decode 16 tokens, then wait; their Pss and Rss are
 read from /proc/PID/smaps_rollup.  extra PSS per worker = (sum of PSS - PSS of the first worker
 alone) / (workers - 1): what each further worker costs when the weights are shared.
@@ -76,6 +79,14 @@ def bytes_per_token(path: str) -> tuple[int, int]:
     return total, os.path.getsize(path)
 
 
+def kv_bytes_of_bench(path: str, tokens: int = 512 + 1) -> int:
+    """KV cache bytes of the longest sequence `edge bench` runs (the 512-token prefill), in whole
+    16-token blocks: what the peak-RSS budget allows for the cache."""
+    from core.wfile import WeightsFile
+    c = WeightsFile.open(path).meta["config"]
+    return -(-tokens // 16) * 16 * c["n_layers"] * 2 * c["n_kv_heads"] * c["head_dim"] * 4
+
+
 def _smaps(pid: int) -> dict:
     out = {}
     with open(f"/proc/{pid}/smaps_rollup") as f:
@@ -125,6 +136,7 @@ def main(argv=None) -> int:
     print("read bandwidth...", file=sys.stderr)
     bw = read_bandwidth_gbs(args.threads, args.runs)
     per_token, file_size = bytes_per_token(path)
+    kv_bytes = kv_bytes_of_bench(path)
     bound = bw * 1e9 / per_token
     print("bench_llamacpp.py...", file=sys.stderr)
     lc = _last_json(_run([sys.executable, os.path.join(HERE, "bench_llamacpp.py"), "--json", *common],
@@ -149,13 +161,16 @@ def main(argv=None) -> int:
         ("MiniLM b1 sent/s", ee["embed_sent_s_b1"], "onnxruntime", oe["embed_sent_s_b1"], ee["embed_sent_s_b1"] / oe["embed_sent_s_b1"], 2.0),
         ("MiniLM cosine to fp32", ee["cosine_to_fp32"], "onnxruntime", oe["cosine_to_fp32"], ee["cosine_to_fp32"] / oe["cosine_to_fp32"], 1.0),
         ("first token, new process s", e["cold_first_token_s"], "llama-cpp-py", l["cold_first_token_s"], l["cold_first_token_s"] / e["cold_first_token_s"], 1 / 0.35),
+        ("peak RSS decoding MB", e["peak_rss_mb"], "budget MB", (file_size + kv_bytes) / mb + 60,
+         ((file_size + kv_bytes) / mb + 60) / e["peak_rss_mb"], 1.0),
         ("extra PSS per worker MB", mem["extra_pss_per_worker_mb"], "file MB", file_size / mb, file_size / mb / max(mem["extra_pss_per_worker_mb"], 1e-9), 1 / 0.15),
     ]
     print(f"CPU: {lc['cpu']}   threads: {args.threads}   runs: {args.runs}   date: {lc['date']}   "
           f"edge simd: {lc['edge_simd']}")
     print(f"other processes' CPU: {lc['other_cpu_pct']}% (llama.cpp run), {pe['other_cpu_pct']}% (peers run)")
     print(f"read bandwidth {bw:.1f} GB/s; {per_token / mb:.1f} MB read per token -> decode bound {bound:.0f} tok/s")
-    print(f"peak RSS while decoding (edge bench): {e['peak_rss_mb']:.0f} MB; weights file {file_size / mb:.0f} MB")
+    print(f"peak RSS while decoding (edge bench): {e['peak_rss_mb']:.0f} MB; budget = weights file "
+          f"{file_size / mb:.0f} MB + KV cache {kv_bytes / mb:.0f} MB (512-token prefill) + 60 MB")
     print()
     print(f"{'metric':<28}{'edge':>10}  {'vs':<13}{'theirs':>10}{'advantage':>11}{'target':>9}  holds")
     for name, ours, peer, theirs, ratio, target in rows:
@@ -164,7 +179,7 @@ def main(argv=None) -> int:
     if args.json:
         print(json.dumps({"cpu": lc["cpu"], "threads": args.threads, "runs": args.runs, "date": lc["date"],
                           "bandwidth_gbs": bw, "bytes_per_token": per_token, "decode_bound_tok_s": bound,
-                          "file_bytes": file_size, "memory": mem, "llamacpp": lc, "peers": pe,
+                          "file_bytes": file_size, "kv_bytes": kv_bytes, "memory": mem, "llamacpp": lc, "peers": pe,
                           "targets": [dict(zip(["metric", "edge", "peer", "theirs", "advantage", "target"], r))
                                       for r in rows]}))
     return 0

@@ -130,7 +130,8 @@ def cmd_serve(args):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
-                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue)
+                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue,
+                                 prefill_chunk=args.prefill_chunk)
     access_log = None if args.quiet else logging.getLogger("aiohttp.access")
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
@@ -157,7 +158,8 @@ def cmd_rpc(args):
         raise ValueError("--host goes with --port, not with --unix")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
-                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue)
+                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue,
+                                 prefill_chunk=args.prefill_chunk)
     asyncio.run(serve(settings, unix=args.unix))
 
 
@@ -231,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
+    s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
+                                                     "(default 16: smaller keeps their streams smoother)")
     s.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT) and the "
                                                "weights (one mmapped copy); a dead one is replaced")
     s.add_argument("-q", "--quiet", action="store_true", help="no access log")
@@ -245,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
+    s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
+                                                     "(default 16: smaller keeps their streams smoother)")
     s.set_defaults(func=cmd_rpc)
 
     s = sub.add_parser("bench", help="speed and memory of a model on this machine")

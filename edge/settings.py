@@ -50,4 +50,8 @@ class Settings:
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
+        if s.prefill_chunk < 1:
+            raise ValueError(f"the prefill chunk must be at least 1 token, got {s.prefill_chunk}")
+        if s.max_queue < 0:
+            raise ValueError(f"the queue bound must be >= 0, got {s.max_queue}")
         return s

@@ -157,7 +157,7 @@ class ByteLevelBPE:
 
         def ints(name):
             return memoryview(wf.buffer(name)).cast("i")
-        self._pieces = bytes(wf.buffer("tokenizer.bpe.pieces"))
+        self._pieces = wf.buffer("tokenizer.bpe.pieces")          # views of the map: nothing copied
         self._offsets = ints("tokenizer.bpe.offsets")
         self._byte_ids = list(ints("tokenizer.bpe.byte_ids"))
         self._merges = ints("tokenizer.bpe.merges")
@@ -251,11 +251,12 @@ class ByteLevelBPE:
 
     # -- decode ---------------------------------------------------------------------------
     def token_bytes(self, i: int) -> bytes:
-        return self._pieces[self._offsets[i]:self._offsets[i + 1]]
+        return bytes(self._pieces[self._offsets[i]:self._offsets[i + 1]])
 
     def decode(self, ids, skip_special_tokens: bool = True) -> str:
         special = self.special_ids if skip_special_tokens else ()
-        return b"".join(self.token_bytes(i) for i in ids if i not in special).decode("utf-8", "replace")
+        pieces, offsets = self._pieces, self._offsets
+        return b"".join(pieces[offsets[i]:offsets[i + 1]] for i in ids if i not in special).decode("utf-8", "replace")
 
     def token_to_id(self, token: str):
         return self.added.get(token)

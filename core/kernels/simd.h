@@ -282,13 +282,18 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
         for (int c = 0; c < C; c++) out[r * C + c] = 0.0f;
     for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8)
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++)
+            for (int c = 0; c < C; c++) {
+                /* 32 running products, element e of every chunk vector: a plain loop the compiler
+                 * vectorizes for the baseline ISA; lanes 4 gg .. 4 gg + 3 belong to group gg */
+                const int8_t *a = q + r * q_stride + k, *b = w[c] + k;
+                int32_t lane[32] = {0};
+                for (int j = 0; j < 8; j++)
+                    for (int e = 0; e < 32; e++) lane[e] += (int32_t)a[32 * j + e] * (int32_t)b[32 * j + e];
                 for (int gg = 0; gg < 8; gg++) {
-                    int32_t sum = 0;
-                    for (int j = 0; j < 8; j++)
-                        sum += edge_dot_i8_plain(q + r * q_stride + k + 32 * j + 4 * gg, w[c] + k + 32 * j + 4 * gg, 4);
+                    const int32_t sum = lane[4 * gg] + lane[4 * gg + 1] + lane[4 * gg + 2] + lane[4 * gg + 3];
                     out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * ws[c][g + gg]);
                 }
+            }
 #endif
     /* the remaining groups in natural order (all of them after the last block, in a NEON or scalar
      * build; only the last, partial one after AVX2), reading no weight byte past K */

@@ -7,11 +7,20 @@ block_table[p // block_size] * block_size + p % block_size.  Memory is committed
 the pool is anonymous zero-filled memory with transparent huge pages turned off (a huge page would
 commit 2 MB per layer for the first token of a sequence), so an unused pool costs address space,
 not RSS.
+
+Prefix caching: a full block is identified by the hash of its tokens chained with the hash of the
+block before it (so equal hashes mean equal prefixes, and the tokens are compared too).  Blocks are
+reference counted: a new sequence whose prompt starts with cached full blocks takes them as they
+are (refcount + 1) and skips their prefill.  Sequences only append, and a reused prefix covers whole
+blocks, so a shared block is never written (no copy-on-write is needed).  A released block whose
+content is registered stays cached (least recently released first out) until the free list runs
+dry; n_free counts it as free.
 """
 
 from __future__ import annotations
 
 import mmap
+from collections import OrderedDict
 from math import prod
 
 import numpy as np
@@ -31,22 +40,98 @@ class KVCache:
         self.n_blocks = n_blocks
         self.k = _lazy_zeros((n_layers, n_blocks * block_size, width))
         self.v = _lazy_zeros((n_layers, n_blocks * block_size, width))
-        self._free = list(range(n_blocks - 1, -1, -1))
+        self._free = list(range(n_blocks - 1, -1, -1))   # no owner, no cached content
+        self._refs = [0] * n_blocks
+        self._cached: OrderedDict[int, None] = OrderedDict()   # no owner, content kept (LRU)
+        self._key_of: dict[int, tuple] = {}              # block -> (chain hash, its tokens)
+        self._by_hash: dict[int, int] = {}               # chain hash -> block
+        self.prefix_queried = 0                          # full prompt blocks looked up
+        self.prefix_hits = 0                             # ... found and reused
 
     @property
     def n_free(self) -> int:
-        return len(self._free)
+        return len(self._free) + len(self._cached)
 
     def new_sequence(self) -> "Sequence":
         return Sequence(self)
 
     def _take(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise KVCacheFullError(f"KV cache is full: {n} more blocks needed, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
+        if n > self.n_free:
+            raise KVCacheFullError(f"KV cache is full: {n} more blocks needed, {self.n_free} free")
+        out = []
+        for _ in range(n):
+            if self._free:
+                b = self._free.pop()
+            else:                                        # evict the least recently released
+                b, _ = self._cached.popitem(last=False)
+                self._forget(b)
+            self._refs[b] = 1
+            out.append(b)
+        return out
 
     def _give(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
+        for b in reversed(blocks):
+            self._refs[b] -= 1
+            if self._refs[b] == 0:
+                if b in self._key_of:
+                    self._cached[b] = None
+                else:
+                    self._free.append(b)
+
+    def _forget(self, b: int) -> None:
+        h, _ = self._key_of.pop(b)
+        if self._by_hash.get(h) == b:
+            del self._by_hash[h]
+
+    def _chain(self, tokens: list, n_blocks: int):
+        """(hash, tokens) of each of the first n_blocks full blocks of tokens."""
+        h, bs = 0, self.block_size
+        for i in range(n_blocks):
+            block = tuple(tokens[i * bs:(i + 1) * bs])
+            h = hash((h, block))
+            yield h, block
+
+    def register(self, seq: "Sequence") -> None:
+        """Make seq's full blocks findable by later prompts with the same prefix."""
+        full = seq.n_tokens // self.block_size
+        if full <= seq.registered:
+            return
+        for i, (h, block) in enumerate(self._chain(seq.tokens, full)):
+            if i < seq.registered:
+                continue
+            b = seq.blocks[i]
+            if h not in self._by_hash and b not in self._key_of:
+                self._by_hash[h] = b
+                self._key_of[b] = (h, block)
+        seq.registered = full
+
+    def match_prefix(self, seq: "Sequence", prompt: list) -> int:
+        """Give an empty seq the cached blocks that hold a prefix of prompt (whole blocks, leaving
+        at least the prompt's last token to compute); returns the number of tokens reused."""
+        assert not seq.blocks
+        usable = (len(prompt) - 1) // self.block_size
+        self.prefix_queried += usable
+        taken = []
+        for h, block in self._chain(prompt, usable):
+            b = self._by_hash.get(h)
+            if b is None or self._key_of[b][1] != block:
+                break
+            if self._refs[b] == 0:
+                del self._cached[b]
+            self._refs[b] += 1
+            taken.append(b)
+        self.prefix_hits += len(taken)
+        n = len(taken) * self.block_size
+        seq.blocks, seq.n_tokens, seq.tokens, seq.registered = taken, n, list(prompt[:n]), len(taken)
+        return n
+
+    def clear_prefixes(self) -> None:
+        """Forget every cached prefix (blocks in use keep their content but are no longer shared)."""
+        for b in list(self._cached):
+            self._free.append(b)
+        self._cached.clear()
+        self._key_of.clear()
+        self._by_hash.clear()
 
 
 def _lazy_zeros(shape) -> np.ndarray:
@@ -66,6 +151,7 @@ class Sequence:
         self.blocks: list[int] = []
         self.n_tokens = 0
         self.tokens: list[int] = []     # the ids at positions 0..n_tokens-1 (to recompute after preemption)
+        self.registered = 0             # leading full blocks registered for prefix sharing
 
     def reserve(self, n_total: int) -> None:
         """Make room for positions 0..n_total-1."""
@@ -86,3 +172,4 @@ class Sequence:
         self.blocks = []
         self.n_tokens = 0
         self.tokens = []
+        self.registered = 0

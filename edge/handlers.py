@@ -179,6 +179,8 @@ async def metrics(request: web.Request) -> web.Response:
         if cache is not None:
             m.kv_blocks.labels(name, "free").set(cache.n_free)
             m.kv_blocks.labels(name, "used").set(cache.n_blocks - cache.n_free)
+            m.prefix.labels(name, "queried").set(cache.prefix_queried)
+            m.prefix.labels(name, "hit").set(cache.prefix_hits)
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
 

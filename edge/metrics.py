@@ -25,6 +25,8 @@ class Metrics:
         self.batched = Gauge("edge_batched_sequences", "sequences served by those passes, summed", registry=r)
         self.kv_blocks = Gauge("edge_kv_blocks", "KV cache blocks of each decoder, used or free", ["model", "state"],
                                registry=r)
+        self.prefix = Gauge("edge_prefix_cache_blocks", "full prompt blocks looked up in the prefix cache, "
+                            "and found (their prefill skipped)", ["model", "state"], registry=r)
         self.model_load = Gauge("edge_model_load_seconds", "time to load each model", ["model"], registry=r)
 
     def render(self) -> bytes:

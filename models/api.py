@@ -190,6 +190,7 @@ class DecoderModel(Model):
         block = 16
         n_blocks = -(-self.context // block) + 1
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block)
+        self.prefix_caching = True          # generations reuse cached prompt blocks (core/kv_cache.py)
         # the forward pass: native (one call per step) where the architecture has one
         self._forward = arch.forward
         if hasattr(arch, "native_forward") and os.environ.get("EDGE_NATIVE_FORWARD", "1") != "0":
@@ -219,6 +220,7 @@ class DecoderModel(Model):
                     last = logits[0].copy()
             seq.n_tokens += T
             seq.tokens += ids[start:start + T]
+        self.cache.register(seq)
         return np.concatenate(outs) if all_logits else last
 
     def run_feeds(self, feeds: list, prefill_rows: int | None = None) -> None:
@@ -292,6 +294,7 @@ class DecoderModel(Model):
             f.done += n
             f.seq.n_tokens += n
             f.seq.tokens += f.ids[first:first + n]
+            self.cache.register(f.seq)
 
     @staticmethod
     def _preempt(f: Feed) -> None:
@@ -379,6 +382,8 @@ class DecoderModel(Model):
         self.check_fits(prompt_ids, params.max_tokens)
         rng = np.random.default_rng(params.seed)
         seq = self.cache.new_sequence()
+        # prefix caching: whole blocks of this prompt that another sequence already computed
+        reused = self.cache.match_prefix(seq, prompt_ids) if self.prefix_caching else 0
 
         def forward(ids):                    # a generator either way: `yield from` it
             if not batched:
@@ -390,7 +395,7 @@ class DecoderModel(Model):
             return feed.logits
 
         try:
-            logits = yield from forward(prompt_ids)
+            logits = yield from forward(prompt_ids[reused:])
             history = list(prompt_ids)
             for _ in range(params.max_tokens):
                 tok = sample(logits, params, rng, history, history[len(prompt_ids):])

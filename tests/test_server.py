@@ -268,6 +268,21 @@ def test_full_kv_pool_makes_requests_wait_and_a_full_queue_gives_429(converted, 
         tiny.stop()
 
 
+def test_shared_system_prompt_hits_the_prefix_cache(server, loaded):
+    """Chats with one long system prompt: the later ones reuse its KV blocks (the metric grows)
+    and still answer exactly as the engine does alone."""
+    from openai import OpenAI
+    model = loaded("smollm2", "int8")
+    system = {"role": "system", "content": "You are a terse assistant. Reply with a single word. " * 6}
+    c = OpenAI(base_url=server.url + "/v1", api_key="x")
+    before = metric(server, 'edge_prefix_cache_blocks{model="%s",state="hit"}' % LLM)
+    for q in ["Say hello.", "Say goodbye.", "Name a fruit."]:
+        messages = [system, {"role": "user", "content": q}]
+        got = c.chat.completions.create(model=LLM, messages=messages, max_tokens=6, temperature=0)
+        assert got.choices[0].message.content == model.chat(messages, max_tokens=6).text
+    assert metric(server, 'edge_prefix_cache_blocks{model="%s",state="hit"}' % LLM) - before >= 4
+
+
 def test_retry_after_on_429(converted):
     tiny = Server([converted("smollm2", "int8")], extra=["--max-queue", "0"])
     try:

@@ -1,0 +1,96 @@
+"""The paged KV cache's block accounting and prefix sharing (core/kv_cache.py), and prefix caching
+end to end: shared prompt blocks skip their prefill and change no output."""
+
+import pytest
+
+from core.kv_cache import KVCache, KVCacheFullError
+
+BS = 4
+
+
+def fed(cache, tokens):
+    """A sequence that took blocks for tokens and registered them (as a forward pass would)."""
+    seq = cache.new_sequence()
+    seq.reserve(len(tokens))
+    seq.n_tokens, seq.tokens = len(tokens), list(tokens)
+    cache.register(seq)
+    return seq
+
+
+def test_blocks_are_counted_and_a_full_pool_raises():
+    cache = KVCache(n_layers=1, width=2, n_blocks=4, block_size=BS)
+    a = fed(cache, range(9))                       # 3 blocks
+    assert cache.n_free == 1
+    with pytest.raises(KVCacheFullError):
+        fed(cache, range(100, 108))
+    a.release()
+    assert cache.n_free == 4
+
+
+def test_a_shared_prefix_is_reused_by_reference():
+    cache = KVCache(n_layers=1, width=2, n_blocks=8, block_size=BS)
+    system = list(range(10, 22))                   # 3 full blocks
+    a = fed(cache, system + [1, 2])
+    b = cache.new_sequence()
+    reused = cache.match_prefix(b, system + [7, 8, 9])
+    assert reused == 12 and b.blocks == a.blocks[:3] and b.n_tokens == 12
+    assert cache.prefix_hits == 3
+    assert cache.n_free == 8 - 4                   # nothing new was taken
+    a.release()                                    # b still holds the shared blocks
+    assert all(cache._refs[x] == 1 for x in b.blocks)
+    b.release()
+    assert cache.n_free == 8
+    c = cache.new_sequence()                       # released but cached: still found
+    assert cache.match_prefix(c, system + [5]) == 12
+    c.release()
+
+
+def test_the_last_prompt_token_is_always_computed_and_mismatches_stop_the_match():
+    cache = KVCache(n_layers=1, width=2, n_blocks=8, block_size=BS)
+    fed(cache, list(range(8))).release()
+    s = cache.new_sequence()
+    assert cache.match_prefix(s, list(range(8))) == 4          # not the whole prompt: its logits are needed
+    s.release()
+    s = cache.new_sequence()
+    assert cache.match_prefix(s, [0, 1, 2, 3, 9, 5, 6, 7, 8]) == 4   # second block differs
+    s.release()
+    s = cache.new_sequence()
+    assert cache.match_prefix(s, [1, 0, 2, 3, 4, 5, 6, 7, 8]) == 0
+    s.release()
+
+
+def test_cached_blocks_are_evicted_oldest_first_when_the_pool_runs_dry():
+    cache = KVCache(n_layers=1, width=2, n_blocks=4, block_size=BS)
+    fed(cache, list(range(0, 4))).release()        # cached first
+    fed(cache, list(range(50, 54))).release()
+    assert cache.n_free == 4
+    fed(cache, list(range(100, 112)))              # needs 3: 2 free ones, then the oldest cached
+    s = cache.new_sequence()
+    assert cache.match_prefix(s, list(range(0, 4)) + [9]) == 0       # evicted
+    s.release()
+    s = cache.new_sequence()
+    assert cache.match_prefix(s, list(range(50, 54)) + [9]) == 4     # kept
+    s.release()
+
+
+def test_prefix_caching_skips_prefill_and_changes_no_output(loaded):
+    """Generations that share a long system prompt reuse its blocks and give exactly the tokens
+    they give with prefix caching off."""
+    m = loaded("smollm2", "int8")
+    system = [{"role": "system", "content": "You are a careful assistant who answers in one short "
+                                             "sentence. Think about the question, then answer plainly. " * 3}]
+    questions = ["What is the capital of France?", "Name a primary colour.", "What is 2 + 2?"]
+    prompts = [m.chat_prompt(system + [{"role": "user", "content": q}]) for q in questions]
+    m.cache.clear_prefixes()
+    m.prefix_caching = False
+    try:
+        plain = [m.generate(p, max_tokens=12).token_ids for p in prompts]
+    finally:
+        m.prefix_caching = True
+    hits0 = m.cache.prefix_hits
+    shared = [m.generate(p, max_tokens=12).token_ids for p in prompts]
+    assert shared == plain
+    common = next(i for i in range(min(map(len, prompts))) if len({p[i] for p in prompts}) > 1)
+    assert common >= 3 * m.cache.block_size
+    assert m.cache.prefix_hits - hits0 >= 2 * (common // m.cache.block_size)   # the 2nd and 3rd reuse it
+    assert m.cache.n_free == m.cache.n_blocks

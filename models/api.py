@@ -128,6 +128,11 @@ class Batch:
     block_size: int
 
 
+# Keys after which a prompt row's attention costs about as much as its matmuls (SmolLM2-135M:
+# 106 M int8 multiply-adds per row against 35 k fp32 ones per key, at about half the rate).
+ATTENTION_ROW_EQUIVALENT = 1500
+
+
 class Feed:
     """One sequence's request for a forward pass, yielded by generate_ids(batched=True) and answered
     by whoever batches the feeds of many sequences (DecoderModel.run_feeds, from the engine): when
@@ -226,8 +231,9 @@ class DecoderModel(Model):
     def run_feeds(self, feeds: list, prefill_rows: int | None = None) -> None:
         """One forward pass for many sequences (continuous batching).  Every decoding feed (one id
         left) gets a row; prompts then fill the rest of the state's rows, oldest first, at most
-        prefill_rows of them while any sequence is decoding (so that a long prompt is fed in chunks
-        between decode steps instead of stalling them).  Rows are independent in every kernel, so
+        prefill_rows of them while any sequence is decoding, fewer as the prompt gets long (so that
+        a long prompt is fed in chunks of roughly constant cost between decode steps instead of
+        stalling them).  Rows are independent in every kernel, so
         each sequence's results are bit for bit those of running it alone.  A feed that finds the
         KV pool full waits (stays pending) for blocks that finishing sequences release; if no feed
         can move at all, the youngest sequence holding blocks is preempted: its blocks go back to
@@ -241,10 +247,13 @@ class DecoderModel(Model):
         for f in decoding[:budget]:
             plan.append((f, f.done, 1))
         budget -= len(plan)
-        if decoding and prefill_rows is not None:
+        limited = bool(decoding) and prefill_rows is not None
+        if limited:
             budget = min(budget, prefill_rows)
         for f in prefilling:
             n = min(len(f.ids) - f.done, budget)
+            if limited:   # a row deep into a long prompt also pays attention over all before it
+                n = min(n, max(1, int(prefill_rows / (1 + f.seq.n_tokens / ATTENTION_ROW_EQUIVALENT))))
             if n <= 0:
                 break
             plan.append((f, f.done, n))

@@ -1,6 +1,7 @@
 """The paged KV cache's block accounting and prefix sharing (core/kv_cache.py), and prefix caching
 end to end: shared prompt blocks skip their prefill and change no output."""
 
+import numpy as np
 import pytest
 
 from core.kv_cache import KVCache, KVCacheFullError
@@ -94,3 +95,24 @@ def test_prefix_caching_skips_prefill_and_changes_no_output(loaded):
     assert common >= 3 * m.cache.block_size
     assert m.cache.prefix_hits - hits0 >= 2 * (common // m.cache.block_size)   # the 2nd and 3rd reuse it
     assert m.cache.n_free == m.cache.n_blocks
+
+
+def test_long_prompts_are_fed_in_chunks_between_decode_steps(loaded):
+    """While a sequence decodes, a prompt gets at most prefill_rows rows per pass, fewer once it is
+    deep (its rows' attention grows); alone it gets every row the state holds."""
+    from models.api import ATTENTION_ROW_EQUIVALENT, Feed
+    m = loaded("smollm2", "int8")
+    rng = np.random.default_rng(3)
+    dec, long = m.cache.new_sequence(), m.cache.new_sequence()
+    try:
+        m._run(dec, rng.integers(100, 30000, 5).tolist(), all_logits=False)
+        m._run(long, rng.integers(100, 30000, 300).tolist(), all_logits=False)
+        d, p = Feed(m, dec, [7]), Feed(m, long, rng.integers(100, 30000, 40).tolist())
+        m.run_feeds([d, p], prefill_rows=16)
+        assert d.logits is not None and p.logits is None
+        assert p.done == int(16 / (1 + 300 / ATTENTION_ROW_EQUIVALENT)) and long.n_tokens == 300 + p.done
+        m.run_feeds([p], prefill_rows=16)                 # alone: the rest at once
+        assert p.done == 40 and p.logits is not None
+    finally:
+        dec.release()
+        long.release()

@@ -9,6 +9,7 @@ back to the request's coroutine through an asyncio queue.  The thread works in r
   2. one forward pass per model then serves all the waiting feeds at once (continuous batching,
      DecoderModel.run_feeds): every decoding sequence gets a row, and prompts are fed in chunks of
      at most `prefill_rows` rows while others decode, so a long prompt never stalls their streams.
+     Order: higher `priority` first (a request field, default 0), then first come, first served.
 
 Sequences join and leave the batch at every round.  A request that goes away (client disconnect,
 cancellation) marks its job cancelled; the thread then closes the generator, which frees its KV

@@ -18,6 +18,7 @@ _SAMPLING = {
     "stream": {"type": "boolean", "default": False},
     "stream_options": {"type": "object", "properties": {"include_usage": {"type": "boolean"}}},
     "ignore_eos": {"type": "boolean", "default": False, "description": "extension"},
+    "priority": {"type": "integer", "default": 0, "description": "extension: batching order, higher first"},
 }
 
 

@@ -65,6 +65,7 @@ def sampling(body: dict, default_max_tokens: int | None) -> dict:
         seed=field(body, "seed", int),
         stop=stop,
         ignore_eos=field(body, "ignore_eos", bool, False),
+        priority=field(body, "priority", int, 0),
     )
     for name in ("frequency_penalty", "presence_penalty"):
         if not -2 <= kw[name] <= 2:

@@ -53,6 +53,7 @@ class SamplingParams:
     seed: int | None = None
     stop: list = field(default_factory=list)
     ignore_eos: bool = False   # keep generating past end tokens (benchmarks, parity tests)
+    priority: int = 0          # batching order: higher first (then first come, first served)
 
     def __post_init__(self):
         def number(name, v, kind=float):
@@ -67,6 +68,7 @@ class SamplingParams:
         number("repetition_penalty", self.repetition_penalty)
         number("frequency_penalty", self.frequency_penalty)
         number("presence_penalty", self.presence_penalty)
+        number("priority", self.priority, int)
         if self.max_tokens < 1:
             raise InvalidRequestError(f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.temperature < 0:
@@ -137,10 +139,10 @@ class Feed:
     """One sequence's request for a forward pass, yielded by generate_ids(batched=True) and answered
     by whoever batches the feeds of many sequences (DecoderModel.run_feeds, from the engine): when
     all of ids are in the cache, logits holds the last row's logits (or error the failure)."""
-    __slots__ = ("model", "seq", "ids", "done", "logits", "error")
+    __slots__ = ("model", "seq", "ids", "done", "logits", "error", "priority")
 
-    def __init__(self, model: "DecoderModel", seq, ids: list):
-        self.model, self.seq, self.ids = model, seq, ids
+    def __init__(self, model: "DecoderModel", seq, ids: list, priority: int = 0):
+        self.model, self.seq, self.ids, self.priority = model, seq, ids, priority
         self.done = 0                 # ids already fed
         self.logits = None
         self.error: BaseException | None = None
@@ -230,7 +232,8 @@ class DecoderModel(Model):
 
     def run_feeds(self, feeds: list, prefill_rows: int | None = None) -> None:
         """One forward pass for many sequences (continuous batching).  Every decoding feed (one id
-        left) gets a row; prompts then fill the rest of the state's rows, oldest first, at most
+        left) gets a row; prompts then fill the rest of the state's rows (order: higher priority
+        first, then first come, first served), at most
         prefill_rows of them while any sequence is decoding, fewer as the prompt gets long (so that
         a long prompt is fed in chunks of roughly constant cost between decode steps instead of
         stalling them).  Rows are independent in every kernel, so
@@ -240,6 +243,7 @@ class DecoderModel(Model):
         the pool and it recomputes its history once there is room (feeds are planned oldest
         first, so the older sequences get the blocks and finish)."""
         s = self.state
+        feeds = sorted(feeds, key=lambda f: -f.priority)     # stable: arrival order within a priority
         decoding = [f for f in feeds if len(f.ids) - f.done == 1]
         prefilling = [f for f in feeds if len(f.ids) - f.done > 1]
         budget = s.max_rows
@@ -271,8 +275,8 @@ class DecoderModel(Model):
         if not plan:
             if waiting:   # nobody can move, so nobody would free blocks: preempt the youngest holder
                 holders = [f for f in feeds if f.seq.blocks]
-                if holders:
-                    self._preempt(holders[-1])
+                if holders:     # the youngest of the lowest priority
+                    self._preempt(min(reversed(holders), key=lambda f: f.priority))
                 else:
                     waiting[-1].error = KVCacheFullError(
                         f"KV cache is full ({self.cache.n_blocks} blocks in use); retry later")
@@ -397,7 +401,7 @@ class DecoderModel(Model):
         def forward(ids):                    # a generator either way: `yield from` it
             if not batched:
                 return self._run(seq, ids, all_logits=False)
-            feed = Feed(self, seq, ids)
+            feed = Feed(self, seq, ids, params.priority)
             yield feed
             if feed.error is not None:
                 raise feed.error

@@ -116,3 +116,23 @@ def test_long_prompts_are_fed_in_chunks_between_decode_steps(loaded):
     finally:
         dec.release()
         long.release()
+
+
+def test_priority_orders_prompts_and_picks_the_preemption_victim(loaded):
+    from models.api import Feed, SamplingParams
+    from core.errors import InvalidRequestError
+    m = loaded("smollm2", "int8")
+    rng = np.random.default_rng(4)
+    seqs = [m.cache.new_sequence() for _ in range(3)]
+    try:
+        m._run(seqs[0], rng.integers(100, 30000, 5).tolist(), all_logits=False)
+        dec = Feed(m, seqs[0], [7])
+        low = Feed(m, seqs[1], rng.integers(100, 30000, 20).tolist(), priority=0)
+        high = Feed(m, seqs[2], rng.integers(100, 30000, 20).tolist(), priority=5)
+        m.run_feeds([dec, low, high], prefill_rows=16)      # 16 prompt rows: all go to the high one
+        assert high.done == 16 and low.done == 0
+    finally:
+        for s in seqs:
+            s.release()
+    with pytest.raises(InvalidRequestError, match="priority"):
+        SamplingParams(priority=1.5)

@@ -142,6 +142,7 @@ ERRORS = [
     ("/v1/completions", json.dumps({"model": LLM, "prompt": 5}).encode(), 400, "invalid_type"),
     ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "max_tokens": "7"}).encode(), 400, "invalid_type"),
     ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "temperature": "hot"}).encode(), 400, "invalid_type"),
+    ("/v1/completions", json.dumps({"model": LLM, "prompt": "x", "priority": "high"}).encode(), 400, "invalid_type"),
     ("/v1/completions", json.dumps({"model": "gpt-9", "prompt": "x"}).encode(), 404, "model_not_found"),
     ("/v1/completions", json.dumps({"prompt": "x"}).encode(), 400, "missing_parameter"),
     ("/v1/completions", json.dumps({"model": LLM, "prompt": ""}).encode(), 400, "invalid_value"),
@@ -207,7 +208,7 @@ def test_concurrent_streams_are_batched_and_each_get_their_own_answer(server, lo
         barrier.wait()
         if i % 2:
             chunks = c.completions.create(model=LLM, prompt=prompts[i], max_tokens=lengths[i], temperature=0,
-                                          stream=True)
+                                          stream=True, extra_body={"priority": i % 3})
             results[i] = "".join(ch.choices[0].text for ch in chunks if ch.choices)
         else:
             results[i] = c.completions.create(model=LLM, prompt=prompts[i], max_tokens=lengths[i],

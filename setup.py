@@ -72,24 +72,11 @@ def _flags() -> tuple[list[str], list[str]]:
 
 def _extensions() -> list[Extension]:
     compile_args, link_args = _flags()
+    modules = [f"core.kernels.{name}" for name in KERNELS] + [f"models.{name}" for name in NATIVE_MODELS]
     exts = [
-        Extension(
-            f"core.kernels.{name}",
-            [f"core/kernels/{name}.pyx"],
-            include_dirs=["core/kernels", numpy.get_include()],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-        )
-        for name in KERNELS
-    ] + [
-        Extension(
-            f"models.{name}",
-            [f"models/{name}.pyx"],
-            include_dirs=["core/kernels", numpy.get_include()],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-        )
-        for name in NATIVE_MODELS
+        Extension(module, [module.replace(".", "/") + ".pyx"], include_dirs=["core/kernels", numpy.get_include()],
+                  extra_compile_args=compile_args, extra_link_args=link_args)
+        for module in modules
     ]
     debug = os.environ.get("EDGE_CYTHON_DEBUG") == "1"
     directives = {

@@ -240,8 +240,8 @@ class DecoderModel(Model):
         each sequence's results are bit for bit those of running it alone.  A feed that finds the
         KV pool full waits (stays pending) for blocks that finishing sequences release; if no feed
         can move at all, the youngest sequence holding blocks is preempted: its blocks go back to
-        the pool and it recomputes its history once there is room (feeds are planned oldest
-        first, so the older sequences get the blocks and finish)."""
+        the pool and it recomputes its history once there is room (feeds are planned in order,
+        so the earlier sequences get the blocks and finish)."""
         s = self.state
         feeds = sorted(feeds, key=lambda f: -f.priority)     # stable: arrival order within a priority
         decoding = [f for f in feeds if len(f.ids) - f.done == 1]

@@ -93,6 +93,17 @@ def real_sentences(real_text) -> list[str]:
     return [s for s in out if 5 <= len(s.split()) <= 60]
 
 
+def stop_process(proc, timeout: float = 10) -> int:
+    """Terminate a test's server process; kill it if it does not exit in time.  Returns its status."""
+    import subprocess
+    proc.terminate()
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait()
+
+
 def cosine(a, b) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)

@@ -16,7 +16,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, stop_process
 
 RUNTIME = "/2018-06-01/runtime"
 LLM = "smollm2.int8"                 # the name the app gives a model loaded from smollm2.int8.edge
@@ -141,12 +141,7 @@ class Runtime:
         return payload
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
         self.api.close()
 
 

@@ -14,7 +14,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, stop_process
 
 KV_TOKENS = 512
 
@@ -47,11 +47,7 @@ class Server:
         raise TimeoutError("edge serve did not become ready")
 
     def stop(self):
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        stop_process(self.proc)
 
 
 def request(url, body=None, headers=None, method=None, raw: bytes | None = None):

@@ -22,7 +22,7 @@ import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-KERNELS = ["_omp", "_matmul", "_embedding", "_norms", "_rope", "_activations", "_attention"]
+KERNELS = ["_omp", "_matmul", "_embedding", "_norms", "_rope", "_activations", "_attention", "_sampling"]
 NATIVE_MODELS = ["_llama_native"]   # forward passes in one native call, built on the kernels' C entry points
 
 _PROBE = r"""

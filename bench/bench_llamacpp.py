@@ -262,7 +262,11 @@ def cold_first_token(gguf: str, threads: int, prompt: str, runs: int) -> tuple[f
         _run(cmd, what)
         return time.perf_counter() - t
 
-    wall(ours, "edge generate")      # warm-up: page cache, .pyc files
+    # Bytecode for our modules, as an installed package (and `make serve`'s install) has; pip wrote
+    # llama-cpp-python's when it installed it.  With PYTHONDONTWRITEBYTECODE set, a first run would
+    # not write it, and every run would compile our sources again.
+    _run([sys.executable, "-m", "compileall", "-q", "core", "models", "edge"], "compileall")
+    wall(ours, "edge generate")      # warm-up: page cache
     wall(theirs, "llama.cpp generate")
     times = {"ours": [], "theirs": []}
     for _ in range(runs):            # alternate, so that a noisy neighbour hurts both alike

@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import mmap
 from collections import OrderedDict
-from math import prod
-
-import numpy as np
 
 from core.errors import EdgeError
 
@@ -38,8 +35,10 @@ class KVCache:
     def __init__(self, n_layers: int, width: int, n_blocks: int, block_size: int = 16):
         self.block_size = block_size
         self.n_blocks = n_blocks
-        self.k = _lazy_zeros((n_layers, n_blocks * block_size, width))
-        self.v = _lazy_zeros((n_layers, n_blocks * block_size, width))
+        self.shape = (n_layers, n_blocks * block_size, width)     # of K and of V, float32
+        self.k_memory = _lazy_zeros(n_layers * n_blocks * block_size * width * 4)
+        self.v_memory = _lazy_zeros(n_layers * n_blocks * block_size * width * 4)
+        self._views = None
         self._free = list(range(n_blocks - 1, -1, -1))   # no owner, no cached content
         self._refs = [0] * n_blocks
         self._cached: OrderedDict[int, None] = OrderedDict()   # no owner, content kept (LRU)
@@ -47,6 +46,22 @@ class KVCache:
         self._by_hash: dict[int, int] = {}               # chain hash -> block
         self.prefix_queried = 0                          # full prompt blocks looked up
         self.prefix_hits = 0                             # ... found and reused
+
+    @property
+    def k(self):
+        """K of every layer, (n_layers, slots, width) float32: a numpy view of k_memory."""
+        return self._numpy()[0]
+
+    @property
+    def v(self):
+        return self._numpy()[1]
+
+    def _numpy(self):
+        if self._views is None:     # numpy only for the Python forward and tests; the native one reads the memory
+            import numpy as np
+            self._views = tuple(np.frombuffer(m, np.float32).reshape(self.shape)
+                                for m in (self.k_memory, self.v_memory))
+        return self._views
 
     @property
     def n_free(self) -> int:
@@ -134,13 +149,12 @@ class KVCache:
         self._by_hash.clear()
 
 
-def _lazy_zeros(shape) -> np.ndarray:
-    """float32 zeros in anonymous memory committed page by page as it is written."""
-    nbytes = max(prod(shape) * 4, 1)
-    mem = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+def _lazy_zeros(nbytes: int) -> mmap.mmap:
+    """Zeros in anonymous memory committed page by page as it is written."""
+    mem = mmap.mmap(-1, max(nbytes, 4), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     if hasattr(mmap, "MADV_NOHUGEPAGE"):
         mem.madvise(mmap.MADV_NOHUGEPAGE)
-    return np.frombuffer(mem, np.float32, count=prod(shape)).reshape(shape)
+    return mem
 
 
 class Sequence:
@@ -159,13 +173,13 @@ class Sequence:
         if need > 0:
             self.blocks += self.cache._take(need)
 
-    def slots(self, positions: np.ndarray) -> np.ndarray:
-        table = np.asarray(self.blocks, np.int32)
-        bs = self.cache.block_size
-        return (table[positions // bs] * bs + positions % bs).astype(np.int32)
+    def slots(self, positions) -> list[int]:
+        """The KV slot of each position (ints) of this sequence."""
+        table, bs = self.blocks, self.cache.block_size
+        return [table[p // bs] * bs + p % bs for p in positions]
 
-    def block_table(self) -> np.ndarray:
-        return np.asarray(self.blocks, np.int32)[None, :]
+    def block_table(self) -> list[int]:
+        return list(self.blocks)
 
     def release(self) -> None:
         self.cache._give(self.blocks)

@@ -30,9 +30,7 @@ import sys
 import zlib
 from dataclasses import dataclass
 from math import prod
-from typing import Iterable
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable
 
 from core.errors import WeightsFormatError
 
@@ -43,15 +41,19 @@ PREAMBLE = struct.Struct("<8sIIQQQ24x")
 assert PREAMBLE.size == 64
 MAX_DIMS = 32    # numpy 1.x's limit; every shape must be one numpy can represent
 
-# dtype name in the file -> numpy dtype.  Names are never reused for another meaning.
+# dtype name in the file -> numpy's spelling of it (numpy is imported only by tensor() and
+# write_weights: the native path reads the map through memoryviews).  Names are never reused.
 DTYPES = {
-    "f32": np.dtype("<f4"),
-    "f16": np.dtype("<f2"),
-    "i8": np.dtype("i1"),
-    "u8": np.dtype("u1"),
-    "i32": np.dtype("<i4"),
+    "f32": "<f4",
+    "f16": "<f2",
+    "i8": "i1",
+    "u8": "u1",
+    "i32": "<i4",
 }
-_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {"f32": 4, "f16": 2, "i8": 1, "u8": 1, "i32": 4}
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def _align(n: int) -> int:
@@ -114,9 +116,10 @@ class WeightsFile:
 
     def tensor(self, name: str) -> np.ndarray:
         """A read-only, zero-copy numpy view of one tensor."""
+        import numpy as np
+
         info = self._info(name)
-        dt = DTYPES[info.dtype]
-        arr = np.frombuffer(self._mm, dtype=dt, count=info.nbytes // dt.itemsize,
+        arr = np.frombuffer(self._mm, dtype=DTYPES[info.dtype], count=info.nbytes // ITEMSIZE[info.dtype],
                             offset=self._data_offset + info.offset)
         return arr.reshape(info.shape)
 
@@ -188,14 +191,14 @@ def _validate(path: str, mm: mmap.mmap, size: int):
             _fail(path, f"unknown dtype {dtype!r}", name)
         if not isinstance(shape, list) or len(shape) > MAX_DIMS \
                 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) \
-                or prod(d for d in shape if d) * DTYPES[dtype].itemsize > sys.maxsize:  # numpy's bound
+                or prod(d for d in shape if d) * ITEMSIZE[dtype] > sys.maxsize:  # numpy's bound
             _fail(path, f"bad shape {shape!r}", name)
         for key, v in (("offset", offset), ("nbytes", nbytes)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 _fail(path, f"bad {key} {v!r}", name)
-        if nbytes != prod(shape) * DTYPES[dtype].itemsize:
+        if nbytes != prod(shape) * ITEMSIZE[dtype]:
             _fail(path, f"holds {nbytes} bytes but shape {shape} of {dtype} needs "
-                        f"{prod(shape) * DTYPES[dtype].itemsize}", name)
+                        f"{prod(shape) * ITEMSIZE[dtype]}", name)
         if offset % ALIGN:
             _fail(path, f"offset {offset} is not {ALIGN}-byte aligned", name)
         if offset + nbytes > data_size:
@@ -214,6 +217,9 @@ def write_weights(path: str | os.PathLike, meta: dict, tensors: Iterable[tuple[s
 
     `tensors` yields (name, array) pairs; arrays must have a dtype listed in DTYPES.
     """
+    import numpy as np
+
+    names_of = {np.dtype(v): k for k, v in DTYPES.items()}
     path = os.fspath(path)
     items = [(name, np.ascontiguousarray(a)) for name, a in tensors]
     names = [name for name, _ in items]
@@ -221,9 +227,9 @@ def write_weights(path: str | os.PathLike, meta: dict, tensors: Iterable[tuple[s
         raise ValueError("tensor names must be unique, non-empty strings")
     table, offset = [], 0
     for name, a in items:
-        if a.dtype not in _NAMES:
+        if a.dtype not in names_of:
             raise ValueError(f"tensor '{name}' has dtype {a.dtype}, which the format does not store")
-        table.append({"name": name, "dtype": _NAMES[a.dtype], "shape": list(a.shape),
+        table.append({"name": name, "dtype": names_of[a.dtype], "shape": list(a.shape),
                       "offset": offset, "nbytes": a.nbytes})
         offset = _align(offset + a.nbytes)
     header = json.dumps({"meta": meta, "tensors": table}, separators=(",", ":")).encode()

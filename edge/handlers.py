@@ -11,7 +11,6 @@ import time
 import uuid
 from contextlib import aclosing
 
-import numpy as np
 from aiohttp import web
 
 from edge import schemas
@@ -131,7 +130,7 @@ async def embeddings(request: web.Request) -> web.Response:
     request.app[METRICS].prompt_tokens.labels(name).inc(n_tokens)
     data = [{"object": "embedding", "index": i,
              "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode() if fmt == "base64" else v.tolist()}
-            for i, v in enumerate(np.asarray(vectors))]
+            for i, v in enumerate(vectors)]     # rows of embed_ids' (n, dim) float32 array
     return json_response({"object": "list", "data": data, "model": name,
                           "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}})
 

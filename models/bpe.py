@@ -53,6 +53,28 @@ def _class_text(ranges) -> str:
     return "".join(one(a) if a == b else f"{one(a)}-{one(b)}" for a, b in ranges)
 
 
+def _ascii_ranges(class_text: str) -> list[tuple[int, int]]:
+    """The ASCII part of a character class written by _class_text, as code point ranges.  There
+    every item is a character (escaped by re.escape, which escapes "-") or two joined by a bare "-"."""
+    items, i = [], 0                            # (character, escaped)
+    while i < len(class_text):
+        escaped = class_text[i] == "\\"
+        i += escaped
+        items.append((class_text[i], escaped))
+        i += 1
+    out, i = [], 0
+    while i < len(items):
+        a = b = ord(items[i][0])
+        if i + 2 < len(items) and items[i + 1] == ("-", False):
+            b = ord(items[i + 2][0])
+            i += 3
+        else:
+            i += 1
+        if a < 128:
+            out.append((a, min(b, 127)))
+    return out
+
+
 def _category_ranges(first_letter: str) -> list[tuple[int, int]]:
     import unicodedata
     out, start = [], None
@@ -163,9 +185,8 @@ class ByteLevelBPE:
         self._merges = ints("tokenizer.bpe.merges")
         self._mask = len(self._merges) // 4 - 1
         self.vocab_size = len(self._offsets) - 1
-        c = meta["classes"]
-        self._split = re.compile(_PATTERN.format(L=c["L"], N=c["N"], S=c["S"]))
-        self._digit = re.compile(f"[{c['N']}]") if meta["digits"] else None
+        self._classes, self._digits = meta["classes"], bool(meta["digits"])
+        self._regexes = {}       # compiled on first use: ASCII-only ones for ASCII text (milliseconds)
         self.added = {content: i for content, i, _ in meta["added"]}
         self.special_ids = frozenset(i for _, i, special in meta["added"] if special)
         self._added_split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self.added, key=len, reverse=True))
@@ -184,18 +205,32 @@ class ByteLevelBPE:
                     ids += self._word(piece)
         return ids
 
+    def _split_regexes(self, ascii_only: bool):
+        """(split, digit or None): the pre-tokenizer's regexes.  Compiling the full Unicode classes
+        takes some 40 ms, so ASCII text gets the same regexes with the classes cut to ASCII, which
+        match ASCII text exactly as the full ones do."""
+        hit = self._regexes.get(ascii_only)
+        if hit is None:
+            c = self._classes
+            if ascii_only:
+                c = {k: _class_text(_ascii_ranges(v)) for k, v in c.items()}
+            split = re.compile(_PATTERN.format(L=c["L"], N=c["N"], S=c["S"]))
+            hit = self._regexes[ascii_only] = (split, re.compile(f"[{c['N']}]") if self._digits else None)
+        return hit
+
     def _pieces_of(self, text: str):
-        if self._digit is None:
-            yield from self._split.findall(text)
+        split, digit = self._split_regexes(text.isascii())
+        if digit is None:
+            yield from split.findall(text)
             return
         start = 0
-        for m in self._digit.finditer(text):
+        for m in digit.finditer(text):
             if m.start() > start:
-                yield from self._split.findall(text[start:m.start()])
+                yield from split.findall(text[start:m.start()])
             yield m.group()
             start = m.end()
         if start < len(text):
-            yield from self._split.findall(text[start:])
+            yield from split.findall(text[start:])
 
     def _merge(self, a: int, b: int):
         t, mask = self._merges, self._mask

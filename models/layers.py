@@ -6,8 +6,6 @@ group of 32 along each row.  The kernels read the fp16 scales as their raw uint1
 
 from __future__ import annotations
 
-import numpy as np
-
 from core import kernels as K
 from core.wfile import WeightsFile
 
@@ -15,7 +13,7 @@ from core.wfile import WeightsFile
 def _scale_bits(wf: WeightsFile, name: str):
     if f"{name}.scale" not in wf:
         return None
-    return wf.tensor(f"{name}.scale").view(np.uint16)
+    return wf.tensor(f"{name}.scale").view("<u2")
 
 
 class Linear:

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
 from core import kernels as K
 from core.wfile import WeightsFile
 from models.layers import Embedding, Linear, Norm
@@ -70,6 +68,8 @@ class RunState:
     """Scratch for up to max_rows rows per forward call, allocated once."""
 
     def __init__(self, cfg: LlamaConfig, max_rows: int):
+        import numpy as np        # the Python forward's scratch (the native one allocates its own)
+
         f32 = np.float32
         self.max_rows = max_rows
         self.x = np.zeros((max_rows, cfg.dim), f32)                       # residual stream
@@ -120,8 +120,8 @@ def forward(cfg: LlamaConfig, w: LlamaWeights, s: RunState, cache, batch) -> np.
     return w.output_norm(s.xb[:T], x)
 
 
-def native_forward(cfg: LlamaConfig, w: LlamaWeights, s: RunState, cache):
-    """forward() bound to these weights, run state and cache, in one native call per step
-    (models/_llama_native.pyx; this file's forward is its twin)."""
+def native_forward(cfg: LlamaConfig, wf: WeightsFile, cache, max_rows: int):
+    """forward() over this weights file and cache, in one native call per step, with the logits
+    head (models/_llama_native.pyx; this file's forward and LlamaWeights.output are its twin)."""
     from models._llama_native import LlamaNative
-    return LlamaNative(cfg, w, s, cache)
+    return LlamaNative(cfg, wf, cache, max_rows)

@@ -103,3 +103,21 @@ def test_encoder_keeps_the_library(converted, loaded):
     m = loaded("minilm", "int8")
     assert m.tokenizer._bpe is None
     assert np.asarray(m.tokenize("hello world")).size >= 2
+
+
+def test_ascii_text_gets_regexes_that_split_it_alike(converted):
+    """ASCII text is split with the classes cut to ASCII (fast to compile): for every ASCII
+    character they match what the full Unicode classes match, and a mixed text uses the full ones."""
+    import re
+
+    from models.bpe import _ascii_ranges, _class_text
+    wf = WeightsFile.open(converted("smollm2", "int8"))
+    classes = wf.meta["tokenizer_bpe"]["classes"]
+    for name, text in classes.items():
+        full, cut = re.compile(f"[{text}]"), re.compile(f"[{_class_text(_ascii_ranges(text))}]")
+        assert [c for c in map(chr, range(128)) if full.match(c)] == [c for c in map(chr, range(128)) if cut.match(c)]
+    bpe = Tokenizer.from_weights(wf)._bpe
+    bpe.encode("plain ASCII 123")
+    assert set(bpe._regexes) == {True}
+    bpe.encode("naïve café 12")
+    assert set(bpe._regexes) == {True, False}

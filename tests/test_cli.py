@@ -28,6 +28,32 @@ def assert_one_line_error(r, *fragments):
         assert f in lines[0]
 
 
+NO_NUMPY = """
+import runpy, sys
+sys.argv = ["edge", *sys.argv[1:]]
+try:
+    runpy.run_module("edge.cli", run_name="__main__")
+except SystemExit as e:
+    assert not e.code, e.code
+print("numpy" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("sampling", [[], ["--temperature", "0.8", "--top-p", "0.9", "--seed", "1"]],
+                         ids=["greedy", "top-p"])
+def test_generating_imports_no_numpy(converted, loaded, sampling):
+    """The path to the first token of a new process: loading, tokenizing, the native forward and
+    sampling need no numpy (its import is half of a cold start)."""
+    path = converted("smollm2", "int8")
+    r = subprocess.run([sys.executable, "-c", NO_NUMPY, "generate", "-m", path, "-p", "The sea is", "-n", "8",
+                        *sampling], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    text, imported = r.stdout.rsplit("\n", 2)[-3:-1]
+    assert imported == "False"
+    if not sampling:
+        assert text == loaded("smollm2", "int8").generate("The sea is", max_tokens=8).text
+
+
 def test_generate_json_and_stream(converted, loaded):
     path = converted("smollm2", "int8")
     out = json.loads(edge("generate", "-m", path, "-p", "The sea is", "-n", 12, "--json").stdout)

@@ -253,3 +253,43 @@ def test_sum_bytes(n):
     from core.kernels._omp import sum_bytes
     buf = np.random.default_rng(n).integers(0, 256, n).astype(np.uint8)
     assert sum_bytes(buf) == R.sum_bytes(buf)
+
+
+SAMPLING = [dict(), dict(temperature=0.7), dict(temperature=1.0, top_k=3), dict(temperature=1.3, top_p=0.9),
+            dict(temperature=0.8, top_k=50, top_p=0.5), dict(temperature=2.0, top_p=0.999),
+            dict(temperature=1.0, repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=0.2),
+            dict(temperature=0.0, repetition_penalty=0.7, frequency_penalty=-0.5)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(V=st.sampled_from([1, 2, 5, 300, 1500, 49152]), ties=st.sampled_from(["none", "max", "rounded"]),
+       kw=st.sampled_from(SAMPLING), seed=seeds)
+def test_sample_logits(V, ties, kw, seed):
+    """The same token as the twin for the same uniform draw u: penalties, greedy, temperature,
+    top-k, top-p (a narrow nucleus and one wider than the kernel's ranked head), ties."""
+    rng = np.random.default_rng(seed)
+    logits = rand(rng, V, scale=rng.uniform(0.1, 8))
+    if ties == "max":
+        logits[rng.integers(0, V, min(V, 50))] = logits.max()
+    elif ties == "rounded":
+        logits = np.round(logits)
+    history = rng.integers(0, V, rng.integers(0, 40)).tolist()
+    for u in [0.0, *rng.random(12), np.nextafter(1.0, 0.0)]:
+        got = K.sample_logits(logits, history=history, generated=history[-7:], u=float(u), **kw)
+        assert got == R.sample_logits(logits, history=history, generated=history[-7:], u=float(u), **kw)
+
+
+def test_sample_logits_distribution_and_errors():
+    logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
+    us = (np.arange(4000) + 0.5) / 4000                          # evenly spread draws
+    counts = np.bincount([K.sample_logits(logits, temperature=1.0, u=float(u)) for u in us], minlength=4)
+    np.testing.assert_allclose(counts / 4000, [0.5, 0.3, 0.15, 0.05], atol=1e-3)
+    top_p = {K.sample_logits(logits, temperature=1.0, top_p=0.75, u=float(u)) for u in us}
+    assert top_p == {0, 1}                                       # 0.5 + 0.3 reach 0.75
+    assert {K.sample_logits(logits, temperature=1.0, top_k=1, u=float(u)) for u in us} == {0}
+    with pytest.raises(ValueError, match="vocabulary"):
+        K.sample_logits(logits, repetition_penalty=1.2, history=[4])
+    with pytest.raises(ValueError, match="u < 1"):
+        K.sample_logits(logits, temperature=1.0, u=1.0)
+    with pytest.raises(ValueError, match="no logits"):
+        K.sample_logits(np.zeros(0, np.float32))

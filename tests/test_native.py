@@ -1,6 +1,7 @@
-"""The native forward (models/_llama_native.pyx) against its twin, models.llama.forward: the same
-kernels in the same order, so hidden states and KV cache agree bit for bit, for prefill chunks,
-decode steps and batches that mix sequences; and bad batches are refused before any work."""
+"""The native forward (models/_llama_native.pyx) against its twin, models.llama.forward with
+LlamaWeights.output: the same kernels in the same order, so hidden states, logits and KV cache
+agree bit for bit, for prefill chunks, decode steps and batches that mix sequences; and bad batches
+are refused before any work."""
 
 import numpy as np
 import pytest
@@ -57,19 +58,23 @@ def model(request, tmp_path_factory):
     path = random_llama(str(tmp_path_factory.mktemp("native") / "m.edge"), quant, bias)
     m = load_model(path)
     from models._llama_native import LlamaNative
-    assert isinstance(m._forward, LlamaNative)          # the model runs the native pass by default
+    assert isinstance(m._native, LlamaNative)           # the model runs the native pass by default
     return m
 
 
 def run_both(m, batch):
-    """Python forward, then native forward, on the same batch: (hidden, k, v) of each."""
-    touched = np.unique(batch.slots)
-    py = llama.forward(m.config, m.weights, m.state, m.cache, batch).copy()
+    """Python forward, then native forward, on the same batch: (hidden, logits, k, v) of each."""
+    touched = np.unique(np.asarray(batch.slots))
+    py = llama.forward(m.config, m.weights, m.state, m.cache, batch.numpy()).copy()
+    T = len(py)
+    py_logits = m.weights.output(m.state.logits[:T], py).copy()
     py_k, py_v = m.cache.k[:, touched].copy(), m.cache.v[:, touched].copy()
     m.cache.k[:, touched] = np.nan                      # the native pass must write them again
     m.cache.v[:, touched] = np.nan
-    nat = m._forward(m.config, m.weights, m.state, m.cache, batch).copy()
-    return (py, py_k, py_v), (nat, m.cache.k[:, touched].copy(), m.cache.v[:, touched].copy())
+    nat = np.asarray(m._native(batch)).copy()
+    rows = list(range(T))[::-1]                         # any rows, in any order
+    nat_logits = np.stack([np.frombuffer(r, np.float32) for r in m._native.logits(rows)])[::-1]
+    return (py, py_logits, py_k, py_v), (nat, nat_logits, m.cache.k[:, touched].copy(), m.cache.v[:, touched].copy())
 
 
 def assert_same(a, b):
@@ -86,8 +91,8 @@ def test_prefill_then_decode_bit_for_bit(model):
             tokens = rng.integers(0, VOCAB, T).astype(np.int32)
             positions = np.arange(seq.n_tokens, seq.n_tokens + T, dtype=np.int32)
             seq.reserve(seq.n_tokens + T)
-            batch = Batch(tokens, positions, np.zeros(T, np.int32), seq.slots(positions), seq.block_table(),
-                          m.cache.block_size)
+            batch = Batch(tokens, positions, np.zeros(T, np.int32), np.array(seq.slots(positions), np.int32),
+                          np.array([seq.block_table()], np.int32), m.cache.block_size)
             py, nat = run_both(m, batch)
             assert np.isfinite(nat[0]).all()
             assert_same(py, nat)
@@ -109,19 +114,15 @@ def test_mixed_batch_of_sequences_bit_for_bit(model):
         news = [1, 1, 1, 6]
         for seq, new in zip(seqs, news):
             seq.reserve(seq.n_tokens + new)
-        width = max(len(s.blocks) for s in seqs) + 4
-        tables = np.zeros((4, width), np.int32)
         tokens, positions, seq_ids, slots = [], [], [], []
         for i, (seq, new) in enumerate(zip(seqs, news)):
-            pos = np.arange(seq.n_tokens, seq.n_tokens + new, dtype=np.int32)
-            table = seq.block_table()[0]
-            tables[i, :len(table)] = table
+            pos = range(seq.n_tokens, seq.n_tokens + new)
             tokens += rng.integers(0, VOCAB, new).tolist()
-            positions += pos.tolist()
+            positions += pos
             seq_ids += [i] * new
-            slots += seq.slots(pos).tolist()
-        batch = Batch(np.array(tokens, np.int32), np.array(positions, np.int32), np.array(seq_ids, np.int32),
-                      np.array(slots, np.int32), tables, m.cache.block_size)
+            slots += seq.slots(pos)
+        tables = [seq.block_table() + [0] * 4 for seq in seqs]
+        batch = Batch.of(tokens, positions, seq_ids, slots, tables, m.cache.block_size)   # array('i') buffers
         py, nat = run_both(m, batch)
         assert_same(py, nat)
     finally:
@@ -138,11 +139,12 @@ def test_bad_batches_are_refused(model):
 
         def batch(**kw):
             args = dict(tokens=np.array([1, 2, 3, 4], np.int32), positions=pos, seq_ids=np.zeros(4, np.int32),
-                        slots=seq.slots(pos), block_tables=seq.block_table(), block_size=m.cache.block_size)
+                        slots=np.array(seq.slots(pos), np.int32), block_tables=np.array([seq.block_table()], np.int32),
+                        block_size=m.cache.block_size)
             args.update(kw)
             return Batch(**args)
 
-        call = lambda b: m._forward(m.config, m.weights, m.state, m.cache, b)   # noqa: E731
+        call = m._native
         with pytest.raises(IndexError, match="vocabulary"):
             call(batch(tokens=np.array([1, 2, VOCAB, 4], np.int32)))
         with pytest.raises(ValueError, match="slot"):
@@ -152,8 +154,13 @@ def test_bad_batches_are_refused(model):
         with pytest.raises(ValueError, match="outside the cache"):
             call(batch(seq_ids=np.array([0, 0, 1, 0], np.int32)))
         with pytest.raises(ValueError, match="rows"):
-            call(batch(tokens=np.zeros(m.state.max_rows + 1, np.int32)))
+            call(batch(tokens=np.zeros(m.max_rows + 1, np.int32)))
         with pytest.raises(ValueError):
             call(batch(tokens=np.array([1, 2, 3, 4], np.int64)))
+        call(batch())
+        with pytest.raises(IndexError, match="row 4"):       # logits of a row the last call did not have
+            m._native.logits([0, 4])
+        with pytest.raises(ValueError, match="logits rows"):
+            m._native.logits([])
     finally:
         seq.release()

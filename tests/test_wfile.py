@@ -163,7 +163,7 @@ shapes = hnp.array_shapes(min_dims=1, max_dims=4, min_side=0, max_side=6) \
 
 @st.composite
 def named_arrays(draw):
-    dtype = DTYPES[draw(st.sampled_from(sorted(DTYPES)))]
+    dtype = np.dtype(DTYPES[draw(st.sampled_from(sorted(DTYPES)))])
     return draw(st.text(min_size=1, max_size=12)), draw(hnp.arrays(dtype, shapes))
 
 

@@ -12,8 +12,6 @@ from cython.parallel cimport parallel, prange
 from libc.stdint cimport int8_t, uint16_t
 from libc.stdlib cimport free, malloc
 
-import numpy as np
-
 cdef extern from "simd.h" nogil:
     int edge_q8_padded(int K)
     int edge_q8_pack_index(int k, int K)
@@ -201,6 +199,8 @@ def quantize_q8(const float[:, ::1] x):
     Returns (q, scales): int8 (M, K) and float32 (M, ceil(K/32)), the values matmul_q8 multiplies,
     in natural column order (the kernel keeps them interleaved, see reference.pack_q8_rows).
     """
+    import numpy as np
+
     cdef int M = x.shape[0], K = x.shape[1]
     if K == 0:
         raise ValueError("x has no columns")

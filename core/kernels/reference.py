@@ -199,3 +199,29 @@ def kv_write(k_cache, v_cache, k, v, slots):
 def sum_bytes(buf):
     """The sum of all bytes of a uint8 buffer, as an integer."""
     return int(np.asarray(buf, dtype=np.uint8).sum(dtype=np.uint64))
+
+
+def sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0, frequency_penalty=0.0,
+                  presence_penalty=0.0, history=(), generated=(), u=0.0):
+    z = np.asarray(logits).astype(np.float64)
+    if repetition_penalty != 1.0 and len(history):
+        seen = np.unique(np.asarray(history, np.int64))
+        z[seen] = np.where(z[seen] > 0, z[seen] / repetition_penalty, z[seen] * repetition_penalty)
+    if (frequency_penalty or presence_penalty) and len(generated):
+        ids, counts = np.unique(np.asarray(generated, np.int64), return_counts=True)
+        z[ids] -= frequency_penalty * counts + presence_penalty
+    if temperature == 0:
+        return int(np.argmax(z))
+    z = z / temperature
+    ids = np.arange(len(z))
+    if 0 < top_k < len(z):
+        ids = np.lexsort((ids, -z))[:top_k]               # z descending, then index ascending
+    e = np.exp(z[ids] - z[ids].max())
+    if top_p < 1.0:
+        total = np.cumsum(e)[-1]                           # sequential, in candidate order, as the kernel adds
+        order = np.lexsort((ids, -e))
+        ids, e = ids[order], e[order]
+        keep = min(int(np.searchsorted(np.cumsum(e), top_p * total, "left")) + 1, len(e))
+        ids, e = ids[:keep], e[:keep]
+    cum = np.cumsum(e)                                     # sequential sums, as the kernel adds
+    return int(ids[min(int(np.searchsorted(cum, u * cum[-1], "right")), len(ids) - 1)])

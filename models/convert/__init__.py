@@ -28,10 +28,9 @@ import numpy as np
 from core.errors import ConversionError
 from core.kernels.reference import pack_q8_rows, quantize_weights_q8
 from core.wfile import write_weights
+from models import CONVERTER_REVISION
 
-# Bumped when the converter starts writing something that files it wrote before lack; `edge fetch`
-# re-converts cached default models of an older revision.  2: byte-level BPE tokenizer tables.
-REVISION = 2
+REVISION = CONVERTER_REVISION     # see models/__init__.py
 
 QUANT_SCHEMES = {
     "int8": {"weights": "int8, fp16 scale per 32-value group", "activations": "int8, fp32 scale per 32-value group",

@@ -1,0 +1,222 @@
+"""Next-token sampling from one row of logits, in C, so that generating needs no numpy.
+
+    z = logits (fp64)
+    z[i] = z[i] / r if z[i] > 0 else z[i] * r      for each distinct i in history   (repetition_penalty r)
+    z[i] -= f * count_i + p * (count_i > 0)          for each i in generated          (frequency f, presence p)
+    temperature 0: the first index of max(z)
+    else: z = z / temperature
+          candidates: the top_k by (z descending, index ascending) when 0 < top_k < vocab, else all
+          e = exp(z - max z) over candidates
+          top_p < 1: order candidates by (e descending, index ascending) and keep the shortest head
+                     whose sum reaches top_p * sum(e)
+          the token: walk the kept candidates in order, the first whose running sum of e passes
+                     u * (sum of the kept e), u uniform in [0, 1) drawn by the caller
+
+reference.sample_logits is the numpy twin (same order of candidates, same sums).
+"""
+from libc.math cimport exp
+from libc.stdint cimport int32_t, uint8_t, uint64_t
+from libc.stdlib cimport calloc, free, malloc, qsort
+from libc.string cimport memcpy
+
+
+cdef struct Cand:
+    double key
+    int32_t id
+
+
+cdef int _by_key_desc(const void *a, const void *b) noexcept nogil:
+    cdef const Cand *x = <const Cand *> a
+    cdef const Cand *y = <const Cand *> b
+    if x.key > y.key:
+        return -1
+    if x.key < y.key:
+        return 1
+    return -1 if x.id < y.id else (1 if x.id > y.id else 0)
+
+
+cdef inline bint _before(const Cand *x, const Cand *y) noexcept nogil:
+    """x ranks before y: larger key, then smaller id."""
+    return x.key > y.key or (x.key == y.key and x.id < y.id)
+
+
+cdef void _sift_down(Cand *heap, int n, int i) noexcept nogil:
+    """Min-heap by rank (the root ranks last) of the best n seen so far."""
+    cdef int child
+    cdef Cand tmp
+    while True:
+        child = 2 * i + 1
+        if child >= n:
+            return
+        if child + 1 < n and _before(&heap[child], &heap[child + 1]):
+            child = child + 1
+        if not _before(&heap[i], &heap[child]):
+            return
+        tmp = heap[i]
+        heap[i] = heap[child]
+        heap[child] = tmp
+        i = child
+
+
+cdef int _top(const Cand *items, int n, int k, Cand *out) noexcept nogil:
+    """The k best of items, best first, into out (k <= n)."""
+    cdef int i, j
+    cdef Cand tmp
+    for i in range(k):
+        out[i] = items[i]
+    for i in range(k // 2 - 1, -1, -1):
+        _sift_down(out, k, i)
+    for i in range(k, n):
+        if _before(&items[i], &out[0]):
+            out[0] = items[i]
+            _sift_down(out, k, 0)
+    qsort(out, k, sizeof(Cand), _by_key_desc)
+    return k
+
+
+cdef void _rank_all(Cand *c, int n, Cand *tmp) noexcept nogil:
+    """Sort c by (key descending, index ascending) for keys >= 0 in index order: a stable LSD radix
+    sort on the complemented bits of the keys (non-negative doubles order as their bits do), a
+    byte per pass, skipping the bytes that all keys share."""
+    cdef size_t count[256]
+    cdef size_t pos, k
+    cdef int shift, i
+    cdef uint64_t bits
+    cdef Cand *src = c
+    cdef Cand *dst = tmp
+    cdef Cand *swap
+    for shift in range(0, 64, 8):
+        for k in range(256):
+            count[k] = 0
+        for i in range(n):
+            memcpy(&bits, &src[i].key, 8)
+            count[((~bits) >> shift) & 255] += 1
+        memcpy(&bits, &src[0].key, 8)
+        if count[((~bits) >> shift) & 255] == <size_t> n:
+            continue
+        pos = 0
+        for k in range(256):
+            pos, count[k] = pos + count[k], pos
+        for i in range(n):
+            memcpy(&bits, &src[i].key, 8)
+            k = ((~bits) >> shift) & 255
+            dst[count[k]] = src[i]
+            count[k] += 1
+        swap = src
+        src = dst
+        dst = swap
+    if src != c:
+        memcpy(c, src, n * sizeof(Cand))
+
+
+cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
+                 double *z, Cand *c, Cand *best) noexcept nogil:
+    """The sampling steps after the penalties (z holds the penalised logits); c and best hold V."""
+    cdef int i, n, keep
+    cdef double zmax, total, acc, target
+    if temperature == 0.0:
+        n = 0
+        for i in range(1, V):
+            if z[i] > z[n]:
+                n = i
+        return n
+    for i in range(V):
+        c[i].key = z[i] / temperature
+        c[i].id = i
+    n = V
+    if 0 < top_k < V:
+        n = _top(c, V, top_k, best)
+        for i in range(n):
+            c[i] = best[i]
+    zmax = c[0].key
+    for i in range(1, n):
+        if c[i].key > zmax:
+            zmax = c[i].key
+    total = 0.0
+    for i in range(n):
+        c[i].key = exp(c[i].key - zmax)
+        total += c[i].key
+    if top_p < 1.0:
+        if 0 < top_k < V:                       # ranked by z: rank by e (equal when exp rounds alike)
+            qsort(c, n, sizeof(Cand), _by_key_desc)
+        else:                                   # c is in index order: rank it (the head first)
+            keep = _top(c, n, n if n < 1024 else 1024, best)
+            acc = 0.0
+            for i in range(keep):
+                acc += best[i].key
+            if acc < top_p * total:             # the nucleus is wider than the head: rank all
+                _rank_all(c, n, best)
+            else:
+                for i in range(keep):
+                    c[i] = best[i]
+        acc = 0.0
+        keep = n
+        for i in range(n):
+            acc += c[i].key
+            if acc >= top_p * total:
+                keep = i + 1
+                break
+        n = keep
+        total = 0.0
+        for i in range(n):
+            total += c[i].key
+    target = u * total
+    acc = 0.0
+    for i in range(n):
+        acc += c[i].key
+        if acc > target:
+            return c[i].id
+    return c[n - 1].id
+
+
+def sample_logits(const float[::1] logits, double temperature=0.0, int top_k=0, double top_p=1.0,
+                  double repetition_penalty=1.0, double frequency_penalty=0.0, double presence_penalty=0.0,
+                  history=(), generated=(), double u=0.0):
+    """The next token id from logits (vocab,); see the module docstring.  history: prompt and
+    generated ids (repetition penalty); generated: the generated ids alone (frequency, presence)."""
+    cdef int V = logits.shape[0], i, t
+    if V == 0:
+        raise ValueError("sample_logits: no logits")
+    if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0 or repetition_penalty <= 0 or not 0.0 <= u < 1.0:
+        raise ValueError("sample_logits: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0 "
+                         "and 0 <= u < 1 are required")
+    cdef double *z = <double *> malloc(V * sizeof(double))
+    cdef Cand *c = <Cand *> malloc(V * sizeof(Cand))
+    cdef Cand *best = <Cand *> malloc(V * sizeof(Cand))
+    cdef uint8_t *seen = NULL
+    cdef int32_t *count = NULL
+    try:
+        if z == NULL or c == NULL or best == NULL:
+            raise MemoryError()
+        for i in range(V):
+            z[i] = logits[i]
+        if repetition_penalty != 1.0 and len(history):
+            seen = <uint8_t *> calloc(V, 1)
+            if seen == NULL:
+                raise MemoryError()
+            for t in history:
+                if not 0 <= t < V:
+                    raise ValueError(f"sample_logits: token id {t} is outside the vocabulary of {V}")
+                if not seen[t]:
+                    seen[t] = 1
+                    z[t] = z[t] / repetition_penalty if z[t] > 0 else z[t] * repetition_penalty
+        if (frequency_penalty != 0.0 or presence_penalty != 0.0) and len(generated):
+            count = <int32_t *> calloc(V, sizeof(int32_t))
+            if count == NULL:
+                raise MemoryError()
+            for t in generated:
+                if not 0 <= t < V:
+                    raise ValueError(f"sample_logits: token id {t} is outside the vocabulary of {V}")
+                count[t] += 1
+            for i in range(V):
+                if count[i]:
+                    z[i] -= frequency_penalty * count[i] + presence_penalty
+        with nogil:
+            t = _choose(V, temperature, top_k, top_p, u, z, c, best)
+        return t
+    finally:
+        free(z)
+        free(c)
+        free(best)
+        free(seen)
+        free(count)

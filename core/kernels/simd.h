@@ -193,22 +193,28 @@ static inline __m256i edge_dot_i8x32(__m256i acc, __m256i ua, __m256i av, __m256
  * for R packed activation rows (q + r * q_stride, scales xs + r * xs_stride) and C packed weight
  * rows (w[c], scales ws[c] widened to fp32).  int32 inside a group, fp32 across groups.  Each
  * weight vector is loaded once for R rows and each |a| once for C weight rows.  Called with
- * constant R and C, and inlined, so that the compiler keeps the tile in registers. */
+ * constant R <= EDGE_TILE_R and C <= EDGE_TILE_C, and inlined, so that the compiler keeps the
+ * tile in registers: the arrays have fixed sizes (sized by R and C they would be variable-length
+ * arrays, which live on the stack, and every update of a sum would go through memory). */
+#define EDGE_TILE_R 4
+#ifndef EDGE_TILE_C
+#define EDGE_TILE_C 2
+#endif
 static inline __attribute__((always_inline)) void
 edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
                  const int8_t *const *w, const float *const *ws, int K, float *out) {
     const int packed_end = K / EDGE_Q8_BLOCK * EDGE_Q8_BLOCK;
     int k = 0, g = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    __m256 acc[R][C];
+    __m256 acc[EDGE_TILE_R][EDGE_TILE_C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
     for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8) {
-        __m256i isum[R][C];
+        __m256i isum[EDGE_TILE_R][EDGE_TILE_C];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) isum[r][c] = _mm256_setzero_si256();
         for (int j = 0; j < 8; j++) {
-            __m256i wv[C];
+            __m256i wv[EDGE_TILE_C];
             for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
             for (int r = 0; r < R; r++) {
                 const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j));
@@ -216,7 +222,7 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
                 for (int c = 0; c < C; c++) isum[r][c] = edge_dot_i8x32(isum[r][c], ua, av, wv[c]);
             }
         }
-        __m256 wsv[C];
+        __m256 wsv[EDGE_TILE_C];
         for (int c = 0; c < C; c++) wsv[c] = _mm256_loadu_ps(ws[c] + g);
         for (int r = 0; r < R; r++) {
             const __m256 xsv = _mm256_loadu_ps(xs + r * xs_stride + g);
@@ -225,7 +231,7 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
         }
     }
     for (; k + EDGE_Q8_GROUP <= K; k += EDGE_Q8_GROUP, g++) {     /* whole groups after the last block */
-        __m256i wv[C];
+        __m256i wv[EDGE_TILE_C];
         for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k));
         for (int r = 0; r < R; r++) {
             const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k));
@@ -239,11 +245,11 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) out[r * C + c] = edge_hsum_ps(acc[r][c]);
 #elif defined(__ARM_NEON) && defined(__aarch64__)
-    float32x4_t acc[R][C];
+    float32x4_t acc[EDGE_TILE_R][EDGE_TILE_C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = vdupq_n_f32(0.0f);
     for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8) {
-        int32x4_t lo[R][C], hi[R][C];    /* groups 0-3 and 4-7 of the block */
+        int32x4_t lo[EDGE_TILE_R][EDGE_TILE_C], hi[EDGE_TILE_R][EDGE_TILE_C];    /* groups 0-3 and 4-7 of the block */
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) lo[r][c] = hi[r][c] = vdupq_n_s32(0);
         for (int j = 0; j < 8; j++) {

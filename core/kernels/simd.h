@@ -431,7 +431,7 @@ static inline void edge_scores_f32(const float *q, const float *k, size_t stride
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void
 edge_weighted_sum_fixed(const int HD, float *o, const float *p, const float *v, size_t stride, int n) {
-    __m256 acc[HD / 8];
+    __m256 acc[8];                  /* HD <= 64; fixed size, so that it stays in registers */
     for (int c = 0; c < HD / 8; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
     for (int j = 0; j < n; j++) {
         const __m256 pj = _mm256_set1_ps(p[j]);

@@ -91,7 +91,7 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
                 while n < n1:
                     if n + 1 < n1:                        # two weight rows at a time
                         edge_f16_to_f32_row(scales[i] + <size_t> n * G, ws, 2 * G)
-                        if M < 4 and n + 2 + EDGE_PREFETCH_ROWS <= N:    # decode: stream the weights
+                        if m0 == 0 and n + 2 + EDGE_PREFETCH_ROWS <= N:  # first pass over these rows: stream them
                             edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
                         m = m0
                         while m + 4 <= m1:                # 4 x 2 blocks

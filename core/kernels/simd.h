@@ -1,8 +1,8 @@
 /* SIMD inner loops shared by the Cython kernels.
  *
  * Each function has one body per instruction set, picked at compile time:
- *   x86-64: AVX2 + FMA (vpmaddubsw with the sign trick), or vpdpbusd where AVX-512 VNNI or AVX-VNNI
- *   exists, scalar;
+ *   x86-64: AVX2 + FMA (vpmaddubsw with the sign trick), or where AVX-512 VNNI or AVX-VNNI exists
+ *   vpdpbusd on u8 activations (a + 128) with a compensation term (see edge_dot_q8_tile), scalar;
  *   aarch64: NEON with the dot-product extension (sdot), plain NEON, scalar.
  * A portable build (EDGE_PORTABLE=1) compiles for the baseline and takes the scalar or plain NEON
  * body.  Parallelism across cores is the caller's job (OpenMP in the .pyx files); these functions
@@ -175,6 +175,16 @@ static inline float edge_hsum_ps(__m256 v) {
     return _mm_cvtss_f32(s4);
 }
 
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+#define EDGE_VNNI 1
+/* acc + the 8 lanes of sum over 4 bytes of u8 a x s8 w (vpdpbusd: int32 sums, no saturation) */
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define edge_dpbusd(acc, a, w) _mm256_dpbusd_epi32((acc), (a), (w))
+#else
+#define edge_dpbusd(acc, a, w) _mm256_dpbusd_avx_epi32((acc), (a), (w))
+#endif
+#endif
+
 /* The 8 lanes of sum_k a_k * w_k for a chunk vector (32 int8 values each), added into acc:
  * |a| (u8) x sign(a)*w (s8), whose pairs sum to at most 2*127*127 (no saturation). */
 static inline __m256i edge_dot_i8x32(__m256i acc, __m256i ua, __m256i av, __m256i wv) {
@@ -213,6 +223,28 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
         __m256i isum[EDGE_TILE_R][EDGE_TILE_C];
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++) isum[r][c] = _mm256_setzero_si256();
+#if defined(EDGE_VNNI)
+        /* u8 x s8 without the sign trick: (a + 128) . w - 128 . w, where a + 128 is a with its top
+         * bit flipped and 128 . w (the compensation) is summed once per weight vector for all R
+         * rows: one vpdpbusd per row and weight vector instead of a vpsignb and a vpdpbusd */
+        const __m256i flip = _mm256_set1_epi8((char)0x80);
+        __m256i comp[EDGE_TILE_C];
+        for (int c = 0; c < C; c++) comp[c] = _mm256_setzero_si256();
+        for (int j = 0; j < 8; j++) {
+            __m256i wv[EDGE_TILE_C];
+            for (int c = 0; c < C; c++) {
+                wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
+                comp[c] = edge_dpbusd(comp[c], flip, wv[c]);
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256i ua = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j)),
+                                                    flip);
+                for (int c = 0; c < C; c++) isum[r][c] = edge_dpbusd(isum[r][c], ua, wv[c]);
+            }
+        }
+        for (int r = 0; r < R; r++)
+            for (int c = 0; c < C; c++) isum[r][c] = _mm256_sub_epi32(isum[r][c], comp[c]);
+#else
         for (int j = 0; j < 8; j++) {
             __m256i wv[EDGE_TILE_C];
             for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
@@ -222,6 +254,7 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
                 for (int c = 0; c < C; c++) isum[r][c] = edge_dot_i8x32(isum[r][c], ua, av, wv[c]);
             }
         }
+#endif
         __m256 wsv[EDGE_TILE_C];
         for (int c = 0; c < C; c++) wsv[c] = _mm256_loadu_ps(ws[c] + g);
         for (int r = 0; r < R; r++) {

@@ -15,6 +15,11 @@ steps (edge/engine.py), which is what keeps this ratio small.
 KV waste: paged blocks hold 16 tokens; a sequence wastes only the unused tail of its last block.
 Reported against what a contiguous allocator would reserve per request (prompt + max_tokens).
 
+Shared weights (--workers N, default 4): `edge serve --workers 1`, then `edge serve --workers N`;
+once every worker has served a completion (a keep-alive connection asks /health for the worker's
+pid, then completes on the same connection), the PSS of all the server's processes is read from
+/proc/PID/smaps_rollup.  extra PSS per worker = (PSS with N workers - PSS with 1) / (N - 1).
+
 The server runs with the same thread count as `edge serve` defaults; the clients share the machine
 (their cost is small: one asyncio loop).  Bounded in time and count; the server is stopped at exit.
 """
@@ -123,6 +128,48 @@ async def interference(url, long_prompt: str, tokens: int) -> dict:
             "ratio": pct(during, 99) / pct(base, 99), "gaps_during": len(during)}
 
 
+def _pss(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+
+
+def serve_pss(workers: int, threads: int | None) -> dict:
+    """PSS of `edge serve --workers N` (parent and workers) once every worker has generated."""
+    import http.client
+    port = free_port()
+    cmd = [sys.executable, "-m", "edge.cli", "serve", "-m", MODEL, "--port", str(port), "-q",
+           "--workers", str(workers)] + (["--threads", str(threads)] if threads else [])
+    server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    served: set[int] = set()
+    body = json.dumps({"model": MODEL, "prompt": "The sea is", "max_tokens": 16, "temperature": 0})
+    try:
+        deadline = time.monotonic() + 120
+        while len(served) < workers:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {len(served)} of {workers} workers answered")
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+            try:
+                conn.request("GET", "/health")
+                health = conn.getresponse()
+                doc = json.loads(health.read())
+                if health.status != 200:
+                    continue
+                conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+                done = conn.getresponse()
+                done.read()
+                if done.status == 200:
+                    served.add(doc["pid"])
+            except (OSError, ValueError, http.client.HTTPException):
+                time.sleep(0.2)
+            finally:
+                conn.close()
+        pss = {pid: _pss(pid) for pid in [server.pid, *served]}
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {"workers": workers, "pss_bytes": sum(pss.values()), "per_process": pss}
+
+
 def long_prompt_text(n_tokens: int) -> str:
     from pydoc_data.topics import topics
     text = " ".join(topics[k] for k in sorted(topics))
@@ -140,6 +187,7 @@ def main(argv=None) -> int:
     p.add_argument("--levels", default="1,4,16")
     p.add_argument("--max-seconds", type=float, default=120)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--workers", type=int, default=4, help="workers for the shared-weights PSS (0: skip)")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     port = free_port()
@@ -173,8 +221,21 @@ def main(argv=None) -> int:
     print(f"\na {inter['long_prompt_tokens']}-token prompt arriving while 8 streams decode: prefilled in "
           f"{inter['prefill_s']:.2f} s; the streams' p99 inter-token latency {inter['itl_p99_during_s'] * 1e3:.1f} ms "
           f"vs {inter['itl_p99_alone_s'] * 1e3:.1f} ms alone ({inter['ratio']:.2f}x)")
+    shared = None
+    if args.workers > 1:
+        sys.path.insert(0, ROOT)
+        from edge.registry import resolve
+        file_bytes = os.path.getsize(resolve(MODEL))
+        one, many = serve_pss(1, args.threads), serve_pss(args.workers, args.threads)
+        extra = (many["pss_bytes"] - one["pss_bytes"]) / (args.workers - 1)
+        shared = {"workers": args.workers, "pss_one_mb": one["pss_bytes"] / 1e6, "pss_many_mb": many["pss_bytes"] / 1e6,
+                  "extra_pss_per_worker_mb": extra / 1e6, "file_mb": file_bytes / 1e6,
+                  "extra_fraction_of_file": extra / file_bytes}
+        print(f"edge serve --workers {args.workers}: PSS {shared['pss_many_mb']:.1f} MB in all vs "
+              f"{shared['pss_one_mb']:.1f} MB with 1 worker; extra PSS per worker {shared['extra_pss_per_worker_mb']:.1f} MB"
+              f" = {shared['extra_fraction_of_file']:.1%} of the {shared['file_mb']:.0f} MB weights file")
     if args.json:
-        print(json.dumps({"levels": levels, "interference": inter}))
+        print(json.dumps({"levels": levels, "interference": inter, "shared_weights": shared}))
     return 0
 
 

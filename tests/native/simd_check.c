@@ -44,7 +44,7 @@ static void plain_unpack(const int8_t *packed, int8_t *natural, int K) {
 }
 
 int main(void) {
-    static const int sizes[] = {1, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 576, 1536, 4097};
+    static const int sizes[] = {1, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 160, 224, 384, 448, 576, 1536, 4097};
     for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
         const int K = sizes[i], G = (K + 31) / 32;
         float *x = malloc(K * sizeof(float)), *y = malloc(K * sizeof(float));

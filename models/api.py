@@ -196,9 +196,11 @@ class DecoderModel(Model):
         if self.arch == "llama":
             from models import llama as arch
             self.config = arch.LlamaConfig(**wf.meta["config"])
+            self._weights_class = arch.LlamaWeights
         else:
             from models import gpt2 as arch
             self.config = arch.GPT2Config(**wf.meta["config"])
+            self._weights_class = arch.GPT2Weights
         self._arch = arch
         self.max_rows = max_rows
         self._weights = self._state = None
@@ -219,8 +221,7 @@ class DecoderModel(Model):
         """The architecture's weights objects (numpy views of the file), made on first use: the
         Python forward pass needs them, the native one does not."""
         if self._weights is None:
-            names = {"llama": "LlamaWeights", "gpt2": "GPT2Weights"}
-            self._weights = getattr(self._arch, names[self.arch])(self.file, self.config)
+            self._weights = self._weights_class(self.file, self.config)
         return self._weights
 
     @property

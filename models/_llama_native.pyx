@@ -35,7 +35,6 @@ cdef struct Proj:                 # one linear layer: int8 (w, scale) or fp32 (w
     const float *wf
     const float *bias
     int n_out
-    int n_in
 
 
 cdef struct Layer:
@@ -67,7 +66,7 @@ cdef class _Tensors:
     cdef Proj proj(self, prefix, int n_out, int n_in) except *:
         """NAME.weight int8 + NAME.scale f16, or NAME.weight f32; NAME.bias f32 when present."""
         cdef Proj p
-        p.w, p.scale, p.wf, p.bias, p.n_out, p.n_in = NULL, NULL, NULL, NULL, n_out, n_in
+        p.w, p.scale, p.wf, p.bias, p.n_out = NULL, NULL, NULL, NULL, n_out
         if f"{prefix}.scale" in self.wf:
             p.w = <const int8_t *> self.address(f"{prefix}.weight", "i8", (n_out, n_in))
             p.scale = <const uint16_t *> self.address(f"{prefix}.scale", "f16", (n_out, (n_in + 31) // 32))

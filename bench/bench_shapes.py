@@ -82,27 +82,18 @@ def write_model(path: str) -> None:
     write_weights(path, dict(arch="llama", config=config, quant={"name": "int8"}, eos_token_id=V - 1), tensors)
 
 
-def median_time(fn, runs: int) -> float:
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
 def measure(path: str, threads: int, runs: int) -> dict:
     import numpy as np
 
     from core import kernels as K
     from core.kernels._omp import set_num_threads, simd_name, sum_bytes
+    from edge.bench import _median_time as median_time     # one warm-up call, then the median
     from models.api import Feed, load_model
 
     out = {"simd": simd_name(), "threads": threads}
     m = load_model(path, threads=threads)
     rng = np.random.default_rng(1)
     ids = rng.integers(300, SHAPE["vocab"], 600).tolist()
-    m.next_token_logits(ids[:16])                                     # warm-up
     out["prefill512_tok_s"] = 512 / median_time(lambda: m.next_token_logits(ids[:512]), runs)
 
     def decode() -> float:

@@ -181,12 +181,15 @@ def sample_logits(const float[::1] logits, double temperature=0.0, int top_k=0, 
         raise ValueError("sample_logits: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0 "
                          "and 0 <= u < 1 are required")
     cdef double *z = <double *> malloc(V * sizeof(double))
-    cdef Cand *c = <Cand *> malloc(V * sizeof(Cand))
-    cdef Cand *best = <Cand *> malloc(V * sizeof(Cand))
+    cdef Cand *c = NULL                    # candidates: only when sampling (greedy reads z alone)
+    cdef Cand *best = NULL
     cdef uint8_t *seen = NULL
     cdef int32_t *count = NULL
     try:
-        if z == NULL or c == NULL or best == NULL:
+        if temperature > 0.0:
+            c = <Cand *> malloc(V * sizeof(Cand))
+            best = <Cand *> malloc(V * sizeof(Cand))
+        if z == NULL or (temperature > 0.0 and (c == NULL or best == NULL)):
             raise MemoryError()
         for i in range(V):
             z[i] = logits[i]

@@ -50,7 +50,7 @@ DTYPES = {
     "u8": "u1",
     "i32": "<i4",
 }
-ITEMSIZE = {"f32": 4, "f16": 2, "i8": 1, "u8": 1, "i32": 4}
+ITEMSIZE = {name: int(spelling[-1]) for name, spelling in DTYPES.items()}
 
 if TYPE_CHECKING:
     import numpy as np
@@ -158,7 +158,23 @@ def _fail(path: str, msg: str, tensor: str | None = None):
     raise WeightsFormatError(f"{where}: {msg}")
 
 
-def _validate(path: str, mm: mmap.mmap, size: int):
+def file_meta(path: str | os.PathLike) -> dict:
+    """A weights file's metadata, with the preamble and header checked but not the tensor table
+    (cheaper than WeightsFile.open: for deciding whether a cached file is current)."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < PREAMBLE.size:
+                _fail(path, f"file is {size} bytes, shorter than the {PREAMBLE.size}-byte preamble")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _header(path, mm, size)[1]["meta"]
+    except OSError as e:
+        raise WeightsFormatError(f"{path}: cannot read weights file: {e.strerror}") from None
+
+
+def _header(path: str, mm: mmap.mmap, size: int) -> tuple[int, dict]:
+    """(data offset, header document) after checking the preamble and the header's checksum."""
     magic, version, crc, header_len, data_offset, file_size = PREAMBLE.unpack_from(mm, 0)
     if magic != MAGIC:
         _fail(path, f"not an edge weights file (magic {magic!r}, expected {MAGIC!r})")
@@ -178,6 +194,11 @@ def _validate(path: str, mm: mmap.mmap, size: int):
         _fail(path, f"header is not valid JSON ({e})")
     if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict) or not isinstance(doc.get("tensors"), list):
         _fail(path, "header lacks its 'meta' object or 'tensors' list")
+    return data_offset, doc
+
+
+def _validate(path: str, mm: mmap.mmap, size: int):
+    data_offset, doc = _header(path, mm, size)
     data_size = size - data_offset
     tensors: dict[str, TensorInfo] = {}
     for i, t in enumerate(doc["tensors"]):

@@ -15,8 +15,8 @@ import importlib.util
 import os
 import sys
 
-from core.errors import ModelNotFoundError
-from core.wfile import FORMAT_VERSION, file_version
+from core.errors import ModelNotFoundError, WeightsFormatError
+from core.wfile import FORMAT_VERSION, file_meta, file_version
 
 DEFAULT_MODELS = {
     "smollm2-135m-instruct": {
@@ -61,11 +61,9 @@ def _stale(path: str) -> bool:
     converter (one that lacks what the current one stores): it gets converted again."""
     if not os.path.exists(path) or file_version(path) != FORMAT_VERSION:
         return True
-    from core.errors import WeightsFormatError
-    from core.wfile import WeightsFile
     from models import CONVERTER_REVISION
     try:
-        return WeightsFile.open(path).meta.get("converter_revision", 1) < CONVERTER_REVISION
+        return file_meta(path).get("converter_revision", 1) < CONVERTER_REVISION
     except WeightsFormatError:
         return True
 

@@ -412,7 +412,7 @@ class DecoderModel(Model):
             if not prompt:
                 raise InvalidRequestError("the prompt is empty")
             return self.tokenizer.encode(prompt)
-        if hasattr(prompt, "tolist") and not isinstance(prompt, (str, bytes)):      # numpy, array
+        if hasattr(prompt, "tolist"):                   # a numpy array, an array.array
             prompt = prompt.tolist()
         if isinstance(prompt, (list, tuple)):
             return self._check_ids(prompt)

@@ -23,7 +23,7 @@ from hypothesis.extra import numpy as hnp
 
 from core.errors import WeightsFormatError
 from core.kernels.reference import quantize_weights_q8
-from core.wfile import ALIGN, DTYPES, FORMAT_VERSION, MAGIC, PREAMBLE, WeightsFile, write_weights
+from core.wfile import ALIGN, DTYPES, FORMAT_VERSION, MAGIC, PREAMBLE, WeightsFile, file_meta, write_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 DELETE = object()  # a field value meaning "remove the key"
@@ -137,6 +137,7 @@ def model_file(tmp_path_factory):
 def test_model_file_round_trip(model_file):
     wf = WeightsFile.open(model_file.path)
     assert wf.meta == model_file.meta
+    assert file_meta(model_file.path) == model_file.meta
     assert wf.nbytes == model_file.size == os.path.getsize(model_file.path)
     assert list(wf.tensors) == list(model_file.arrays)
     for name, want in model_file.arrays.items():
@@ -412,8 +413,11 @@ PREAMBLE_CASES = [
 @pytest.mark.parametrize("fix, text", PREAMBLE_CASES)
 def test_bad_preamble_is_refused(model_file, tmp_path, fix, text):
     doc, data = split(model_file.path)
-    msg = open_error(assemble(tmp_path / "bad.edge", doc, data, fix=fix))
+    bad = assemble(tmp_path / "bad.edge", doc, data, fix=fix)
+    msg = open_error(bad)
     assert text in msg, msg
+    with pytest.raises(WeightsFormatError, match=text):     # the header-only read checks the same
+        file_meta(bad)
 
 
 # --- not a weights file at all -------------------------------------------------------------------

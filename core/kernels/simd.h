@@ -207,9 +207,7 @@ static inline __m256i edge_dot_i8x32(__m256i acc, __m256i ua, __m256i av, __m256
  * tile in registers: the arrays have fixed sizes (sized by R and C they would be variable-length
  * arrays, which live on the stack, and every update of a sum would go through memory). */
 #define EDGE_TILE_R 4
-#ifndef EDGE_TILE_C
 #define EDGE_TILE_C 2
-#endif
 static inline __attribute__((always_inline)) void
 edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
                  const int8_t *const *w, const float *const *ws, int K, float *out) {

@@ -92,12 +92,15 @@ class Engine:
                 job.cancelled = True
 
     async def call(self, fn: Callable):
-        """Run fn() on the engine thread and return its result."""
+        """Run fn() on the engine thread and return its result (once the job has ended, so that
+        depth no longer counts it when the caller answers)."""
         def one():
             yield fn()
+        result = None
         async with aclosing(self.stream(one)) as items:
             async for value in items:
-                return value
+                result = value
+        return result
 
     def _loop(self) -> None:
         active = self._active
@@ -158,10 +161,11 @@ class Engine:
                 if job.cancelled:
                     return True                  # closed at the next round
         except StopIteration:
+            self._finished += 1                  # before the caller hears of it: depth is exact then
             job.emit(_DONE)
         except BaseException as e:  # noqa: BLE001 - every failure goes back to its request
+            self._finished += 1
             job.emit(_ERROR, e)
-        self._finished += 1
         return False
 
     @staticmethod

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Iterable
 from core.errors import WeightsFormatError
 
 MAGIC = b"EDGEWTS\x00"
-FORMAT_VERSION = 2      # 2: int8 rows interleaved (docs/weights-format.md); 1 is refused
+FORMAT_VERSION = 3      # 3: int8 rows interleaved in blocks of 8, 4, 2, 1 groups (docs/weights-format.md)
 ALIGN = 64
 PREAMBLE = struct.Struct("<8sIIQQQ24x")
 assert PREAMBLE.size == 64
@@ -179,7 +179,8 @@ def _header(path: str, mm: mmap.mmap, size: int) -> tuple[int, dict]:
     if magic != MAGIC:
         _fail(path, f"not an edge weights file (magic {magic!r}, expected {MAGIC!r})")
     if version != FORMAT_VERSION:
-        _fail(path, f"format version {version} is not supported (this build reads {FORMAT_VERSION})")
+        _fail(path, f"format version {version} is not supported (this build reads {FORMAT_VERSION})"
+              + ("; convert the model again (edge convert)" if 0 < version < FORMAT_VERSION else ""))
     if file_size != size:
         _fail(path, f"file is {size} bytes but its preamble says {file_size}: truncated or damaged")
     if not (0 < header_len <= size - PREAMBLE.size) or data_offset != _align(PREAMBLE.size + header_len) \

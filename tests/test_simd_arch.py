@@ -1,6 +1,7 @@
 """Every instruction-set body of core/kernels/simd.h against plain C (tests/native/simd_check.c):
 the host's baseline (scalar) and native builds, aarch64 NEON with and without the dot-product
-extension under qemu, and a compile check of the AVX-512 VNNI body, which this machine cannot run.
+extension under qemu, the VNNI body with vpdpbusd emulated in AVX2, and a compile check of the real
+AVX-512 VNNI body, which this machine cannot run.
 Native builds refuse variable-length arrays: a tile's sums in one live on the stack, not in
 registers (it halved the int8 tile's speed once).
 
@@ -38,6 +39,12 @@ def test_aarch64_under_qemu(tmp_path, march, expected):
     if not (cc and qemu):
         pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are needed: run the README's test command")
     assert build_and_run(tmp_path, cc, [f"-march={march}", "-Werror=vla"], [qemu, "-L", "/usr/aarch64-linux-gnu"]) == expected
+
+
+def test_vnni_body_emulated(tmp_path):
+    """The VNNI body (u8 x s8 with compensation) runs here with vpdpbusd spelled in AVX2."""
+    assert build_and_run(tmp_path, "gcc", ["-march=native", "-DEDGE_EMULATE_VNNI", "-Werror=vla"]) == \
+        "avx2+emulated-vnni"
 
 
 def test_avx512_vnni_body_compiles(tmp_path):

@@ -399,6 +399,7 @@ PREAMBLE_CASES = [
     pytest.param(_field("version", lambda v: 0), "format version 0", id="version-0"),
     pytest.param(_field("version", lambda v: FORMAT_VERSION + 1), f"format version {FORMAT_VERSION + 1}",
                  id="version-next"),
+    pytest.param(_field("version", lambda v: FORMAT_VERSION - 1), "convert the model again", id="version-older"),
     pytest.param(_field("version", lambda v: 2**32 - 1), "is not supported", id="version-max"),
     pytest.param(_field("crc", lambda v: v ^ 1), "checksum mismatch", id="crc"),
     pytest.param(_field("header_len", lambda v: 0), "header length 0", id="header-len-0"),

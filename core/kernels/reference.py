@@ -58,21 +58,31 @@ def quantize_weights_q8(w):
     return q, scales
 
 
-Q8_BLOCK = 256   # 8 groups, interleaved
+
+
+def q8_blocks(K):
+    """The blocks of an int8 row of K values: (first value, groups S) for as many blocks of 8 groups
+    as fit, then at most one block each of 4, 2 and 1 groups."""
+    n_groups = K // 32
+    sizes = [8] * (n_groups // 8) + [s for s in (4, 2, 1) if n_groups & s]
+    starts = np.cumsum([0] + sizes[:-1]) * 32
+    return list(zip(starts.tolist(), sizes))
 
 
 def q8_pack_order(K):
     """The interleaved layout of an int8 row of K values as a gather index: packed = natural[order].
 
-    In each whole block of 8 groups (256 values) the 32-byte vector j holds 4-byte chunk j of
-    groups 0..7 in turn: packed[256 b + 32 j + 4 g + i] = natural[256 b + 32 g + 4 j + i].  Values
-    after the last whole block keep their natural order.  The int8 matmul's weights and activations
-    are both stored this way, so that a 32-bit lane of a SIMD sum sees one group only.
+    In a block of S groups starting at value b (q8_blocks), the 32-byte vector j holds in its 4-byte
+    lane l chunk c = j (8/S) + l // S of group g = l % S:
+    packed[b + 32 j + 4 l + i] = natural[b + 32 g + 4 c + i].  The values of a last, partial group
+    keep their natural order.  The int8 matmul's weights and activations are both stored this way,
+    so that a 32-bit lane of a SIMD sum sees one group only.
     """
     order = np.arange(K)
-    whole = K // Q8_BLOCK * Q8_BLOCK
-    natural = np.arange(whole).reshape(-1, 8, 8, 4)                  # axes (block, group, chunk, byte)
-    order[:whole] = natural.transpose(0, 2, 1, 3).reshape(-1)        # read as (block, chunk, group, byte)
+    for b, S in q8_blocks(K):
+        # natural axes (group g, vector j, chunk-in-vector cc, byte i), read as (j, cc, g, i): lane cc S + g
+        natural = np.arange(b, b + 32 * S).reshape(S, S, 8 // S, 4)
+        order[b:b + 32 * S] = natural.transpose(1, 2, 0, 3).reshape(-1)
     return order
 
 

@@ -32,7 +32,9 @@
 
 #define EDGE_Q8_GROUP 32
 
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(EDGE_EMULATE_VNNI) && defined(__AVX2__)
+#define EDGE_SIMD_NAME "avx2+emulated-vnni"     /* tests only: the VNNI body, vpdpbusd in AVX2 */
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define EDGE_SIMD_NAME "avx2+avx512-vnni"
 #elif defined(__AVXVNNI__)
 #define EDGE_SIMD_NAME "avx2+avx-vnni"
@@ -80,17 +82,20 @@ static inline void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n) {
 }
 
 /* Interleaved int8 rows.  Both operands of an int8 dot product, the weight rows (at convert time)
- * and the quantized activation rows (as they are quantized), are stored in one layout: each block
- * of 8 groups (256 values) is interleaved in 4-byte chunks, so that one 32-byte vector holds chunk j
- * of all 8 groups,
+ * and the quantized activation rows (as they are quantized), are stored in one layout, so that a
+ * 32-bit lane of a SIMD sum sees one group only.  The whole groups of a row are split into blocks:
+ * as many blocks of 8 groups (256 values) as fit, then at most one block each of 4, 2 and 1 groups
+ * (K = 576: two blocks of 8 and one of 2; K = 384: one of 8 and one of 4).  In a block of S groups
+ * starting at value b, the 32-byte vector j < S holds in its 4-byte lane l chunk c = j (8/S) + l/S
+ * of group g = l mod S:
  *
- *     packed[256 b + 32 j + 4 g + i] = natural[256 b + 32 g + 4 j + i]     (j, g < 8, i < 4),
+ *     packed[b + 32 j + 4 l + i] = natural[b + 32 g + 4 c + i]     (l < 8, i < 4),
  *
- * and lane g of a 32-bit sum accumulates group g alone.  Integer sums then run over the whole block
- * and the group scales are applied once per block as one vector (xs[g..g+8] * ws[g..g+8]), instead
- * of once per group.  Values past the last whole block (K mod 256) keep their natural order.  The
- * layout is the same on every instruction set; NEON reads a chunk vector as two halves (groups 0-3
- * and 4-7), AVX-512 would read two chunks at once. */
+ * which for S = 8 is chunk j of all 8 groups, and for S = 1 the natural order.  Integer sums then
+ * run over a whole block, and the group scales are applied once per block as one vector (lane l
+ * scaled by group l mod S) instead of once per group.  The values of a last, partial group
+ * (K mod 32) keep their natural order.  The layout is the same on every instruction set; NEON
+ * reads a vector as two halves (lanes 0-3 and 4-7). */
 #define EDGE_Q8_BLOCK 256
 #ifndef EDGE_PREFETCH_LOCALITY
 #define EDGE_PREFETCH_LOCALITY 3
@@ -98,11 +103,40 @@ static inline void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n) {
 #ifndef EDGE_PREFETCH_ROWS
 #define EDGE_PREFETCH_ROWS 4
 #endif
+/* the largest int8 tile, rows x weight rows (edge_dot_q8_tile) */
+#define EDGE_TILE_R 4
+#define EDGE_TILE_C 2
+
+/* The block holding whole group gi of a row of n_groups whole groups: its first group and size S. */
+static inline void edge_q8_block_of(int gi, int n_groups, int *first, int *S) {
+    const int full = n_groups / 8 * 8;
+    if (gi < full) {
+        *first = gi & ~7;
+        *S = 8;
+        return;
+    }
+    int b = full;
+    for (int size = 4; size >= 1; size >>= 1)
+        if (n_groups & size) {
+            if (gi < b + size) {
+                *first = b;
+                *S = size;
+                return;
+            }
+            b += size;
+        }
+    *first = gi;     /* not reached for gi < n_groups */
+    *S = 1;
+}
 
 /* Where natural index k of a row of K values lives in the packed row. */
 static inline int edge_q8_pack_index(int k, int K) {
-    if (k >= K / EDGE_Q8_BLOCK * EDGE_Q8_BLOCK) return k;
-    return (k & ~(EDGE_Q8_BLOCK - 1)) + 32 * ((k >> 2) & 7) + 4 * ((k >> 5) & 7) + (k & 3);
+    const int n_groups = K / 32;
+    if (k >= n_groups * 32) return k;
+    int first, S;
+    edge_q8_block_of(k / 32, n_groups, &first, &S);
+    const int g = k / 32 - first, c = (k & 31) >> 2, per = 8 / S;
+    return 32 * first + 32 * (c / per) + 4 * ((c % per) * S + g) + (k & 3);
 }
 
 /* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|),
@@ -111,7 +145,7 @@ static inline int edge_q8_pack_index(int k, int K) {
 static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s) {
     int g = 0, k0 = 0;
 #if defined(__AVX2__)
-    const int packed_end = K / EDGE_Q8_BLOCK * EDGE_Q8_BLOCK;
+    const int n_groups = K / EDGE_Q8_GROUP;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     for (; k0 + EDGE_Q8_GROUP <= K; k0 += EDGE_Q8_GROUP, g++) {
@@ -131,13 +165,16 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
                                                _mm256_cvtps_epi32(_mm256_mul_ps(v3, inv)));
         /* packs work within 128-bit lanes: 4-byte chunks come out as 0 2 4 6 1 3 5 7 */
         const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(i01, i23), order);
-        if (k0 < packed_end) {
+        int first, S;
+        edge_q8_block_of(g, n_groups, &first, &S);
+        if (S == 1) {
+            _mm256_storeu_si256((__m256i *)(q + k0), bytes);
+        } else {   /* chunk c to vector c / per, lane (c % per) S + (g - first) */
             int32_t chunks[8];
             _mm256_storeu_si256((__m256i *)chunks, bytes);
-            int8_t *dst = q + (k0 & ~(EDGE_Q8_BLOCK - 1)) + 4 * ((k0 >> 5) & 7);
-            for (int j = 0; j < 8; j++) memcpy(dst + 32 * j, &chunks[j], 4);
-        } else {
-            _mm256_storeu_si256((__m256i *)(q + k0), bytes);
+            const int per = 8 / S;
+            int8_t *dst = q + 32 * first + 4 * (g - first);
+            for (int c = 0; c < 8; c++) memcpy(dst + 32 * (c / per) + 4 * S * (c % per), &chunks[c], 4);
         }
         s[g] = amax / 127.0f;
     }
@@ -168,179 +205,225 @@ static inline int32_t edge_dot_i8_plain(const int8_t *q, const int8_t *w, int n)
 }
 
 #if defined(__AVX2__)
+/* ((v0 + v1) + (v2 + v3)) + ((v4 + v5) + (v6 + v7)): the order of the hadd tree that sums eight
+ * vectors at once in edge_dot_q8_tile, so that a dot product does not depend on the tile shape
+ * that computed it (a sequence's results must not depend on what it is batched with). */
 static inline float edge_hsum_ps(__m256 v) {
-    __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
-    s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
-    return _mm_cvtss_f32(s4);
+    const __m256 h = _mm256_hadd_ps(v, v);
+    const __m256 h2 = _mm256_hadd_ps(h, h);
+    return _mm_cvtss_f32(_mm_add_ss(_mm256_castps256_ps128(h2), _mm256_extractf128_ps(h2, 1)));
 }
 
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__)
+/* The 8 scales of a block of S groups by lane (lane l: group l mod S), from p[0..S). */
+static inline __attribute__((always_inline)) __m256 edge_block_scales(const int S, const float *p) {
+    if (S == 8) return _mm256_loadu_ps(p);
+    if (S == 4) return _mm256_broadcast_ps((const __m128 *)p);
+    if (S == 2) return _mm256_castpd_ps(_mm256_broadcast_sd((const double *)p));
+    return _mm256_broadcast_ss(p);
+}
+
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__) || defined(EDGE_EMULATE_VNNI)
 #define EDGE_VNNI 1
 /* acc + the 8 lanes of sum over 4 bytes of u8 a x s8 w (vpdpbusd: int32 sums, no saturation) */
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#if defined(EDGE_EMULATE_VNNI)      /* tests only: the VNNI body on an AVX2 CPU, exact and slow */
+static inline __m256i edge_dpbusd(__m256i acc, __m256i a, __m256i w) {
+    const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(a)),
+                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)));
+    const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(a, 1)),
+                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)));
+    /* lo: pair sums of bytes 0-15 (lanes 2l, 2l+1 -> 4-byte chunk l), hi: bytes 16-31 */
+    const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
+    return _mm256_add_epi32(acc, sums);
+}
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
 #define edge_dpbusd(acc, a, w) _mm256_dpbusd_epi32((acc), (a), (w))
 #else
 #define edge_dpbusd(acc, a, w) _mm256_dpbusd_avx_epi32((acc), (a), (w))
 #endif
 #endif
 
-/* The 8 lanes of sum_k a_k * w_k for a chunk vector (32 int8 values each), added into acc:
- * |a| (u8) x sign(a)*w (s8), whose pairs sum to at most 2*127*127 (no saturation). */
-static inline __m256i edge_dot_i8x32(__m256i acc, __m256i ua, __m256i av, __m256i wv) {
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
-    return _mm256_dpbusd_epi32(acc, ua, _mm256_sign_epi8(wv, av));
-#elif defined(__AVXVNNI__)
-    return _mm256_dpbusd_avx_epi32(acc, ua, _mm256_sign_epi8(wv, av));
+/* One block of S groups (S vectors of 32 bytes from value k, first group g) of an R x C tile:
+ * int32 sums over the block, then acc[r][c] += sums * (xs_r * ws_c) by lane. */
+static inline __attribute__((always_inline)) void
+edge_q8_tile_block(const int S, const int R, const int C, const int8_t *q, size_t q_stride, const float *xs,
+                   size_t xs_stride, const int8_t *const *w, const float *const *ws, int k, int g,
+                   __m256 acc[EDGE_TILE_R][EDGE_TILE_C]) {
+    __m256i isum[EDGE_TILE_R][EDGE_TILE_C];
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) isum[r][c] = _mm256_setzero_si256();
+#if defined(EDGE_VNNI)
+    /* u8 x s8 without the sign trick: (a + 128) . w - 128 . w, where a + 128 is a with its top
+     * bit flipped and 128 . w (the compensation) is summed once per weight vector for all R
+     * rows: one vpdpbusd per row and weight vector instead of a vpsignb and a vpdpbusd */
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    __m256i comp[EDGE_TILE_C];
+    for (int c = 0; c < C; c++) comp[c] = _mm256_setzero_si256();
+    for (int j = 0; j < S; j++) {
+        __m256i wv[EDGE_TILE_C];
+        for (int c = 0; c < C; c++) {
+            wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
+            comp[c] = edge_dpbusd(comp[c], flip, wv[c]);
+        }
+        for (int r = 0; r < R; r++) {
+            const __m256i ua = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j)),
+                                                flip);
+            for (int c = 0; c < C; c++) isum[r][c] = edge_dpbusd(isum[r][c], ua, wv[c]);
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) isum[r][c] = _mm256_sub_epi32(isum[r][c], comp[c]);
 #else
-    return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv, av)),
-                                                   _mm256_set1_epi16(1)));
+    /* |a| (u8) x sign(a) w (s8): pairs sum to at most 2 * 127 * 127, no saturation */
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int j = 0; j < S; j++) {
+        __m256i wv[EDGE_TILE_C];
+        for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
+        for (int r = 0; r < R; r++) {
+            const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j));
+            const __m256i ua = _mm256_sign_epi8(av, av);
+            for (int c = 0; c < C; c++)
+                isum[r][c] = _mm256_add_epi32(isum[r][c], _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv[c], av)), ones));
+        }
+    }
 #endif
+    __m256 wsv[EDGE_TILE_C];
+    for (int c = 0; c < C; c++) wsv[c] = edge_block_scales(S, ws[c] + g);
+    for (int r = 0; r < R; r++) {
+        const __m256 xsv = edge_block_scales(S, xs + r * xs_stride + g);
+        for (int c = 0; c < C; c++)
+            acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][c]), _mm256_mul_ps(xsv, wsv[c]), acc[r][c]);
+    }
 }
 #endif
+
+#if defined(__ARM_NEON) && defined(__aarch64__)
+/* The scales of a block of S groups for lanes 0-3 (lo) and 4-7 (hi): lane l, group l mod S. */
+static inline __attribute__((always_inline)) void
+edge_block_scales_neon(const int S, const float *p, float32x4_t *lo, float32x4_t *hi) {
+    if (S == 8) {
+        *lo = vld1q_f32(p);
+        *hi = vld1q_f32(p + 4);
+        return;
+    }
+    *lo = S == 4 ? vld1q_f32(p) : S == 2 ? vcombine_f32(vld1_f32(p), vld1_f32(p)) : vdupq_n_f32(p[0]);
+    *hi = *lo;
+}
+
+static inline __attribute__((always_inline)) void
+edge_q8_tile_block_neon(const int S, const int R, const int C, const int8_t *q, size_t q_stride, const float *xs,
+                        size_t xs_stride, const int8_t *const *w, const float *const *ws, int k, int g,
+                        float32x4_t acc[EDGE_TILE_R][EDGE_TILE_C]) {
+    int32x4_t lo[EDGE_TILE_R][EDGE_TILE_C], hi[EDGE_TILE_R][EDGE_TILE_C];    /* lanes 0-3 and 4-7 */
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) lo[r][c] = hi[r][c] = vdupq_n_s32(0);
+    for (int j = 0; j < S; j++) {
+        for (int r = 0; r < R; r++) {
+            const int8x16_t a0 = vld1q_s8(q + r * q_stride + k + 32 * j);
+            const int8x16_t a1 = vld1q_s8(q + r * q_stride + k + 32 * j + 16);
+            for (int c = 0; c < C; c++) {
+                const int8x16_t w0 = vld1q_s8(w[c] + k + 32 * j), w1 = vld1q_s8(w[c] + k + 32 * j + 16);
+#if defined(__ARM_FEATURE_DOTPROD)
+                lo[r][c] = vdotq_s32(lo[r][c], a0, w0);
+                hi[r][c] = vdotq_s32(hi[r][c], a1, w1);
+#else
+                /* vpaddl pairs, then vpadd folds them into one 4-byte chunk per lane */
+                const int32x4_t p0 = vpaddlq_s16(vmull_s8(vget_low_s8(a0), vget_low_s8(w0)));
+                const int32x4_t p1 = vpaddlq_s16(vmull_s8(vget_high_s8(a0), vget_high_s8(w0)));
+                const int32x4_t p2 = vpaddlq_s16(vmull_s8(vget_low_s8(a1), vget_low_s8(w1)));
+                const int32x4_t p3 = vpaddlq_s16(vmull_s8(vget_high_s8(a1), vget_high_s8(w1)));
+                lo[r][c] = vaddq_s32(lo[r][c], vpaddq_s32(p0, p1));
+                hi[r][c] = vaddq_s32(hi[r][c], vpaddq_s32(p2, p3));
+#endif
+            }
+        }
+    }
+    float32x4_t wlo[EDGE_TILE_C], whi[EDGE_TILE_C];
+    for (int c = 0; c < C; c++) edge_block_scales_neon(S, ws[c] + g, &wlo[c], &whi[c]);
+    for (int r = 0; r < R; r++) {
+        float32x4_t x0, x1;
+        edge_block_scales_neon(S, xs + r * xs_stride + g, &x0, &x1);
+        for (int c = 0; c < C; c++) {
+            acc[r][c] = vfmaq_f32(acc[r][c], vcvtq_f32_s32(lo[r][c]), vmulq_f32(x0, wlo[c]));
+            acc[r][c] = vfmaq_f32(acc[r][c], vcvtq_f32_s32(hi[r][c]), vmulq_f32(x1, whi[c]));
+        }
+    }
+}
+#endif
+
+/* The plain-C body of a block of S groups: 32 running products (element e of every vector), a
+ * loop the compiler vectorizes for the baseline ISA; lane l = e / 4 belongs to group l mod S. */
+static inline void edge_q8_tile_block_plain(const int S, const int R, const int C, const int8_t *q, size_t q_stride,
+                                            const float *xs, size_t xs_stride, const int8_t *const *w,
+                                            const float *const *ws, int k, int g, float *out) {
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++) {
+            const int8_t *a = q + r * q_stride + k, *b = w[c] + k;
+            int32_t lane[32] = {0};
+            for (int j = 0; j < S; j++)
+                for (int e = 0; e < 32; e++) lane[e] += (int32_t)a[32 * j + e] * (int32_t)b[32 * j + e];
+            for (int gg = 0; gg < S; gg++) {
+                int32_t sum = 0;
+                for (int l = gg; l < 8; l += S) sum += lane[4 * l] + lane[4 * l + 1] + lane[4 * l + 2] + lane[4 * l + 3];
+                out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * ws[c][g + gg]);
+            }
+        }
+}
 
 /* An R x C tile of int8 dot products: out[r * C + c] = sum_g xs_r[g] ws_c[g] sum_{k in g} q_r,k w_c,k
  * for R packed activation rows (q + r * q_stride, scales xs + r * xs_stride) and C packed weight
  * rows (w[c], scales ws[c] widened to fp32).  int32 inside a group, fp32 across groups.  Each
- * weight vector is loaded once for R rows and each |a| once for C weight rows.  Called with
- * constant R <= EDGE_TILE_R and C <= EDGE_TILE_C, and inlined, so that the compiler keeps the
- * tile in registers: the arrays have fixed sizes (sized by R and C they would be variable-length
- * arrays, which live on the stack, and every update of a sum would go through memory). */
-#define EDGE_TILE_R 4
-#define EDGE_TILE_C 2
+ * weight vector is loaded once for R rows and each activation vector once for C weight rows.
+ * Called with constant R <= EDGE_TILE_R and C <= EDGE_TILE_C, and inlined, so that the compiler
+ * keeps the tile in registers: the arrays have fixed sizes (sized by R and C they would be
+ * variable-length arrays, which live on the stack, and every update of a sum would go through
+ * memory). */
 static inline __attribute__((always_inline)) void
 edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
                  const int8_t *const *w, const float *const *ws, int K, float *out) {
-    const int packed_end = K / EDGE_Q8_BLOCK * EDGE_Q8_BLOCK;
-    int k = 0, g = 0;
+    const int n_groups = K / EDGE_Q8_GROUP, full = n_groups / 8 * 8;
+    int g = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc[EDGE_TILE_R][EDGE_TILE_C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8) {
-        __m256i isum[EDGE_TILE_R][EDGE_TILE_C];
+    for (; g < full; g += 8) edge_q8_tile_block(8, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc);
+    if (n_groups & 4) { edge_q8_tile_block(4, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 4; }
+    if (n_groups & 2) { edge_q8_tile_block(2, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 2; }
+    if (n_groups & 1) { edge_q8_tile_block(1, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 1; }
+    if (R * C == 8) {       /* eight horizontal sums as one transposing hadd tree */
+        const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][0], acc[0][1]), _mm256_hadd_ps(acc[1][0], acc[1][1]));
+        const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[2][0], acc[2][1]), _mm256_hadd_ps(acc[3][0], acc[3][1]));
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+    } else {
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) isum[r][c] = _mm256_setzero_si256();
-#if defined(EDGE_VNNI)
-        /* u8 x s8 without the sign trick: (a + 128) . w - 128 . w, where a + 128 is a with its top
-         * bit flipped and 128 . w (the compensation) is summed once per weight vector for all R
-         * rows: one vpdpbusd per row and weight vector instead of a vpsignb and a vpdpbusd */
-        const __m256i flip = _mm256_set1_epi8((char)0x80);
-        __m256i comp[EDGE_TILE_C];
-        for (int c = 0; c < C; c++) comp[c] = _mm256_setzero_si256();
-        for (int j = 0; j < 8; j++) {
-            __m256i wv[EDGE_TILE_C];
-            for (int c = 0; c < C; c++) {
-                wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
-                comp[c] = edge_dpbusd(comp[c], flip, wv[c]);
-            }
-            for (int r = 0; r < R; r++) {
-                const __m256i ua = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j)),
-                                                    flip);
-                for (int c = 0; c < C; c++) isum[r][c] = edge_dpbusd(isum[r][c], ua, wv[c]);
-            }
-        }
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) isum[r][c] = _mm256_sub_epi32(isum[r][c], comp[c]);
-#else
-        for (int j = 0; j < 8; j++) {
-            __m256i wv[EDGE_TILE_C];
-            for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
-            for (int r = 0; r < R; r++) {
-                const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j));
-                const __m256i ua = _mm256_sign_epi8(av, av);
-                for (int c = 0; c < C; c++) isum[r][c] = edge_dot_i8x32(isum[r][c], ua, av, wv[c]);
-            }
-        }
-#endif
-        __m256 wsv[EDGE_TILE_C];
-        for (int c = 0; c < C; c++) wsv[c] = _mm256_loadu_ps(ws[c] + g);
-        for (int r = 0; r < R; r++) {
-            const __m256 xsv = _mm256_loadu_ps(xs + r * xs_stride + g);
-            for (int c = 0; c < C; c++)
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum[r][c]), _mm256_mul_ps(xsv, wsv[c]), acc[r][c]);
-        }
+            for (int c = 0; c < C; c++) out[r * C + c] = edge_hsum_ps(acc[r][c]);
     }
-    for (; k + EDGE_Q8_GROUP <= K; k += EDGE_Q8_GROUP, g++) {     /* whole groups after the last block */
-        __m256i wv[EDGE_TILE_C];
-        for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k));
-        for (int r = 0; r < R; r++) {
-            const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k));
-            const __m256i ua = _mm256_sign_epi8(av, av);
-            const __m256 sx = _mm256_set1_ps(xs[r * xs_stride + g]);
-            for (int c = 0; c < C; c++)
-                acc[r][c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(edge_dot_i8x32(_mm256_setzero_si256(), ua, av, wv[c])),
-                                            _mm256_mul_ps(sx, _mm256_set1_ps(ws[c][g])), acc[r][c]);
-        }
-    }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[r * C + c] = edge_hsum_ps(acc[r][c]);
 #elif defined(__ARM_NEON) && defined(__aarch64__)
     float32x4_t acc[EDGE_TILE_R][EDGE_TILE_C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = vdupq_n_f32(0.0f);
-    for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8) {
-        int32x4_t lo[EDGE_TILE_R][EDGE_TILE_C], hi[EDGE_TILE_R][EDGE_TILE_C];    /* groups 0-3 and 4-7 of the block */
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) lo[r][c] = hi[r][c] = vdupq_n_s32(0);
-        for (int j = 0; j < 8; j++) {
-            for (int r = 0; r < R; r++) {
-                const int8x16_t a0 = vld1q_s8(q + r * q_stride + k + 32 * j);
-                const int8x16_t a1 = vld1q_s8(q + r * q_stride + k + 32 * j + 16);
-                for (int c = 0; c < C; c++) {
-                    const int8x16_t w0 = vld1q_s8(w[c] + k + 32 * j), w1 = vld1q_s8(w[c] + k + 32 * j + 16);
-#if defined(__ARM_FEATURE_DOTPROD)
-                    lo[r][c] = vdotq_s32(lo[r][c], a0, w0);
-                    hi[r][c] = vdotq_s32(hi[r][c], a1, w1);
-#else
-                    /* vpadal pairs: lanes (0,1) hold group 0 or 2, (2,3) group 1 or 3; folded below */
-                    const int32x4_t p0 = vpaddlq_s16(vmull_s8(vget_low_s8(a0), vget_low_s8(w0)));
-                    const int32x4_t p1 = vpaddlq_s16(vmull_s8(vget_high_s8(a0), vget_high_s8(w0)));
-                    const int32x4_t p2 = vpaddlq_s16(vmull_s8(vget_low_s8(a1), vget_low_s8(w1)));
-                    const int32x4_t p3 = vpaddlq_s16(vmull_s8(vget_high_s8(a1), vget_high_s8(w1)));
-                    lo[r][c] = vaddq_s32(lo[r][c], vpaddq_s32(p0, p1));
-                    hi[r][c] = vaddq_s32(hi[r][c], vpaddq_s32(p2, p3));
-#endif
-                }
-            }
-        }
-        for (int r = 0; r < R; r++) {
-            const float32x4_t x0 = vld1q_f32(xs + r * xs_stride + g), x1 = vld1q_f32(xs + r * xs_stride + g + 4);
-            for (int c = 0; c < C; c++) {
-                acc[r][c] = vfmaq_f32(acc[r][c], vcvtq_f32_s32(lo[r][c]), vmulq_f32(x0, vld1q_f32(ws[c] + g)));
-                acc[r][c] = vfmaq_f32(acc[r][c], vcvtq_f32_s32(hi[r][c]), vmulq_f32(x1, vld1q_f32(ws[c] + g + 4)));
-            }
-        }
-    }
+    for (; g < full; g += 8) edge_q8_tile_block_neon(8, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc);
+    if (n_groups & 4) { edge_q8_tile_block_neon(4, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 4; }
+    if (n_groups & 2) { edge_q8_tile_block_neon(2, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 2; }
+    if (n_groups & 1) { edge_q8_tile_block_neon(1, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 1; }
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) out[r * C + c] = vaddvq_f32(acc[r][c]);
 #else
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) out[r * C + c] = 0.0f;
-    for (; k < packed_end; k += EDGE_Q8_BLOCK, g += 8)
-        for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) {
-                /* 32 running products, element e of every chunk vector: a plain loop the compiler
-                 * vectorizes for the baseline ISA; lanes 4 gg .. 4 gg + 3 belong to group gg */
-                const int8_t *a = q + r * q_stride + k, *b = w[c] + k;
-                int32_t lane[32] = {0};
-                for (int j = 0; j < 8; j++)
-                    for (int e = 0; e < 32; e++) lane[e] += (int32_t)a[32 * j + e] * (int32_t)b[32 * j + e];
-                for (int gg = 0; gg < 8; gg++) {
-                    const int32_t sum = lane[4 * gg] + lane[4 * gg + 1] + lane[4 * gg + 2] + lane[4 * gg + 3];
-                    out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * ws[c][g + gg]);
-                }
-            }
+    for (; g < full; g += 8) edge_q8_tile_block_plain(8, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out);
+    if (n_groups & 4) { edge_q8_tile_block_plain(4, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out); g += 4; }
+    if (n_groups & 2) { edge_q8_tile_block_plain(2, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out); g += 2; }
+    if (n_groups & 1) { edge_q8_tile_block_plain(1, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out); g += 1; }
 #endif
-    /* the remaining groups in natural order (all of them after the last block, in a NEON or scalar
-     * build; only the last, partial one after AVX2), reading no weight byte past K */
-    for (; k < K; k += EDGE_Q8_GROUP, g++) {
-        const int n = K - k < EDGE_Q8_GROUP ? K - k : EDGE_Q8_GROUP;
+    /* a last, partial group in natural order, reading no weight byte past K */
+    const int k = 32 * g;
+    if (k < K)
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++)
-                out[r * C + c] += (float)edge_dot_i8_plain(q + r * q_stride + k, w[c] + k, n) *
+                out[r * C + c] += (float)edge_dot_i8_plain(q + r * q_stride + k, w[c] + k, K - k) *
                                   (xs[r * xs_stride + g] * ws[c][g]);
-    }
 }
 
 /* Ask for [p, p + bytes) to be brought towards the cache ahead of its use (decode streams the

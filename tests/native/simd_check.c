@@ -27,12 +27,22 @@ static float plain_dot_q8(const int8_t *q, const float *xs, const int8_t *w, con
     return total;
 }
 
-/* The interleaved layout, spelled out independently of edge_q8_pack_index: in each whole block of
- * 256 values, 4-byte chunk j of group g is stored at 32 j + 4 g. */
+/* The interleaved layout, spelled out independently of edge_q8_pack_index: the whole groups in
+ * blocks of 8 while 8 remain, then blocks of 4, 2 and 1 groups; in a block of S groups at value b,
+ * lane l of 32-byte vector j holds 4-byte chunk j * (8 / S) + l / S of group l % S. */
 static int plain_pack_index(int k, int K) {
-    const int block = k / 256, in_block = k % 256, group = in_block / 32, chunk = in_block % 32 / 4;
-    if (block >= K / 256) return k;
-    return block * 256 + chunk * 32 + group * 4 + k % 4;
+    int b = 0, left = K / 32;
+    while (left > 0) {
+        const int S = left >= 8 ? 8 : left >= 4 ? 4 : left >= 2 ? 2 : 1;
+        if (k < b + 32 * S) {
+            const int group = (k - b) / 32, chunk = (k - b) % 32 / 4;
+            const int j = chunk / (8 / S), lane = chunk % (8 / S) * S + group;
+            return b + 32 * j + 4 * lane + k % 4;
+        }
+        b += 32 * S;
+        left -= S;
+    }
+    return k;
 }
 
 static void plain_pack(const int8_t *natural, int8_t *packed, int K) {
@@ -44,7 +54,7 @@ static void plain_unpack(const int8_t *packed, int8_t *natural, int K) {
 }
 
 int main(void) {
-    static const int sizes[] = {1, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 160, 224, 384, 448, 576, 1536, 4097};
+    static const int sizes[] = {1, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 160, 224, 225, 384, 448, 480, 576, 736, 1536, 4097};
     for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
         const int K = sizes[i], G = (K + 31) / 32;
         float *x = malloc(K * sizeof(float)), *y = malloc(K * sizeof(float));

@@ -5,8 +5,11 @@ the interleaved layout of simd.h (reference.pack_q8_rows); the activations are q
 the fly, into the same layout, with one fp32 scale per group of 32 along K (int32 accumulation
 inside a group, fp32 across groups).  matmul_f32: the same product in fp32, for files converted with --quant f32.
 
-Work is split across threads by tiles of output columns (weight rows); inside a tile the loop runs
-over blocks of activation rows so that a weight tile stays in L1 and an activation block in L2.
+Work is split across threads by tiles of output columns (weight rows): each thread starts with a
+contiguous share of the tiles (OpenMP's static split, so that it streams its weights forward), and a
+thread that finishes its share takes tiles from the back of another's instead of waiting at the
+barrier.  Inside a tile the loop runs over blocks of activation rows so that a weight tile stays in
+L1 and an activation block in L2.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int8_t, uint16_t
@@ -27,6 +30,79 @@ cdef extern from "simd.h" nogil:
                          const int8_t *w0, const int8_t *w1, const float *ws0, const float *ws1,
                          int K, float *out)
     float edge_dot_f32(const float *a, const float *b, int K)
+
+cdef extern from *:
+    """
+    #include <stdint.h>
+    #include <stdlib.h>
+    #ifdef _OPENMP
+    #include <omp.h>
+    static int edge_team_size(void) { return omp_get_num_threads(); }
+    static int edge_team_max(void) { return omp_get_max_threads(); }
+    static int edge_thread_id(void) { return omp_get_thread_num(); }
+    #else
+    static int edge_team_size(void) { return 1; }
+    static int edge_team_max(void) { return 1; }
+    static int edge_thread_id(void) { return 0; }
+    #endif
+    /* A thread's share of a loop's tasks, [lo, hi) packed in one 64-bit word on its own cache line:
+     * the owner takes tasks from the front, and a thread that has run out of its own takes them
+     * from the back of another's share (the owner keeps streaming forward, the helper finishes its
+     * tail).  Shares start as OpenMP's static split, so with no stealing nothing changes. */
+    typedef struct { int64_t range; char pad[56]; } edge_share;
+    static inline int64_t edge_share_pack(int lo, int hi) { return ((int64_t)hi << 32) | (uint32_t)lo; }
+    static edge_share *edge_shares_new(void) {
+        return (edge_share *)aligned_alloc(64, sizeof(edge_share) * (size_t)edge_team_max());
+    }
+    static void edge_share_init(edge_share *s, int tid, int nthr, int n) {
+        const int q = n / nthr, r = n % nthr, lo = tid * q + (tid < r ? tid : r);
+        __atomic_store_n(&s[tid].range, edge_share_pack(lo, lo + q + (tid < r)), __ATOMIC_RELAXED);
+    }
+    /* A barrier of the enclosing parallel region (Cython's prange inside `with parallel()` is
+     * `omp for nowait`: it ends without one). */
+    #ifdef _OPENMP
+    #define edge_barrier() _Pragma("omp barrier")
+    #else
+    #define edge_barrier() ((void)0)
+    #endif
+    static int edge_share_claim(edge_share *s, int tid, int nthr, int steal) {
+        int64_t r = __atomic_load_n(&s[tid].range, __ATOMIC_RELAXED);
+        for (;;) {
+            const int lo = (int)(uint32_t)r, hi = (int)(r >> 32);
+            if (lo >= hi) break;
+            if (__atomic_compare_exchange_n(&s[tid].range, &r, edge_share_pack(lo + 1, hi), 0,
+                                            __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return lo;
+        }
+        for (int v = 1; steal && v < nthr; v++) {
+            edge_share *victim = &s[(tid + v) % nthr];
+            r = __atomic_load_n(&victim->range, __ATOMIC_RELAXED);
+            for (;;) {
+                const int lo = (int)(uint32_t)r, hi = (int)(r >> 32);
+                if (lo >= hi) break;
+                if (__atomic_compare_exchange_n(&victim->range, &r, edge_share_pack(lo, hi - 1), 0,
+                                                __ATOMIC_RELAXED, __ATOMIC_RELAXED)) return hi - 1;
+            }
+        }
+        return -1;
+    }
+    """
+    ctypedef struct edge_share:
+        pass
+    int edge_team_size() nogil
+    int edge_thread_id() nogil
+    edge_share *edge_shares_new() nogil
+    void edge_share_init(edge_share *s, int tid, int nthr, int n) nogil
+    int edge_share_claim(edge_share *s, int tid, int nthr, int steal) nogil
+    void edge_barrier() nogil
+
+cdef int steal_tiles = 1
+
+
+def _set_steal_tiles(int on):
+    """Tuning knob for benchmarks: whether threads that finish their tiles take others' (1) or wait (0)."""
+    global steal_tiles
+    steal_tiles = on
+
 
 cdef enum:
     N_TILE = 16     # weight rows per task
@@ -60,7 +136,9 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
     cdef float *xs = <float *> malloc(<size_t> M * G * sizeof(float))
     cdef int m_block = (m_block_bytes // Kp) & ~3 if m_block_bytes // Kp >= 4 else 4
     cdef int tile_start[MAX_SHARED + 1]
-    cdef int i, m, t, r, m0, m1, n, n0, n1, N
+    cdef int i, m, mq, t, r, m0, m1, n, n0, n1, N, tid, nthr
+    cdef int steal = steal_tiles
+    cdef edge_share *shares = edge_shares_new()
     cdef float *ws
     cdef float *block
     cdef float *out
@@ -72,9 +150,16 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
     with parallel():
         ws = <float *> malloc(2 * G * sizeof(float))     # two weight rows' scales, widened to fp32
         block = <float *> malloc(8 * sizeof(float))       # one 4 x 2 block of outputs
-        for m in prange(M, schedule="static"):
-            edge_quantize_row_q8(x + <size_t> m * K, K, q + <size_t> m * Kp, xs + <size_t> m * G)
-        for t in prange(tile_start[n_mats], schedule="static"):   # (the loop above ends with a barrier)
+        tid = edge_thread_id()
+        nthr = edge_team_size()
+        edge_share_init(shares, tid, nthr, tile_start[n_mats])
+        for mq in prange(M, schedule="static"):
+            edge_quantize_row_q8(x + <size_t> mq * K, K, q + <size_t> mq * Kp, xs + <size_t> mq * G)
+        edge_barrier()              # every row quantized and every share set before any tile starts
+        while True:                 # tiles: this thread's share, then others' 
+            t = edge_share_claim(shares, tid, nthr, steal)
+            if t < 0:
+                break
             i = 0
             while t >= tile_start[i + 1]:
                 i = i + 1
@@ -117,6 +202,7 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
                 m0 = m1
         free(ws)
         free(block)
+    free(shares)
     free(q)
     free(xs)
 

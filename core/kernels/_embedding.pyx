@@ -30,7 +30,7 @@ def embed_f32(float[:, ::1] out,           # OUT (T, dim)
 
 cdef void embed_f32_rows(float *out, const int32_t *tokens, const float *table, int T, int dim) noexcept nogil:
     cdef int t, j
-    for t in prange(T, schedule="static"):
+    for t in prange(T, schedule="static", use_threads_if=T > 1):
         for j in range(dim):
             out[<size_t> t * dim + j] = table[<size_t> tokens[t] * dim + j]
 
@@ -53,7 +53,7 @@ cdef void embed_q8_rows(float *out, const int32_t *tokens, const int8_t *table, 
     cdef int t, j, G = (dim + 31) // 32
     cdef const int8_t *row
     cdef const uint16_t *row_scale
-    for t in prange(T, schedule="static"):
+    for t in prange(T, schedule="static", use_threads_if=T > 1):
         row = table + <size_t> tokens[t] * dim
         row_scale = scale + <size_t> tokens[t] * G
         for j in range(dim):

@@ -23,7 +23,7 @@ cdef void rmsnorm_rows(float *out, const float *x, const float *weight, int T, i
     cdef double ss
     cdef float inv
     cdef const float *row
-    for t in prange(T, schedule="static"):
+    for t in prange(T, schedule="static", use_threads_if=T > 1):
         row = x + <size_t> t * dim
         ss = 0.0
         for j in range(dim):

@@ -29,7 +29,7 @@ cdef void rope_rows(float *x, const int32_t *positions, int T, int n_heads, int 
     cdef double angle
     cdef float c, s, a, b
     cdef float *row
-    for t in prange(T, schedule="static"):
+    for t in prange(T, schedule="static", use_threads_if=T > 1):
         row = x + <size_t> t * n_heads * head_dim
         for i in range(half):
             angle = positions[t] * pow(base, -2.0 * i / rot_dim)

@@ -19,15 +19,14 @@ cdef extern from "simd.h" nogil:
     int edge_q8_padded(int K)
     int edge_q8_pack_index(int k, int K)
     float edge_f16_to_f32(uint16_t h)
-    void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n)
     void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
     void edge_prefetch(const void *p, size_t nbytes)
     int EDGE_PREFETCH_ROWS
-    float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K)
+    float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K)
     void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
-                         const float *ws0, const float *ws1, int K, float *out)
+                         const uint16_t *ws0, const uint16_t *ws1, int K, float *out)
     void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
-                         const int8_t *w0, const int8_t *w1, const float *ws0, const float *ws1,
+                         const int8_t *w0, const int8_t *w1, const uint16_t *ws0, const uint16_t *ws1,
                          int K, float *out)
     float edge_dot_f32(const float *a, const float *b, int K)
 
@@ -139,7 +138,7 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
     cdef int i, m, mq, t, r, m0, m1, n, n0, n1, N, tid, nthr
     cdef int steal = steal_tiles
     cdef edge_share *shares = edge_shares_new()
-    cdef float *ws
+    cdef const uint16_t *ws
     cdef float *block
     cdef float *out
     cdef const int8_t *w
@@ -148,7 +147,6 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
     for i in range(n_mats):
         tile_start[i + 1] = tile_start[i] + (Ns[i] + N_TILE - 1) // N_TILE
     with parallel():
-        ws = <float *> malloc(2 * G * sizeof(float))     # two weight rows' scales, widened to fp32
         block = <float *> malloc(8 * sizeof(float))       # one 4 x 2 block of outputs
         tid = edge_thread_id()
         nthr = edge_team_size()
@@ -175,7 +173,7 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
                 n = n0
                 while n < n1:
                     if n + 1 < n1:                        # two weight rows at a time
-                        edge_f16_to_f32_row(scales[i] + <size_t> n * G, ws, 2 * G)
+                        ws = scales[i] + <size_t> n * G          # the two rows' scales, fp16
                         if m0 == 0 and n + 2 + EDGE_PREFETCH_ROWS <= N:  # first pass over these rows: stream them
                             edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
                         m = m0
@@ -194,13 +192,12 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
                             m = m + 1
                         n = n + 2
                     else:
-                        edge_f16_to_f32_row(scales[i] + <size_t> n * G, ws, G)
+                        ws = scales[i] + <size_t> n * G
                         for m in range(m0, m1):
                             _store(out, bias, m, n, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
                                                                    w + <size_t> n * K, ws, K))
                         n = n + 1
                 m0 = m1
-        free(ws)
         free(block)
     free(shares)
     free(q)

@@ -222,6 +222,22 @@ static inline __attribute__((always_inline)) __m256 edge_block_scales(const int 
     return _mm256_broadcast_ss(p);
 }
 
+/* The same from S IEEE halves (a weight row's scales as the file stores them), widened in register. */
+static inline __attribute__((always_inline)) __m256 edge_block_scales_f16(const int S, const uint16_t *p) {
+#if defined(__F16C__)
+    __m128i h;
+    if (S == 8) h = _mm_loadu_si128((const __m128i *)p);
+    else if (S == 4) { int64_t v; memcpy(&v, p, 8); h = _mm_set1_epi64x(v); }
+    else if (S == 2) { int32_t v; memcpy(&v, p, 4); h = _mm_set1_epi32(v); }
+    else h = _mm_set1_epi16((short)p[0]);
+    return _mm256_cvtph_ps(h);
+#else
+    float f[8];
+    for (int i = 0; i < S; i++) f[i] = edge_f16_to_f32(p[i]);
+    return edge_block_scales(S, f);
+#endif
+}
+
 #if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__) || defined(EDGE_EMULATE_VNNI)
 #define EDGE_VNNI 1
 /* acc + the 8 lanes of sum over 4 bytes of u8 a x s8 w (vpdpbusd: int32 sums, no saturation) */
@@ -246,7 +262,7 @@ static inline __m256i edge_dpbusd(__m256i acc, __m256i a, __m256i w) {
  * int32 sums over the block, then acc[r][c] += sums * (xs_r * ws_c) by lane. */
 static inline __attribute__((always_inline)) void
 edge_q8_tile_block(const int S, const int R, const int C, const int8_t *q, size_t q_stride, const float *xs,
-                   size_t xs_stride, const int8_t *const *w, const float *const *ws, int k, int g,
+                   size_t xs_stride, const int8_t *const *w, const uint16_t *const *ws, int k, int g,
                    __m256 acc[EDGE_TILE_R][EDGE_TILE_C]) {
     __m256i isum[EDGE_TILE_R][EDGE_TILE_C];
     for (int r = 0; r < R; r++)
@@ -288,7 +304,7 @@ edge_q8_tile_block(const int S, const int R, const int C, const int8_t *q, size_
     }
 #endif
     __m256 wsv[EDGE_TILE_C];
-    for (int c = 0; c < C; c++) wsv[c] = edge_block_scales(S, ws[c] + g);
+    for (int c = 0; c < C; c++) wsv[c] = edge_block_scales_f16(S, ws[c] + g);
     for (int r = 0; r < R; r++) {
         const __m256 xsv = edge_block_scales(S, xs + r * xs_stride + g);
         for (int c = 0; c < C; c++)
@@ -310,9 +326,17 @@ edge_block_scales_neon(const int S, const float *p, float32x4_t *lo, float32x4_t
     *hi = *lo;
 }
 
+/* The same from S IEEE halves. */
+static inline __attribute__((always_inline)) void
+edge_block_scales_neon_f16(const int S, const uint16_t *p, float32x4_t *lo, float32x4_t *hi) {
+    float f[8];
+    for (int i = 0; i < S; i++) f[i] = edge_f16_to_f32(p[i]);
+    edge_block_scales_neon(S, f, lo, hi);
+}
+
 static inline __attribute__((always_inline)) void
 edge_q8_tile_block_neon(const int S, const int R, const int C, const int8_t *q, size_t q_stride, const float *xs,
-                        size_t xs_stride, const int8_t *const *w, const float *const *ws, int k, int g,
+                        size_t xs_stride, const int8_t *const *w, const uint16_t *const *ws, int k, int g,
                         float32x4_t acc[EDGE_TILE_R][EDGE_TILE_C]) {
     int32x4_t lo[EDGE_TILE_R][EDGE_TILE_C], hi[EDGE_TILE_R][EDGE_TILE_C];    /* lanes 0-3 and 4-7 */
     for (int r = 0; r < R; r++)
@@ -339,7 +363,7 @@ edge_q8_tile_block_neon(const int S, const int R, const int C, const int8_t *q, 
         }
     }
     float32x4_t wlo[EDGE_TILE_C], whi[EDGE_TILE_C];
-    for (int c = 0; c < C; c++) edge_block_scales_neon(S, ws[c] + g, &wlo[c], &whi[c]);
+    for (int c = 0; c < C; c++) edge_block_scales_neon_f16(S, ws[c] + g, &wlo[c], &whi[c]);
     for (int r = 0; r < R; r++) {
         float32x4_t x0, x1;
         edge_block_scales_neon(S, xs + r * xs_stride + g, &x0, &x1);
@@ -355,7 +379,7 @@ edge_q8_tile_block_neon(const int S, const int R, const int C, const int8_t *q, 
  * loop the compiler vectorizes for the baseline ISA; lane l = e / 4 belongs to group l mod S. */
 static inline void edge_q8_tile_block_plain(const int S, const int R, const int C, const int8_t *q, size_t q_stride,
                                             const float *xs, size_t xs_stride, const int8_t *const *w,
-                                            const float *const *ws, int k, int g, float *out) {
+                                            const uint16_t *const *ws, int k, int g, float *out) {
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             const int8_t *a = q + r * q_stride + k, *b = w[c] + k;
@@ -365,14 +389,14 @@ static inline void edge_q8_tile_block_plain(const int S, const int R, const int 
             for (int gg = 0; gg < S; gg++) {
                 int32_t sum = 0;
                 for (int l = gg; l < 8; l += S) sum += lane[4 * l] + lane[4 * l + 1] + lane[4 * l + 2] + lane[4 * l + 3];
-                out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * ws[c][g + gg]);
+                out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * edge_f16_to_f32(ws[c][g + gg]));
             }
         }
 }
 
 /* An R x C tile of int8 dot products: out[r * C + c] = sum_g xs_r[g] ws_c[g] sum_{k in g} q_r,k w_c,k
  * for R packed activation rows (q + r * q_stride, scales xs + r * xs_stride) and C packed weight
- * rows (w[c], scales ws[c] widened to fp32).  int32 inside a group, fp32 across groups.  Each
+ * rows (w[c], scales ws[c] as IEEE halves, the file's bits, widened in register).  int32 inside a group, fp32 across groups.  Each
  * weight vector is loaded once for R rows and each activation vector once for C weight rows.
  * Called with constant R <= EDGE_TILE_R and C <= EDGE_TILE_C, and inlined, so that the compiler
  * keeps the tile in registers: the arrays have fixed sizes (sized by R and C they would be
@@ -380,7 +404,7 @@ static inline void edge_q8_tile_block_plain(const int S, const int R, const int 
  * memory). */
 static inline __attribute__((always_inline)) void
 edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
-                 const int8_t *const *w, const float *const *ws, int K, float *out) {
+                 const int8_t *const *w, const uint16_t *const *ws, int K, float *out) {
     const int n_groups = K / EDGE_Q8_GROUP, full = n_groups / 8 * 8;
     int g = 0;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -423,7 +447,7 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++)
                 out[r * C + c] += (float)edge_dot_i8_plain(q + r * q_stride + k, w[c] + k, K - k) *
-                                  (xs[r * xs_stride + g] * ws[c][g]);
+                                  (xs[r * xs_stride + g] * edge_f16_to_f32(ws[c][g]));
 }
 
 /* Ask for [p, p + bytes) to be brought towards the cache ahead of its use (decode streams the
@@ -433,26 +457,28 @@ static inline void edge_prefetch(const void *p, size_t bytes) {
 }
 
 /* One packed activation row against one packed weight row. */
-static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const float *ws, int K) {
+static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K) {
     float out;
     edge_dot_q8_tile(1, 1, q, 0, xs, 0, &w, &ws, K, &out);
     return out;
 }
 
 /* One activation row against two weight rows (decode): out[c]. */
-static inline void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
-                                   const float *ws0, const float *ws1, int K, float *out) {
+static inline __attribute__((always_inline)) void
+edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
+                const uint16_t *ws0, const uint16_t *ws1, int K, float *out) {
     const int8_t *w[2] = {w0, w1};
-    const float *ws[2] = {ws0, ws1};
+    const uint16_t *ws[2] = {ws0, ws1};
     edge_dot_q8_tile(1, 2, q, 0, xs, 0, w, ws, K, out);
 }
 
 /* Four activation rows (q + r * q_stride) against two weight rows (prefill): out[2 r + c]. */
-static inline void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
-                                   const int8_t *w0, const int8_t *w1, const float *ws0, const float *ws1,
-                                   int K, float *out) {
+static inline __attribute__((always_inline)) void
+edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
+                const int8_t *w0, const int8_t *w1, const uint16_t *ws0, const uint16_t *ws1,
+                int K, float *out) {
     const int8_t *w[2] = {w0, w1};
-    const float *ws[2] = {ws0, ws1};
+    const uint16_t *ws[2] = {ws0, ws1};
     edge_dot_q8_tile(4, 2, q, q_stride, xs, xs_stride, w, ws, K, out);
 }
 

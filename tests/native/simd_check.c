@@ -59,13 +59,17 @@ int main(void) {
         const int K = sizes[i], G = (K + 31) / 32;
         float *x = malloc(K * sizeof(float)), *y = malloc(K * sizeof(float));
         float *xs = malloc(G * sizeof(float)), *ws = malloc(G * sizeof(float));
+        uint16_t *wsh = malloc(G * sizeof(uint16_t)), *ws2h = malloc(G * sizeof(uint16_t));   /* as the file: fp16 */
         int8_t *q = malloc(edge_q8_padded(K)), *w = malloc(K);
         for (int k = 0; k < K; k++) {
             x[k] = uniform() * 3.0f;
             y[k] = uniform();
             w[k] = (int8_t)(uniform() * 127.0f);
         }
-        for (int g = 0; g < G; g++) ws[g] = 0.01f + 0.001f * (float)g;
+        for (int g = 0; g < G; g++) {      /* normal halves between 2^-7 and 2^-5 */
+            wsh[g] = (uint16_t)(0x2000 + (37 * g) % 2048);
+            ws[g] = edge_f16_to_f32(wsh[g]);
+        }
         int8_t *qn = malloc(edge_q8_padded(K)), *wp = malloc(K);   /* q unpacked, w packed */
         edge_quantize_row_q8(x, K, q, xs);
         for (int k = K; k < edge_q8_padded(K); k++)
@@ -86,7 +90,7 @@ int main(void) {
                 return 1;
             }
         }
-        const float got = edge_dot_q8(q, xs, wp, ws, K), want = plain_dot_q8(qn, xs, w, ws, K);
+        const float got = edge_dot_q8(q, xs, wp, wsh, K), want = plain_dot_q8(qn, xs, w, ws, K);
         if (fabsf(got - want) > 1e-4f * (fabsf(want) + 1.0f)) {
             printf("dot_q8 K=%d: %.7g vs %.7g\n", K, got, want);
             return 1;
@@ -102,10 +106,13 @@ int main(void) {
         }
         for (int k = 0; k < 2 * K; k++) w2[k] = (int8_t)(uniform() * 127.0f);
         for (int c = 0; c < 2; c++) plain_pack(w2 + c * K, w2p + c * K, K);
-        for (int g = 0; g < G; g++) ws2[g] = 0.02f - 0.0005f * (float)(g % 7);
-        edge_dot_q8_4x2(q4, Kp, xs4, G, w2p, w2p + K, ws, ws2, K, block);
+        for (int g = 0; g < G; g++) {
+            ws2h[g] = (uint16_t)(0x2400 + (53 * g) % 1024);
+            ws2[g] = edge_f16_to_f32(ws2h[g]);
+        }
+        edge_dot_q8_4x2(q4, Kp, xs4, G, w2p, w2p + K, wsh, ws2h, K, block);
         for (int r = 0; r < 4; r++) {
-            edge_dot_q8_1x2(q4 + r * Kp, xs4 + r * G, w2p, w2p + K, ws, ws2, K, pair);
+            edge_dot_q8_1x2(q4 + r * Kp, xs4 + r * G, w2p, w2p + K, wsh, ws2h, K, pair);
             for (int c = 0; c < 2; c++) {
                 const float want2 = plain_dot_q8(q4n + r * Kp, xs4 + r * G, w2 + c * K, c ? ws2 : ws, K);
                 if (fabsf(pair[c] - want2) > 1e-4f * (fabsf(want2) + 1.0f)) {
@@ -118,7 +125,7 @@ int main(void) {
                 }
             }
         }
-        free(q4); free(q4n); free(w2); free(w2p); free(xs4); free(ws2); free(qn); free(wp);
+        free(q4); free(q4n); free(w2); free(w2p); free(xs4); free(ws2); free(wsh); free(ws2h); free(qn); free(wp);
         for (int k = 0; k < K; k++) x[k] = uniform() * 3.0f;
 
         double ref = 0.0, mag = 0.0;

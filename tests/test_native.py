@@ -15,9 +15,10 @@ from test_parity_random import byte_level_tokenizer_json
 VOCAB = 300
 
 
-def random_llama(path, quant: str, bias: bool, dim=288, hidden=544, n_layers=2, n_heads=6, n_kv_heads=2):
+def random_llama(path, quant: str, bias: bool, dim=480, hidden=560, n_layers=2, n_heads=6, n_kv_heads=2):
     """A Llama (Qwen2 when bias) weights file with random weights; dim and hidden are chosen so that
-    int8 rows hold whole interleaved blocks and a tail."""
+    int8 rows hold every kind of interleaved block (dim 480: 8 + 4 + 2 + 1 groups; hidden 560:
+    8 + 8 + 1 groups and a partial group of 16 values)."""
     rng = np.random.default_rng(7 + bias)
     hd = dim // n_heads
     shapes = {"token_embd.weight": (VOCAB, dim), "output_norm.weight": (dim,), "output.weight": (VOCAB, dim)}

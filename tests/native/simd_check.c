@@ -123,6 +123,14 @@ int main(void) {
                     printf("dot_q8_4x2 K=%d r=%d c=%d: %.7g vs %.7g\n", K, r, c, block[2 * r + c], want2);
                     return 1;
                 }
+                /* bit for bit the same in every tile shape: a row's results must not depend on
+                 * the rows it is batched with */
+                const float single = edge_dot_q8(q4 + r * Kp, xs4 + r * G, w2p + c * K, c ? ws2h : wsh, K);
+                if (block[2 * r + c] != pair[c] || single != pair[c]) {
+                    printf("tile shapes K=%d r=%d c=%d: 4x2 %.9g, 1x2 %.9g, 1x1 %.9g\n", K, r, c,
+                           block[2 * r + c], pair[c], single);
+                    return 1;
+                }
             }
         }
         free(q4); free(q4n); free(w2); free(w2p); free(xs4); free(ws2); free(wsh); free(ws2h); free(qn); free(wp);

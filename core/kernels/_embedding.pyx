@@ -5,8 +5,7 @@ from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int32_t, uint16_t
 
 cdef extern from "simd.h" nogil:
-    float edge_f16_to_f32(uint16_t h)
-    int edge_q8_pack_index(int k, int K)
+    void edge_q8_dequantize_row(const int8_t *packed, const uint16_t *scale, int K, float *out)
 
 
 def _check(out, tokens, table):
@@ -50,11 +49,7 @@ def embed_q8(float[:, ::1] out,               # OUT (T, dim)
 
 cdef void embed_q8_rows(float *out, const int32_t *tokens, const int8_t *table, const uint16_t *scale,
                         int T, int dim) noexcept nogil:
-    cdef int t, j, G = (dim + 31) // 32
-    cdef const int8_t *row
-    cdef const uint16_t *row_scale
+    cdef int t, G = (dim + 31) // 32
     for t in prange(T, schedule="static", use_threads_if=T > 1):
-        row = table + <size_t> tokens[t] * dim
-        row_scale = scale + <size_t> tokens[t] * G
-        for j in range(dim):
-            out[<size_t> t * dim + j] = row[edge_q8_pack_index(j, dim)] * edge_f16_to_f32(row_scale[j // 32])
+        edge_q8_dequantize_row(table + <size_t> tokens[t] * dim, scale + <size_t> tokens[t] * G, dim,
+                               out + <size_t> t * dim)

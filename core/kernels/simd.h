@@ -139,6 +139,26 @@ static inline int edge_q8_pack_index(int k, int K) {
     return 32 * first + 32 * (c / per) + 4 * ((c % per) * S + g) + (k & 3);
 }
 
+/* out[k] = value k of a packed int8 row (natural order) times its group's scale (fp16 bits): the
+ * layout undone a 4-byte chunk at a time (an int8 embedding lookup). */
+static inline void edge_q8_dequantize_row(const int8_t *packed, const uint16_t *scale, int K, float *out) {
+    const int n_groups = K / 32;
+    for (int g0 = 0; g0 < n_groups;) {
+        int first, S;
+        edge_q8_block_of(g0, n_groups, &first, &S);
+        for (int j = 0; j < S; j++)
+            for (int l = 0; l < 8; l++) {
+                const int g = first + l % S;
+                const float s = edge_f16_to_f32(scale[g]);
+                const int8_t *src = packed + 32 * first + 32 * j + 4 * l;
+                float *dst = out + 32 * g + 4 * (j * (8 / S) + l / S);
+                for (int i = 0; i < 4; i++) dst[i] = (float)src[i] * s;
+            }
+        g0 = first + S;
+    }
+    for (int k = 32 * n_groups; k < K; k++) out[k] = (float)packed[k] * edge_f16_to_f32(scale[n_groups]);
+}
+
 /* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|),
  * rounding half to even.  Writes q[0..Kp) in the packed layout (zero padded to a multiple of 32)
  * and s[0..ceil(K/32)). */
@@ -326,12 +346,21 @@ edge_block_scales_neon(const int S, const float *p, float32x4_t *lo, float32x4_t
     *hi = *lo;
 }
 
-/* The same from S IEEE halves. */
+/* The same from S IEEE halves, widened in register (fcvtl: every aarch64 has it). */
 static inline __attribute__((always_inline)) void
 edge_block_scales_neon_f16(const int S, const uint16_t *p, float32x4_t *lo, float32x4_t *hi) {
-    float f[8];
-    for (int i = 0; i < S; i++) f[i] = edge_f16_to_f32(p[i]);
-    edge_block_scales_neon(S, f, lo, hi);
+    uint16x4_t h;
+    if (S >= 4) {
+        h = vld1_u16(p);
+    } else if (S == 2) {
+        uint32_t pair;
+        memcpy(&pair, p, 4);
+        h = vreinterpret_u16_u32(vdup_n_u32(pair));
+    } else {
+        h = vdup_n_u16(p[0]);
+    }
+    *lo = vcvt_f32_f16(vreinterpret_f16_u16(h));
+    *hi = S == 8 ? vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p + 4))) : *lo;
 }
 
 static inline __attribute__((always_inline)) void
@@ -380,6 +409,9 @@ edge_q8_tile_block_neon(const int S, const int R, const int C, const int8_t *q, 
 static inline void edge_q8_tile_block_plain(const int S, const int R, const int C, const int8_t *q, size_t q_stride,
                                             const float *xs, size_t xs_stride, const int8_t *const *w,
                                             const uint16_t *const *ws, int k, int g, float *out) {
+    float wsf[EDGE_TILE_C][8];                 /* the weight rows' scales, widened once for all R rows */
+    for (int c = 0; c < C; c++)
+        for (int gg = 0; gg < S; gg++) wsf[c][gg] = edge_f16_to_f32(ws[c][g + gg]);
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) {
             const int8_t *a = q + r * q_stride + k, *b = w[c] + k;
@@ -389,7 +421,7 @@ static inline void edge_q8_tile_block_plain(const int S, const int R, const int 
             for (int gg = 0; gg < S; gg++) {
                 int32_t sum = 0;
                 for (int l = gg; l < 8; l += S) sum += lane[4 * l] + lane[4 * l + 1] + lane[4 * l + 2] + lane[4 * l + 3];
-                out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * edge_f16_to_f32(ws[c][g + gg]));
+                out[r * C + c] += (float)sum * (xs[r * xs_stride + g + gg] * wsf[c][gg]);
             }
         }
 }

@@ -193,7 +193,7 @@ def test_activations(T, H, seed):
 
 
 @settings(max_examples=40, deadline=None)
-@given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 4, 8, 17, 24, 32, 64, 128]),
+@given(n_kv=st.integers(1, 3), group=st.integers(1, 5), hd=st.sampled_from([1, 4, 8, 17, 24, 32, 64, 128]),
        block_size=st.sampled_from([1, 4, 16]), lens=st.lists(st.integers(1, 40), min_size=1, max_size=3),
        n_new=st.integers(1, 5), seed=seeds)
 def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
@@ -217,6 +217,43 @@ def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
     K.attention_paged(out, q, k_cache, v_cache, tables, seq_ids, positions, n_heads, n_kv, block_size, scale)
     R.attention_paged(ref, q, k_cache, v_cache, tables, seq_ids, positions, n_heads, n_kv, block_size, scale)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("hd", [24, 64])
+def test_attention_paged_grouping_does_not_change_results(hd):
+    """A row's output is bit for bit the same whether it is computed alone or in a run of rows, and
+    whether its query heads share one KV head or each reads its own copy of it: batching and GQA
+    grouping (edge_scores_f32_heads, edge_weighted_sum_f32_heads) must not change a token."""
+    from core.kernels import _attention
+    rng = np.random.default_rng(7)
+    group, block_size, n = 5, 16, 53
+    k_cache, v_cache = rand(rng, 4 * block_size, hd), rand(rng, 4 * block_size, hd)
+    tables = np.array([[2, 0, 3, 1]], np.int32)
+    q = rand(rng, n, group * hd)
+    seq_ids, positions = np.zeros(n, np.int32), np.arange(n, dtype=np.int32)
+    scale = 1 / np.sqrt(hd)
+
+    def attend(q, k_cache, v_cache, n_kv, seq_ids=seq_ids, positions=positions):
+        out = np.empty_like(q)
+        K.attention_paged(out, q, k_cache, v_cache, tables, seq_ids, positions, group, n_kv, block_size, scale)
+        return out
+
+    try:
+        outs = []
+        for rows in (1, 3, 4, 16):
+            _attention._set_rows_per_task(rows)
+            outs.append(attend(q, k_cache, v_cache, 1))
+        for other in outs[1:]:
+            np.testing.assert_array_equal(other, outs[0])
+        alone = np.concatenate([attend(q[t:t + 1], k_cache, v_cache, 1, seq_ids[t:t + 1], positions[t:t + 1])
+                                for t in range(n)])
+        np.testing.assert_array_equal(alone, outs[0])
+        copies = attend(q, np.tile(k_cache, group), np.tile(v_cache, group), group)
+        np.testing.assert_array_equal(copies, outs[0])
+    finally:
+        _attention._set_rows_per_task(4)
+    with pytest.raises(ValueError, match=">= 1"):
+        _attention._set_rows_per_task(0)
 
 
 def test_attention_paged_rejects_bad_tables():

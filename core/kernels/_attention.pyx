@@ -9,7 +9,8 @@ attention_paged: causal attention of new query rows over a paged KV cache.  The 
 attention_varlen: bidirectional attention over packed sequences held contiguously (an encoder's
   batch without padding): row t sees the key rows key_start[t] <= j < key_end[t].
 
-One (row, head) pair is one parallel task.
+attention_paged: one task is a run of consecutive rows of one sequence and one KV head (see
+attention_paged_rows); attention_varlen: one (row, head) pair is one task.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t
@@ -20,7 +21,11 @@ cdef extern from "simd.h" nogil:
     float edge_dot_f32(const float *a, const float *b, int K)
     void edge_softmax_f32(float *x, int n)
     void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale, float *scores)
+    void edge_scores_f32_heads(const float *q, int nq, const float *k, size_t stride, int n, int hd, float scale,
+                               float *scores, size_t scores_stride)
     void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd)
+    void edge_weighted_sum_f32_heads(float *o, int nq, const float *p, size_t p_stride, const float *v,
+                                     size_t stride, int n, int hd)
 
 
 def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head_dim)
@@ -78,41 +83,88 @@ cdef int check_paged_rows(const int32_t *block_tables, int n_seqs, int max_block
     return -1
 
 
+cdef int _rows_per_task = 4     # consecutive query rows of one sequence that share a task (and its K/V loads)
+
+
+def _set_rows_per_task(int n):
+    """Benchmark knob: how many consecutive query rows of one sequence one task takes (>= 1)."""
+    global _rows_per_task
+    if n < 1:
+        raise ValueError("rows per task must be >= 1")
+    _rows_per_task = n
+
+
+cdef int split_runs(const int32_t *seq_ids, const int32_t *positions, int T, int max_rows,
+                    int32_t *starts) noexcept nogil:
+    """Cut rows 0..T-1 into runs of at most max_rows consecutive rows of one sequence at consecutive
+    positions; starts[0..n_runs] are their first rows (starts[n_runs] = T).  Returns n_runs."""
+    cdef int t, n_runs = 0
+    for t in range(T):
+        if (t == 0 or seq_ids[t] != seq_ids[t - 1] or positions[t] != positions[t - 1] + 1
+                or t - starts[n_runs - 1] == max_rows):
+            starts[n_runs] = t
+            n_runs += 1
+    starts[n_runs] = T
+    return n_runs
+
+
 cdef void attention_paged_rows(float *out, const float *q, const float *k_cache, const float *v_cache,
                                const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
                                const int32_t *positions, int T, int max_pos, int n_heads, int n_kv_heads,
                                int hd, int block_size, float scale) noexcept nogil:
-    """attention_paged on raw rows (already checked; max_pos = max(positions))."""
+    """attention_paged on raw rows (already checked; max_pos = max(positions)).
+
+    One task is a run of consecutive rows of one sequence (a prefill chunk gives runs of
+    _rows_per_task rows, a batched decode step runs of one) and one KV head, with the n_heads /
+    n_kv_heads query heads that share it: the task walks the KV blocks once, and every query row
+    of the task takes its scores (then its weighted sum) from a block while the block is in L1.
+    Each (row, head) sees the same blocks in the same order as it would alone, so the result does
+    not depend on how rows are grouped."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
-    cdef int i, t, h, kvh, s, n, b, j, d, slot
+    cdef int max_rows = _rows_per_task
+    cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
+    cdef int n_runs = split_runs(seq_ids, positions, T, max_rows, starts)
+    cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
+    cdef int i, run, kvh, t0, n_rows, r, g, b, j, n, d, n_keys
     cdef const int32_t *table
-    cdef const float *qrow
+    cdef const float *kb
+    cdef const float *vb
     cdef float *scores
     cdef float *o
-    cdef const float *vrow
-    cdef float p
     with parallel():
-        scores = <float *> malloc((max_pos + 1) * sizeof(float))
-        for i in prange(T * n_heads, schedule="guided"):
-            t = i // n_heads
-            h = i % n_heads
-            kvh = h // group
-            table = block_tables + <size_t> seq_ids[t] * max_blocks
-            qrow = q + <size_t> t * width + h * hd
-            n = positions[t] + 1
-            for b in range((n + block_size - 1) // block_size):     # block by block: keys of a block are contiguous
+        scores = <float *> malloc(max_rows * group * stride * sizeof(float))
+        for i in prange(n_runs * n_kv_heads, schedule="guided"):
+            run = i // n_kv_heads
+            kvh = i % n_kv_heads
+            t0 = starts[run]
+            n_rows = starts[run + 1] - t0
+            table = block_tables + <size_t> seq_ids[t0] * max_blocks
+            n_keys = positions[t0 + n_rows - 1] + 1          # the run's last row sees the most keys
+            for b in range((n_keys + block_size - 1) // block_size):
                 j = b * block_size
-                edge_scores_f32(qrow, k_cache + <size_t> table[b] * block_size * kv_width + kvh * hd, kv_width,
-                                min(n - j, block_size), hd, scale, scores + j)
-            edge_softmax_f32(scores, n)
-            o = out + <size_t> t * width + h * hd
-            for d in range(hd):
-                o[d] = 0.0
-            for b in range((n + block_size - 1) // block_size):
+                kb = k_cache + <size_t> table[b] * block_size * kv_width + kvh * hd
+                for r in range(n_rows):
+                    n = positions[t0 + r] + 1 - j
+                    if n > 0:
+                        edge_scores_f32_heads(q + <size_t> (t0 + r) * width + kvh * group * hd, group, kb, kv_width,
+                                              min(n, block_size), hd, scale, scores + r * group * stride + j, stride)
+            for r in range(n_rows):
+                for g in range(group):
+                    edge_softmax_f32(scores + (r * group + g) * stride, positions[t0 + r] + 1)
+                    o = out + <size_t> (t0 + r) * width + (kvh * group + g) * hd
+                    for d in range(hd):
+                        o[d] = 0.0
+            for b in range((n_keys + block_size - 1) // block_size):
                 j = b * block_size
-                edge_weighted_sum_f32(o, scores + j, v_cache + <size_t> table[b] * block_size * kv_width + kvh * hd,
-                                      kv_width, min(n - j, block_size), hd)
+                vb = v_cache + <size_t> table[b] * block_size * kv_width + kvh * hd
+                for r in range(n_rows):
+                    n = positions[t0 + r] + 1 - j
+                    if n > 0:
+                        edge_weighted_sum_f32_heads(out + <size_t> (t0 + r) * width + kvh * group * hd, group,
+                                                    scores + r * group * stride + j, stride, vb, kv_width,
+                                                    min(n, block_size), hd)
         free(scores)
+    free(starts)
 
 
 def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)

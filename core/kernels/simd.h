@@ -563,72 +563,151 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
 #endif
 }
 
-/* Attention's two inner loops over n key/value rows (row j at k + j * stride), in fp32.
+/* Attention's two inner loops over n key/value rows (row j at k + j * stride), in fp32, for the nq
+ * query heads that share one KV head (grouped-query attention): query g is q + g * hd, its scores
+ * are scores + g * scores_stride.  Every K and V row loaded into a register serves all nq heads.
  *
- * edge_scores_f32: scores[j] = scale * dot(q, k_j).  Eight keys at a time where AVX2 exists and
- * head_dim is a multiple of 8: eight running sums, folded into one vector of eight scores with a
- * transposing hadd tree instead of eight horizontal sums. */
-static inline void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale,
-                                   float *scores) {
+ * edge_scores_f32_heads: scores_g[j] = scale * dot(q_g, k_j).  Where AVX2 exists and head_dim is a
+ * multiple of 8, keys go four at a time: each (head, key) pair keeps eight running sums, folded
+ * into four scores by a transposing hadd tree.  The last n % 4 keys go through edge_dot_f32.  A
+ * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how heads
+ * are grouped. */
+#if defined(__AVX2__) && defined(__FMA__)
+/* Keep a loaded vector in a register: without this gcc folds the load into every FMA that uses it,
+ * and a K or V row shared by three heads is read from cache three times. */
+#define EDGE_IN_REGISTER(v) __asm__("" : "+x"(v))
+
+static inline __attribute__((always_inline)) __m128 edge_fold4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+static inline __attribute__((always_inline)) void
+edge_scores_fixed(const int NQ, const int NK, const int HD, const float *q, const float *k, size_t stride, int j,
+                  int hd, __m128 vscale, float *scores, size_t scores_stride) {
+    /* HD: head_dim known at compile time (its loop unrolls), or 0 to use hd */
+    const int n_d = HD ? HD : hd;
+    const float *kc[8];
+    for (int c = 0; c < NK; c++) kc[c] = k + (size_t)(j + c) * stride;
+    __m256 acc[3][8];               /* NQ x NK <= 12 sums, with the NQ query vectors and one key in registers */
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NK; c++) acc[g][c] = _mm256_setzero_ps();
+    for (int d = 0; d < n_d; d += 8) {
+        __m256 qv[3];
+        for (int g = 0; g < NQ; g++) {
+            qv[g] = _mm256_loadu_ps(q + g * n_d + d);
+            EDGE_IN_REGISTER(qv[g]);
+        }
+        for (int c = 0; c < NK; c++) {
+            __m256 kv = _mm256_loadu_ps(kc[c] + d);
+            EDGE_IN_REGISTER(kv);
+            for (int g = 0; g < NQ; g++) acc[g][c] = _mm256_fmadd_ps(qv[g], kv, acc[g][c]);
+        }
+    }
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NK; c += 4)
+            _mm_storeu_ps(scores + g * scores_stride + j + c,
+                          _mm_mul_ps(edge_fold4_ps(acc[g][c], acc[g][c + 1], acc[g][c + 2], acc[g][c + 3]), vscale));
+}
+#endif
+
+static inline void edge_scores_f32_heads(const float *q, int nq, const float *k, size_t stride, int n, int hd,
+                                         float scale, float *scores, size_t scores_stride) {
     int j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     if (hd % 8 == 0) {
-        const __m256 vscale = _mm256_set1_ps(scale);
-        for (; j + 8 <= n; j += 8) {
-            const float *kj = k + (size_t)j * stride;
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
-            for (int d = 0; d < hd; d += 8) {
-                const __m256 qv = _mm256_loadu_ps(q + d);
-                a0 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + d), a0);
-                a1 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + stride + d), a1);
-                a2 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 2 * stride + d), a2);
-                a3 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 3 * stride + d), a3);
-                a4 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 4 * stride + d), a4);
-                a5 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 5 * stride + d), a5);
-                a6 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 6 * stride + d), a6);
-                a7 = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kj + 7 * stride + d), a7);
+        const __m128 vscale = _mm_set1_ps(scale);
+        int g = 0;
+#define EDGE_SCORES_FIXED(NQ, NK, HD) \
+        edge_scores_fixed(NQ, NK, HD, q + g * hd, k, stride, j, hd, vscale, scores + g * scores_stride, scores_stride)
+        for (; g + 3 <= nq; g += 3)
+            for (j = 0; j + 4 <= n; j += 4) {
+                if (hd == 64) EDGE_SCORES_FIXED(3, 4, 64); else EDGE_SCORES_FIXED(3, 4, 0);
             }
-            const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-            const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-            const __m256 total = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
-            _mm256_storeu_ps(scores + j, _mm256_mul_ps(total, vscale));
+        if (nq - g == 2)
+            for (j = 0; j + 4 <= n; j += 4) {
+                if (hd == 64) EDGE_SCORES_FIXED(2, 4, 64); else EDGE_SCORES_FIXED(2, 4, 0);
+            }
+        if (nq - g == 1) {          /* one head: eight keys at a time, so that eight sums are in flight */
+            for (j = 0; j + 8 <= n; j += 8) {
+                if (hd == 64) EDGE_SCORES_FIXED(1, 8, 64); else if (hd == 32) EDGE_SCORES_FIXED(1, 8, 32);
+                else EDGE_SCORES_FIXED(1, 8, 0);
+            }
+            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(1, 4, 0);
         }
+#undef EDGE_SCORES_FIXED
+        j = n - n % 4;
     }
 #endif
-    for (; j < n; j++) scores[j] = edge_dot_f32(q, k + (size_t)j * stride, hd) * scale;
+    for (; j < n; j++)
+        for (int g = 0; g < nq; g++)
+            scores[g * scores_stride + j] = edge_dot_f32(q + g * hd, k + (size_t)j * stride, hd) * scale;
 }
 
-/* edge_weighted_sum_f32: o[0..hd) += sum_j p[j] * v_j.  For the common head widths the output row
- * stays in registers across all n rows. */
+/* one query head: scores[j] = scale * dot(q, k_j) */
+static inline void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale,
+                                   float *scores) {
+    edge_scores_f32_heads(q, 1, k, stride, n, hd, scale, scores, 0);
+}
+
+/* edge_weighted_sum_f32_heads: o_g[0..hd) += sum_j p_g[j] * v_j, with o_g = o + g * hd and
+ * p_g = p + g * p_stride.  Where AVX2 exists and head_dim is a multiple of 32, the outputs of up to
+ * three heads over 32 columns stay in registers across all n rows; each element's sum runs over j
+ * in order whatever the grouping, so the result does not depend on nq. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void
-edge_weighted_sum_fixed(const int HD, float *o, const float *p, const float *v, size_t stride, int n) {
-    __m256 acc[8];                  /* HD <= 64; fixed size, so that it stays in registers */
-    for (int c = 0; c < HD / 8; c++) acc[c] = _mm256_loadu_ps(o + 8 * c);
+edge_weighted_sum_fixed(const int NQ, const int NC, float *o, int hd, const float *p, size_t p_stride,
+                        const float *v, size_t stride, int n) {
+    __m256 acc[3][8];               /* NQ heads x NC vectors of 8 columns, NQ x NC <= 12 */
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NC; c++) acc[g][c] = _mm256_loadu_ps(o + g * hd + 8 * c);
     for (int j = 0; j < n; j++) {
-        const __m256 pj = _mm256_set1_ps(p[j]);
         const float *vj = v + (size_t)j * stride;
-        for (int c = 0; c < HD / 8; c++) acc[c] = _mm256_fmadd_ps(pj, _mm256_loadu_ps(vj + 8 * c), acc[c]);
+        __m256 pj[3];
+        for (int g = 0; g < NQ; g++) pj[g] = _mm256_broadcast_ss(p + g * p_stride + j);
+        for (int c = 0; c < NC; c++) {
+            __m256 vv = _mm256_loadu_ps(vj + 8 * c);
+            EDGE_IN_REGISTER(vv);
+            for (int g = 0; g < NQ; g++) acc[g][c] = _mm256_fmadd_ps(pj[g], vv, acc[g][c]);
+        }
     }
-    for (int c = 0; c < HD / 8; c++) _mm256_storeu_ps(o + 8 * c, acc[c]);
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NC; c++) _mm256_storeu_ps(o + g * hd + 8 * c, acc[g][c]);
 }
 #endif
 
-static inline void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd) {
+static inline void edge_weighted_sum_f32_heads(float *o, int nq, const float *p, size_t p_stride, const float *v,
+                                               size_t stride, int n, int hd) {
 #if defined(__AVX2__) && defined(__FMA__)
-    if (hd == 64) { edge_weighted_sum_fixed(64, o, p, v, stride, n); return; }
-    if (hd == 32) { edge_weighted_sum_fixed(32, o, p, v, stride, n); return; }
-    if (hd == 128) {
-        edge_weighted_sum_fixed(64, o, p, v, stride, n);
-        edge_weighted_sum_fixed(64, o + 64, p, v + 64, stride, n);
+    if (hd % 32 == 0) {
+        int g = 0;
+        for (; g + 3 <= nq; g += 3)
+            for (int d = 0; d < hd; d += 32)
+                edge_weighted_sum_fixed(3, 4, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+        if (nq - g == 2)
+            for (int d = 0; d < hd; d += 32)
+                edge_weighted_sum_fixed(2, 4, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+        if (nq - g == 1) {          /* one head: 64 columns at a time where they fit, eight sums in flight */
+            int d = 0;
+            for (; d + 64 <= hd; d += 64)
+                edge_weighted_sum_fixed(1, 8, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+            if (d < hd)
+                edge_weighted_sum_fixed(1, 4, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+        }
         return;
     }
 #endif
-    for (int j = 0; j < n; j++) {
-        const float pj = p[j];
-        const float *vj = v + (size_t)j * stride;
-        for (int d = 0; d < hd; d++) o[d] += pj * vj[d];
-    }
+    for (int g = 0; g < nq; g++)
+        for (int j = 0; j < n; j++) {
+            const float pj = p[g * p_stride + j];
+            const float *vj = v + (size_t)j * stride;
+            for (int d = 0; d < hd; d++) o[g * hd + d] += pj * vj[d];
+        }
+}
+
+/* one query head: o[0..hd) += sum_j p[j] * v_j */
+static inline void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd) {
+    edge_weighted_sum_f32_heads(o, 1, p, 0, v, stride, n, hd);
 }
 
 /* sum of n bytes as unsigned integers: one vpsadbw per 32 bytes, so that memory, not the core,

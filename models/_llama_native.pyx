@@ -24,7 +24,7 @@ from core.kernels._attention cimport attention_paged_rows, check_paged_rows, kv_
 from core.kernels._embedding cimport embed_f32_rows, embed_q8_rows
 from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8, _matmul_q8_shared
 from core.kernels._norms cimport rmsnorm_rows
-from core.kernels._rope cimport rope_rows
+from core.kernels._rope cimport rope_qk_rows
 
 import array
 
@@ -290,8 +290,8 @@ cdef class LlamaNative:
             projs[0], projs[1], projs[2] = L.q, L.k, L.v
             outs[0], outs[1], outs[2] = self.q, self.k, self.v
             _project(3, projs, outs, self.xb, T, dim)
-            rope_rows(self.q, positions, T, self.n_heads, self.head_dim, self.rope_dim, self.rope_base, self.neox)
-            rope_rows(self.k, positions, T, self.n_kv_heads, self.head_dim, self.rope_dim, self.rope_base, self.neox)
+            rope_qk_rows(self.q, self.k, positions, T, self.n_heads, self.n_kv_heads, self.head_dim, self.rope_dim,
+                         self.rope_base, self.neox)
             kv_write_rows(L.k_cache, L.v_cache, self.k, self.v, slots, T, kv_dim)
             attention_paged_rows(self.att, self.q, L.k_cache, L.v_cache, tables, max_blocks, seq_ids, positions,
                                  T, max_pos, self.n_heads, self.n_kv_heads, self.head_dim, self.block_size,

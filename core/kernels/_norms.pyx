@@ -6,6 +6,9 @@ layernorm: out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias  (GPT-2, BER
 from cython.parallel cimport prange
 from libc.math cimport sqrt
 
+cdef extern from "simd.h" nogil:
+    double edge_sumsq_f64(const float *x, int n)
+
 
 def rmsnorm(float[:, ::1] out,            # OUT (T, dim)
             const float[:, ::1] x,        # IN  (T, dim)
@@ -25,9 +28,7 @@ cdef void rmsnorm_rows(float *out, const float *x, const float *weight, int T, i
     cdef const float *row
     for t in prange(T, schedule="static", use_threads_if=T > 1):
         row = x + <size_t> t * dim
-        ss = 0.0
-        for j in range(dim):
-            ss = ss + <double> row[j] * row[j]
+        ss = edge_sumsq_f64(row, dim)
         inv = <float> (1.0 / sqrt(ss / dim + eps))
         for j in range(dim):
             out[<size_t> t * dim + j] = (row[j] * inv) * weight[j]

@@ -9,6 +9,7 @@ each pair (a, b) becomes (a cos - b sin, a sin + b cos).  Angles are computed in
 from cython.parallel cimport prange
 from libc.math cimport cos, sin, pow
 from libc.stdint cimport int32_t
+from libc.stdlib cimport free, malloc
 
 
 def rope(float[:, ::1] x,                 # IN/OUT (T, n_heads * head_dim)
@@ -25,24 +26,44 @@ def rope(float[:, ::1] x,                 # IN/OUT (T, n_heads * head_dim)
 
 cdef void rope_rows(float *x, const int32_t *positions, int T, int n_heads, int head_dim, int rot_dim,
                     double base, bint neox) noexcept nogil:
-    cdef int t, h, i, ia, ib, half = rot_dim // 2
+    rope_qk_rows(x, NULL, positions, T, n_heads, 0, head_dim, rot_dim, base, neox)
+
+
+cdef void rope_qk_rows(float *q, float *k, const int32_t *positions, int T, int n_q_heads, int n_k_heads,
+                       int head_dim, int rot_dim, double base, bint neox) noexcept nogil:
+    """rope on the rows of q (n_q_heads heads) and of k (n_k_heads heads; k may be NULL) at the same
+    positions: each angle's cosine and sine are computed once for all heads of both, and the
+    frequencies base^(-2i/rot_dim) once per call."""
+    cdef int t, i, half = rot_dim // 2
+    cdef double *inv_freq = <double *> malloc(half * sizeof(double))
     cdef double angle
-    cdef float c, s, a, b
-    cdef float *row
+    cdef float c, s
+    for i in range(half):
+        inv_freq[i] = pow(base, -2.0 * i / rot_dim)
     for t in prange(T, schedule="static", use_threads_if=T > 1):
-        row = x + <size_t> t * n_heads * head_dim
         for i in range(half):
-            angle = positions[t] * pow(base, -2.0 * i / rot_dim)
+            angle = positions[t] * inv_freq[i]
             c = <float> cos(angle)
             s = <float> sin(angle)
-            if neox:
-                ia = i
-                ib = i + half
-            else:
-                ia = 2 * i
-                ib = 2 * i + 1
-            for h in range(n_heads):
-                a = row[h * head_dim + ia]
-                b = row[h * head_dim + ib]
-                row[h * head_dim + ia] = a * c - b * s
-                row[h * head_dim + ib] = a * s + b * c
+            rotate_pair(q + <size_t> t * n_q_heads * head_dim, n_q_heads, head_dim, i, half, neox, c, s)
+            if k != NULL:
+                rotate_pair(k + <size_t> t * n_k_heads * head_dim, n_k_heads, head_dim, i, half, neox, c, s)
+    free(inv_freq)
+
+
+cdef inline void rotate_pair(float *row, int n_heads, int head_dim, int i, int half, bint neox, float c,
+                             float s) noexcept nogil:
+    """Pair i of every head of row: (a, b) -> (a cos - b sin, a sin + b cos)."""
+    cdef int h, ia, ib
+    cdef float a, b
+    if neox:
+        ia = i
+        ib = i + half
+    else:
+        ia = 2 * i
+        ib = 2 * i + 1
+    for h in range(n_heads):
+        a = row[h * head_dim + ia]
+        b = row[h * head_dim + ib]
+        row[h * head_dim + ia] = a * c - b * s
+        row[h * head_dim + ib] = a * s + b * c

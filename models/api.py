@@ -456,7 +456,7 @@ class DecoderModel(Model):
         batched = kw.pop("batched", False)
         params = kw.pop("params", None) or SamplingParams(**kw)
         prompt_ids = self.prompt_ids(prompt)
-        ids: list[int] = []
+        stream = self.tokenizer.stream()              # the generated text, decoded a token at a time
         emitted = 0
         pending: list[int] = []
         longest_stop = max((len(s) for s in params.stop), default=0)
@@ -465,14 +465,12 @@ class DecoderModel(Model):
                 yield tok
                 continue
             if tok in self.tokenizer.end_ids and not params.ignore_eos:
-                text = self.tokenizer.decode(ids)
-                yield StreamChunk(text[emitted:], pending + [tok], "stop")
+                yield StreamChunk(stream.final()[emitted:], pending + [tok], "stop")
                 return
-            ids.append(tok)
             pending.append(tok)
-            text = self.tokenizer.decode(ids)
-            if text.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the rest
+            if not stream.push(tok):             # an incomplete UTF-8 sequence: wait for the rest
                 continue
+            text = stream.text
             if params.stop:
                 hits = [i for i in (text.find(s, max(0, emitted - longest_stop)) for s in params.stop) if i >= 0]
                 if hits:
@@ -489,8 +487,7 @@ class DecoderModel(Model):
             if safe > emitted:
                 yield StreamChunk(text[emitted:safe], pending)
                 emitted, pending = safe, []
-        text = self.tokenizer.decode(ids)
-        yield StreamChunk(text[emitted:], pending, "length")
+        yield StreamChunk(stream.final()[emitted:], pending, "length")
 
     def generate(self, prompt, **kw) -> Completion:
         params = kw.pop("params", None) or SamplingParams(**kw)

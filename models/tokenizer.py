@@ -70,6 +70,10 @@ class Tokenizer:
             return self._bpe.decode(ids, skip_special_tokens=skip_special_tokens)
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def stream(self) -> "TextStream":
+        """An incremental decoder for ids that arrive one at a time (see TextStream)."""
+        return TextStream(self)
+
     def token_to_id(self, token: str):
         if self._bpe is not None:
             return self._bpe.token_to_id(token)
@@ -104,3 +108,42 @@ class Tokenizer:
             bos_token=self.id_to_token(self.bos_id) if self.bos_id is not None else "",
             eos_token=self.id_to_token(self.eos_id) if self.eos_id is not None else "",
         )
+
+
+class TextStream:
+    """The text of a growing list of token ids at a constant cost per token.  Decoding all the ids
+    again for every new one costs O(n) per token, O(n^2) over a long generation.  Instead each new
+    token is decoded together with the tokens of the previous step (its context: a WordPiece
+    continuation or a Metaspace space decodes differently at the start of a text), and the text
+    they add beyond that context is appended.  While the new text ends inside a UTF-8 sequence
+    (a character split over tokens) it is held back and the window grows until it completes.
+
+        stream = tokenizer.stream()
+        if stream.push(tok): ... stream.text ...     # True when the text is complete
+        stream.final()                               # all of it, a held tail included
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0          # ids[_prefix:_read]: the context of the next decode
+        self._read = 0            # ids[:_read] are in self.text
+
+    def _added(self) -> str:
+        decode = self._tokenizer.decode
+        return decode(self.ids[self._prefix:])[len(decode(self.ids[self._prefix:self._read])):]
+
+    def push(self, token: int) -> bool:
+        """Add a token; False while the text ends inside a character (the tail is held back)."""
+        self.ids.append(token)
+        added = self._added()
+        if added.endswith("\ufffd"):
+            return False
+        self.text += added
+        self._prefix, self._read = self._read, len(self.ids)
+        return True
+
+    def final(self) -> str:
+        """All the text, with a held incomplete tail as the decoder renders it (U+FFFD)."""
+        return self.text + self._added() if self._read < len(self.ids) else self.text

@@ -121,3 +121,42 @@ def test_ascii_text_gets_regexes_that_split_it_alike(converted):
     assert set(bpe._regexes) == {True}
     bpe.encode("naïve café 12")
     assert set(bpe._regexes) == {True, False}
+
+
+def _streamed(tokenizer, ids):
+    """Push ids one at a time; check every complete text against decoding all ids so far."""
+    stream = tokenizer.stream()
+    for n, i in enumerate(ids, 1):
+        if stream.push(i):
+            assert stream.text == tokenizer.decode(ids[:n]), n
+            assert not stream.text.endswith("\ufffd")
+    return stream.final()
+
+
+@pytest.mark.parametrize("text", [
+    "Once upon a time, 你好世界 and 🙂🙂 then naïve café — «quotes» 日本語のテキスト.",
+    "def f(x):\n    return {'a': [1, 2, 3]}  # 💡 comment\n\n\tprint(f'{x!r:>10}')",
+])
+def test_text_stream_equals_whole_decode(pair, text):
+    """Generation decodes a token at a time (TextStream, O(1) per token): the streamed text is the
+    text of all ids decoded at once, including characters split over several byte tokens."""
+    fast, _ = pair
+    ids = fast.encode(text * 3)
+    assert _streamed(fast, ids) == fast.decode(ids) == (text * 3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 49151), max_size=40))
+def test_text_stream_of_any_ids(pair, ids):
+    """Ids that end inside a character or never complete one: final() still matches the whole."""
+    fast, _ = pair
+    assert _streamed(fast, ids) == fast.decode(ids)
+
+
+def test_text_stream_wordpiece(loaded, real_text):
+    """WordPiece (the `tokenizers` library): '##' continuations and cleanup depend on the previous
+    token, which the stream keeps as context."""
+    tok = loaded("minilm", "int8").tokenizer
+    for start in range(0, 3000, 600):
+        ids = tok.encode(real_text[start:start + 600])
+        assert _streamed(tok, ids) == tok.decode(ids)

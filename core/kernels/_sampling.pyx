@@ -180,6 +180,15 @@ def sample_logits(const float[::1] logits, double temperature=0.0, int top_k=0, 
     if temperature < 0 or not 0.0 < top_p <= 1.0 or top_k < 0 or repetition_penalty <= 0 or not 0.0 <= u < 1.0:
         raise ValueError("sample_logits: temperature >= 0, top_k >= 0, 0 < top_p <= 1, repetition_penalty > 0 "
                          "and 0 <= u < 1 are required")
+    cdef bint penalized = ((repetition_penalty != 1.0 and len(history))
+                           or ((frequency_penalty != 0.0 or presence_penalty != 0.0) and len(generated)))
+    if temperature == 0.0 and not penalized:       # plain greedy (most decode steps): no copy of the row
+        with nogil:
+            t = 0
+            for i in range(1, V):
+                if logits[i] > logits[t]:
+                    t = i
+        return t
     cdef double *z = <double *> malloc(V * sizeof(double))
     cdef Cand *c = NULL                    # candidates: only when sampling (greedy reads z alone)
     cdef Cand *best = NULL

@@ -223,7 +223,7 @@ def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
 def test_attention_paged_grouping_does_not_change_results(hd):
     """A row's output is bit for bit the same whether it is computed alone or in a run of rows, and
     whether its query heads share one KV head or each reads its own copy of it: batching and GQA
-    grouping (edge_scores_f32_heads, edge_weighted_sum_f32_heads) must not change a token."""
+    grouping (edge_scores_f32_queries, edge_weighted_sum_f32_queries) must not change a token."""
     from core.kernels import _attention
     rng = np.random.default_rng(7)
     group, block_size, n = 5, 16, 53
@@ -251,9 +251,42 @@ def test_attention_paged_grouping_does_not_change_results(hd):
         copies = attend(q, np.tile(k_cache, group), np.tile(v_cache, group), group)
         np.testing.assert_array_equal(copies, outs[0])
     finally:
-        _attention._set_rows_per_task(4)
+        _attention._set_rows_per_task(16)
     with pytest.raises(ValueError, match=">= 1"):
         _attention._set_rows_per_task(0)
+
+
+def test_attention_varlen_grouping_does_not_change_results():
+    """An encoder row's output is bit for bit the same in runs of any length and with its sentence
+    alone or packed with others."""
+    from core.kernels import _attention
+    rng = np.random.default_rng(11)
+    lens, n_heads, hd = [7, 19, 1, 12], 4, 32
+    T = sum(lens)
+    starts = np.repeat(np.cumsum([0] + lens[:-1]), lens).astype(np.int32)
+    ends = (starts + np.repeat(lens, lens)).astype(np.int32)
+    q, k, v = rand(rng, T, n_heads * hd), rand(rng, T, 2 * hd), rand(rng, T, 2 * hd)
+
+    def attend(q, k, v, starts, ends):
+        out = np.empty_like(q)
+        K.attention_varlen(out, q, k, v, starts, ends, n_heads, 2, 0.2)
+        return out
+
+    try:
+        outs = []
+        for rows in (1, 3, 4, 16):
+            _attention._set_rows_per_task(rows)
+            outs.append(attend(q, k, v, starts, ends))
+        for other in outs[1:]:
+            np.testing.assert_array_equal(other, outs[0])
+        a = 0
+        for n in lens:
+            span = slice(a, a + n)
+            alone = attend(q[span], k[span], v[span], starts[span] - a, ends[span] - a)
+            np.testing.assert_array_equal(alone, outs[0][span])
+            a += n
+    finally:
+        _attention._set_rows_per_task(16)
 
 
 def test_attention_paged_rejects_bad_tables():

@@ -10,7 +10,7 @@ attention_varlen: bidirectional attention over packed sequences held contiguousl
   batch without padding): row t sees the key rows key_start[t] <= j < key_end[t].
 
 attention_paged: one task is a run of consecutive rows of one sequence and one KV head (see
-attention_paged_rows); attention_varlen: one (row, head) pair is one task.
+attention_paged_rows); attention_varlen: one task is one head of a run of rows that see the same keys.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t
@@ -21,11 +21,11 @@ cdef extern from "simd.h" nogil:
     float edge_dot_f32(const float *a, const float *b, int K)
     void edge_softmax_f32(float *x, int n)
     void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale, float *scores)
-    void edge_scores_f32_heads(const float *q, int nq, const float *k, size_t stride, int n, int hd, float scale,
-                               float *scores, size_t scores_stride)
+    void edge_scores_f32_queries(const float *q, int nq, size_t q_stride, const float *k, size_t stride, int n,
+                                 int hd, float scale, float *scores, size_t scores_stride)
     void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd)
-    void edge_weighted_sum_f32_heads(float *o, int nq, const float *p, size_t p_stride, const float *v,
-                                     size_t stride, int n, int hd)
+    void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
+                                       const float *v, size_t stride, int n, int hd)
 
 
 def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head_dim)
@@ -83,7 +83,7 @@ cdef int check_paged_rows(const int32_t *block_tables, int n_seqs, int max_block
     return -1
 
 
-cdef int _rows_per_task = 4     # consecutive query rows of one sequence that share a task (and its K/V loads)
+cdef int _rows_per_task = 16    # consecutive query rows that share a task (and its K/V loads)
 
 
 def _set_rows_per_task(int n):
@@ -108,6 +108,14 @@ cdef int split_runs(const int32_t *seq_ids, const int32_t *positions, int T, int
     return n_runs
 
 
+cdef int longest_run(const int32_t *starts, int n_runs) noexcept nogil:
+    """The most rows in one of the runs starts[0..n_runs] (the scores buffer a task needs)."""
+    cdef int run, longest = 0
+    for run in range(n_runs):
+        longest = max(longest, starts[run + 1] - starts[run])
+    return longest
+
+
 cdef void attention_paged_rows(float *out, const float *q, const float *k_cache, const float *v_cache,
                                const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
                                const int32_t *positions, int T, int max_pos, int n_heads, int n_kv_heads,
@@ -124,6 +132,7 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
     cdef int max_rows = _rows_per_task
     cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
     cdef int n_runs = split_runs(seq_ids, positions, T, max_rows, starts)
+    cdef int longest = longest_run(starts, n_runs)
     cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
     cdef int i, run, kvh, t0, n_rows, r, g, b, j, n, d, n_keys
     cdef const int32_t *table
@@ -132,7 +141,7 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
     cdef float *scores
     cdef float *o
     with parallel():
-        scores = <float *> malloc(max_rows * group * stride * sizeof(float))
+        scores = <float *> malloc(longest * group * stride * sizeof(float))
         for i in prange(n_runs * n_kv_heads, schedule="guided"):
             run = i // n_kv_heads
             kvh = i % n_kv_heads
@@ -146,8 +155,9 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
                 for r in range(n_rows):
                     n = positions[t0 + r] + 1 - j
                     if n > 0:
-                        edge_scores_f32_heads(q + <size_t> (t0 + r) * width + kvh * group * hd, group, kb, kv_width,
-                                              min(n, block_size), hd, scale, scores + r * group * stride + j, stride)
+                        edge_scores_f32_queries(q + <size_t> (t0 + r) * width + kvh * group * hd, group, hd, kb,
+                                                kv_width, min(n, block_size), hd, scale, scores + r * group * stride + j,
+                                                stride)
             for r in range(n_rows):
                 for g in range(group):
                     edge_softmax_f32(scores + (r * group + g) * stride, positions[t0 + r] + 1)
@@ -160,9 +170,9 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
                 for r in range(n_rows):
                     n = positions[t0 + r] + 1 - j
                     if n > 0:
-                        edge_weighted_sum_f32_heads(out + <size_t> (t0 + r) * width + kvh * group * hd, group,
-                                                    scores + r * group * stride + j, stride, vb, kv_width,
-                                                    min(n, block_size), hd)
+                        edge_weighted_sum_f32_queries(out + <size_t> (t0 + r) * width + kvh * group * hd, group, hd,
+                                                      scores + r * group * stride + j, stride, vb, kv_width,
+                                                      min(n, block_size), hd)
         free(scores)
     free(starts)
 
@@ -182,7 +192,7 @@ def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
         raise ValueError("attention: k and v must be (T, n_kv_heads * head_dim)")
     if out.shape[0] != T or out.shape[1] != q.shape[1] or key_start.shape[0] != T or key_end.shape[0] != T:
         raise ValueError("attention: out, key_start and key_end must have T rows")
-    cdef Py_ssize_t t, j, i
+    cdef Py_ssize_t t
     cdef int max_len = 0
     for t in range(T):
         if not (0 <= key_start[t] < key_end[t] <= T):
@@ -190,26 +200,51 @@ def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
         max_len = max(max_len, key_end[t] - key_start[t])
     if T == 0:
         return
-    cdef int group = n_heads // n_kv_heads, h, kvh, n, d, j0
+    with nogil:
+        attention_varlen_rows(&out[0, 0], &q[0, 0], &k[0, 0], &v[0, 0], &key_start[0], &key_end[0], T, max_len,
+                              n_heads, n_kv_heads, hd, scale)
+
+
+cdef void attention_varlen_rows(float *out, const float *q, const float *k, const float *v,
+                                const int32_t *key_start, const int32_t *key_end, int T, int max_len, int n_heads,
+                                int n_kv_heads, int hd, float scale) noexcept nogil:
+    """attention_varlen on raw rows (spans already checked).  One task is one head of a run of up to
+    _rows_per_task consecutive rows that see the same keys (rows of one sentence): their queries
+    share every K and V row loaded into a register."""
+    cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
+    cdef int max_rows = _rows_per_task
+    cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
+    cdef int n_runs = 0, i, t, run, h, kvh, t0, n_rows, r, d, j0, n
+    for t in range(T):
+        if (t == 0 or key_start[t] != key_start[t - 1] or key_end[t] != key_end[t - 1]
+                or t - starts[n_runs - 1] == max_rows):
+            starts[n_runs] = t
+            n_runs += 1
+    starts[n_runs] = T
+    cdef int longest = longest_run(starts, n_runs)
     cdef float *scores
     cdef float *o
-    cdef const float *vrow
-    cdef float p
-    with nogil, parallel():
-        scores = <float *> malloc(max_len * sizeof(float))
-        for i in prange(T * n_heads, schedule="static"):
-            t = i // n_heads
+    with parallel():
+        scores = <float *> malloc(<size_t> longest * max_len * sizeof(float))
+        for i in prange(n_runs * n_heads, schedule="static"):
+            run = i // n_heads
             h = i % n_heads
             kvh = h // group
-            j0 = key_start[t]
-            n = key_end[t] - j0
-            edge_scores_f32(&q[t, h * hd], &k[j0, kvh * hd], k.shape[1], n, hd, scale, scores)
-            edge_softmax_f32(scores, n)
-            o = &out[t, h * hd]
-            for d in range(hd):
-                o[d] = 0.0
-            edge_weighted_sum_f32(o, scores, &v[j0, kvh * hd], v.shape[1], n, hd)
+            t0 = starts[run]
+            n_rows = starts[run + 1] - t0
+            j0 = key_start[t0]
+            n = key_end[t0] - j0
+            edge_scores_f32_queries(q + <size_t> t0 * width + h * hd, n_rows, width, k + <size_t> j0 * kv_width + kvh * hd,
+                                    kv_width, n, hd, scale, scores, n)
+            for r in range(n_rows):
+                edge_softmax_f32(scores + r * n, n)
+                o = out + <size_t> (t0 + r) * width + h * hd
+                for d in range(hd):
+                    o[d] = 0.0
+            edge_weighted_sum_f32_queries(out + <size_t> t0 * width + h * hd, n_rows, width, scores, n,
+                                          v + <size_t> j0 * kv_width + kvh * hd, kv_width, n, hd)
         free(scores)
+    free(starts)
 
 
 def kv_write(float[:, ::1] k_cache,        # OUT (n_slots, width)

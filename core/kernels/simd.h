@@ -563,14 +563,16 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
 #endif
 }
 
-/* Attention's two inner loops over n key/value rows (row j at k + j * stride), in fp32, for the nq
- * query heads that share one KV head (grouped-query attention): query g is q + g * hd, its scores
- * are scores + g * scores_stride.  Every K and V row loaded into a register serves all nq heads.
+/* Attention's two inner loops over n key/value rows (row j at k + j * stride), in fp32, for nq
+ * queries that read the same keys: the query heads that share one KV head (grouped-query
+ * attention; q_stride = head_dim) or the same head of rows that see the same keys (q_stride = the
+ * row width).  Query g is q + g * q_stride, its scores are scores + g * scores_stride.  Every K and
+ * V row loaded into a register serves all nq queries.
  *
- * edge_scores_f32_heads: scores_g[j] = scale * dot(q_g, k_j).  Where AVX2 exists and head_dim is a
+ * edge_scores_f32_queries: scores_g[j] = scale * dot(q_g, k_j).  Where AVX2 exists and head_dim is a
  * multiple of 8, keys go four at a time: each (head, key) pair keeps eight running sums, folded
  * into four scores by a transposing hadd tree.  The last n % 4 keys go through edge_dot_f32.  A
- * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how heads
+ * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how queries
  * are grouped. */
 #if defined(__AVX2__) && defined(__FMA__)
 /* Keep a loaded vector in a register: without this gcc folds the load into every FMA that uses it,
@@ -583,8 +585,8 @@ static inline __attribute__((always_inline)) __m128 edge_fold4_ps(__m256 a0, __m
 }
 
 static inline __attribute__((always_inline)) void
-edge_scores_fixed(const int NQ, const int NK, const int HD, const float *q, const float *k, size_t stride, int j,
-                  int hd, __m128 vscale, float *scores, size_t scores_stride) {
+edge_scores_fixed(const int NQ, const int NK, const int HD, const float *q, size_t q_stride, const float *k,
+                  size_t stride, int j, int hd, __m128 vscale, float *scores, size_t scores_stride) {
     /* HD: head_dim known at compile time (its loop unrolls), or 0 to use hd */
     const int n_d = HD ? HD : hd;
     const float *kc[8];
@@ -595,7 +597,7 @@ edge_scores_fixed(const int NQ, const int NK, const int HD, const float *q, cons
     for (int d = 0; d < n_d; d += 8) {
         __m256 qv[3];
         for (int g = 0; g < NQ; g++) {
-            qv[g] = _mm256_loadu_ps(q + g * n_d + d);
+            qv[g] = _mm256_loadu_ps(q + g * q_stride + d);
             EDGE_IN_REGISTER(qv[g]);
         }
         for (int c = 0; c < NK; c++) {
@@ -611,15 +613,16 @@ edge_scores_fixed(const int NQ, const int NK, const int HD, const float *q, cons
 }
 #endif
 
-static inline void edge_scores_f32_heads(const float *q, int nq, const float *k, size_t stride, int n, int hd,
-                                         float scale, float *scores, size_t scores_stride) {
+static inline void edge_scores_f32_queries(const float *q, int nq, size_t q_stride, const float *k, size_t stride,
+                                         int n, int hd, float scale, float *scores, size_t scores_stride) {
     int j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     if (hd % 8 == 0) {
         const __m128 vscale = _mm_set1_ps(scale);
         int g = 0;
 #define EDGE_SCORES_FIXED(NQ, NK, HD) \
-        edge_scores_fixed(NQ, NK, HD, q + g * hd, k, stride, j, hd, vscale, scores + g * scores_stride, scores_stride)
+        edge_scores_fixed(NQ, NK, HD, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
+                          scores_stride)
         for (; g + 3 <= nq; g += 3)
             for (j = 0; j + 4 <= n; j += 4) {
                 if (hd == 64) EDGE_SCORES_FIXED(3, 4, 64); else EDGE_SCORES_FIXED(3, 4, 0);
@@ -641,26 +644,26 @@ static inline void edge_scores_f32_heads(const float *q, int nq, const float *k,
 #endif
     for (; j < n; j++)
         for (int g = 0; g < nq; g++)
-            scores[g * scores_stride + j] = edge_dot_f32(q + g * hd, k + (size_t)j * stride, hd) * scale;
+            scores[g * scores_stride + j] = edge_dot_f32(q + g * q_stride, k + (size_t)j * stride, hd) * scale;
 }
 
 /* one query head: scores[j] = scale * dot(q, k_j) */
 static inline void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale,
                                    float *scores) {
-    edge_scores_f32_heads(q, 1, k, stride, n, hd, scale, scores, 0);
+    edge_scores_f32_queries(q, 1, 0, k, stride, n, hd, scale, scores, 0);
 }
 
-/* edge_weighted_sum_f32_heads: o_g[0..hd) += sum_j p_g[j] * v_j, with o_g = o + g * hd and
+/* edge_weighted_sum_f32_queries: o_g[0..hd) += sum_j p_g[j] * v_j, with o_g = o + g * o_stride and
  * p_g = p + g * p_stride.  Where AVX2 exists and head_dim is a multiple of 32, the outputs of up to
- * three heads over 32 columns stay in registers across all n rows; each element's sum runs over j
+ * three queries over 32 columns stay in registers across all n rows; each element's sum runs over j
  * in order whatever the grouping, so the result does not depend on nq. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void
-edge_weighted_sum_fixed(const int NQ, const int NC, float *o, int hd, const float *p, size_t p_stride,
+edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, const float *p, size_t p_stride,
                         const float *v, size_t stride, int n) {
     __m256 acc[3][8];               /* NQ heads x NC vectors of 8 columns, NQ x NC <= 12 */
     for (int g = 0; g < NQ; g++)
-        for (int c = 0; c < NC; c++) acc[g][c] = _mm256_loadu_ps(o + g * hd + 8 * c);
+        for (int c = 0; c < NC; c++) acc[g][c] = _mm256_loadu_ps(o + g * o_stride + 8 * c);
     for (int j = 0; j < n; j++) {
         const float *vj = v + (size_t)j * stride;
         __m256 pj[3];
@@ -672,27 +675,31 @@ edge_weighted_sum_fixed(const int NQ, const int NC, float *o, int hd, const floa
         }
     }
     for (int g = 0; g < NQ; g++)
-        for (int c = 0; c < NC; c++) _mm256_storeu_ps(o + g * hd + 8 * c, acc[g][c]);
+        for (int c = 0; c < NC; c++) _mm256_storeu_ps(o + g * o_stride + 8 * c, acc[g][c]);
 }
 #endif
 
-static inline void edge_weighted_sum_f32_heads(float *o, int nq, const float *p, size_t p_stride, const float *v,
-                                               size_t stride, int n, int hd) {
+static inline void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
+                                               const float *v, size_t stride, int n, int hd) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (hd % 32 == 0) {
         int g = 0;
         for (; g + 3 <= nq; g += 3)
             for (int d = 0; d < hd; d += 32)
-                edge_weighted_sum_fixed(3, 4, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+                edge_weighted_sum_fixed(3, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
+                                        stride, n);
         if (nq - g == 2)
             for (int d = 0; d < hd; d += 32)
-                edge_weighted_sum_fixed(2, 4, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+                edge_weighted_sum_fixed(2, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
+                                        stride, n);
         if (nq - g == 1) {          /* one head: 64 columns at a time where they fit, eight sums in flight */
             int d = 0;
             for (; d + 64 <= hd; d += 64)
-                edge_weighted_sum_fixed(1, 8, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+                edge_weighted_sum_fixed(1, 8, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
+                                        stride, n);
             if (d < hd)
-                edge_weighted_sum_fixed(1, 4, o + g * hd + d, hd, p + g * p_stride, p_stride, v + d, stride, n);
+                edge_weighted_sum_fixed(1, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
+                                        stride, n);
         }
         return;
     }
@@ -701,13 +708,13 @@ static inline void edge_weighted_sum_f32_heads(float *o, int nq, const float *p,
         for (int j = 0; j < n; j++) {
             const float pj = p[g * p_stride + j];
             const float *vj = v + (size_t)j * stride;
-            for (int d = 0; d < hd; d++) o[g * hd + d] += pj * vj[d];
+            for (int d = 0; d < hd; d++) o[g * o_stride + d] += pj * vj[d];
         }
 }
 
 /* one query head: o[0..hd) += sum_j p[j] * v_j */
 static inline void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd) {
-    edge_weighted_sum_f32_heads(o, 1, p, 0, v, stride, n, hd);
+    edge_weighted_sum_f32_queries(o, 1, 0, p, 0, v, stride, n, hd);
 }
 
 /* sum of n bytes as unsigned integers: one vpsadbw per 32 bytes, so that memory, not the core,

@@ -219,6 +219,37 @@ def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("steal", [0, 1])
+def test_matmul_q8_few_rows_quantized_per_thread(steal):
+    """Up to 4 rows, each thread quantizes the rows itself and no thread waits for another: the
+    result is bit for bit that of the shared quantization, for every row count around the switch
+    and with or without tile stealing."""
+    from core.kernels import _matmul
+    rng = np.random.default_rng(5)
+    K_, N_ = 480, 70                               # blocks of 8, 4, 2 and 1 groups; a last odd row
+    w_natural, w_scale = R.quantize_weights_q8(rand(rng, N_, K_))
+    w, ws = R.pack_q8_rows(w_natural), w_scale.view(np.uint16)
+    bias = rand(rng, N_)
+    try:
+        _matmul._set_steal_tiles(steal)
+        for M in range(1, 7):
+            x = rand(rng, M, K_)
+            outs = []
+            for own in (0, 1):
+                _matmul._set_own_rows(own)
+                out = np.empty((M, N_), np.float32)
+                K.matmul_q8(out, x, w, ws, bias)
+                outs.append(out)
+            np.testing.assert_array_equal(outs[0], outs[1])
+            ref = np.empty((M, N_), np.float64)
+            R.matmul_q8(ref, x, w, w_scale, bias)
+            mag = np.abs(x) @ np.abs(R.dequantize_q8(w_natural, w_scale.astype(np.float32))).T + np.abs(bias)
+            assert (np.abs(outs[1] - ref) <= TOL["q8"] * mag + 1e-6).all()
+    finally:
+        _matmul._set_own_rows(1)
+        _matmul._set_steal_tiles(1)
+
+
 @pytest.mark.parametrize("hd", [24, 64])
 def test_attention_paged_grouping_does_not_change_results(hd):
     """A row's output is bit for bit the same whether it is computed alone or in a run of rows, and

@@ -50,8 +50,13 @@ cdef extern from *:
      * tail).  Shares start as OpenMP's static split, so with no stealing nothing changes. */
     typedef struct { int64_t range; char pad[56]; } edge_share;
     static inline int64_t edge_share_pack(int lo, int hi) { return ((int64_t)hi << 32) | (uint32_t)lo; }
+    /* Shares start empty, so that a thread looking for work in a share its owner has not set yet
+     * finds none (the owner then runs all of it). */
     static edge_share *edge_shares_new(void) {
-        return (edge_share *)aligned_alloc(64, sizeof(edge_share) * (size_t)edge_team_max());
+        edge_share *s = (edge_share *)aligned_alloc(64, sizeof(edge_share) * (size_t)edge_team_max());
+        if (s != NULL)
+            for (int t = 0; t < edge_team_max(); t++) __atomic_store_n(&s[t].range, 0, __ATOMIC_RELAXED);
+        return s;
     }
     static void edge_share_init(edge_share *s, int tid, int nthr, int n) {
         const int q = n / nthr, r = n % nthr, lo = tid * q + (tid < r ? tid : r);
@@ -95,6 +100,13 @@ cdef extern from *:
     void edge_barrier() nogil
 
 cdef int steal_tiles = 1
+cdef int own_rows_on = 1
+
+
+def _set_own_rows(int on):
+    """Benchmark knob: threads quantize a few activation rows each for itself (default on)."""
+    global own_rows_on
+    own_rows_on = on
 
 
 def _set_steal_tiles(int on):
@@ -105,6 +117,7 @@ def _set_steal_tiles(int on):
 
 cdef enum:
     N_TILE = 16     # weight rows per task
+    OWN_ROWS_MAX = 4         # up to this many activation rows, each thread quantizes them itself
     M_BLOCK = 64             # activation rows per inner block of the fp32 matmul
                     # (MAX_SHARED, in _matmul.pxd: matrices one _matmul_q8_shared call may take)
 
@@ -131,12 +144,17 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
     (q, k and v; gate and up): x is quantized once and one parallel region covers every tile."""
     cdef int Kp = edge_q8_padded(K)
     cdef int G = (K + 31) // 32
-    cdef int8_t *q = <int8_t *> malloc(<size_t> M * Kp)
-    cdef float *xs = <float *> malloc(<size_t> M * G * sizeof(float))
+    cdef int8_t *q = NULL if M <= OWN_ROWS_MAX and own_rows_on else <int8_t *> malloc(<size_t> M * Kp)
+    cdef float *xs = NULL if M <= OWN_ROWS_MAX and own_rows_on else <float *> malloc(<size_t> M * G * sizeof(float))
     cdef int m_block = (m_block_bytes // Kp) & ~3 if m_block_bytes // Kp >= 4 else 4
     cdef int tile_start[MAX_SHARED + 1]
-    cdef int i, m, mq, t, r, m0, m1, n, n0, n1, N, tid, nthr
+    cdef int i, m, mq, mr, t, r, m0, m1, n, n0, n1, N, tid, nthr
     cdef int steal = steal_tiles
+    # A few rows (a decode step): every thread quantizes them itself, into its own buffer, and
+    # starts on its tiles at once; no thread waits at a barrier for another's quantization.
+    cdef bint own_rows = M <= OWN_ROWS_MAX and own_rows_on
+    cdef int8_t *qt
+    cdef float *xst
     cdef edge_share *shares = edge_shares_new()
     cdef const uint16_t *ws
     cdef float *block
@@ -150,10 +168,19 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
         block = <float *> malloc(8 * sizeof(float))       # one 4 x 2 block of outputs
         tid = edge_thread_id()
         nthr = edge_team_size()
-        edge_share_init(shares, tid, nthr, tile_start[n_mats])
-        for mq in prange(M, schedule="static"):
-            edge_quantize_row_q8(x + <size_t> mq * K, K, q + <size_t> mq * Kp, xs + <size_t> mq * G)
-        edge_barrier()              # every row quantized and every share set before any tile starts
+        if own_rows:
+            qt = <int8_t *> malloc(<size_t> M * Kp)
+            xst = <float *> malloc(<size_t> M * G * sizeof(float))
+            for mr in range(M):
+                edge_quantize_row_q8(x + <size_t> mr * K, K, qt + <size_t> mr * Kp, xst + <size_t> mr * G)
+            edge_share_init(shares, tid, nthr, tile_start[n_mats])
+        else:
+            qt = q
+            xst = xs
+            edge_share_init(shares, tid, nthr, tile_start[n_mats])
+            for mq in prange(M, schedule="static"):
+                edge_quantize_row_q8(x + <size_t> mq * K, K, q + <size_t> mq * Kp, xs + <size_t> mq * G)
+            edge_barrier()          # every row quantized and every share set before any tile starts
         while True:                 # tiles: this thread's share, then others' 
             t = edge_share_claim(shares, tid, nthr, steal)
             if t < 0:
@@ -178,14 +205,14 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
                             edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
                         m = m0
                         while m + 4 <= m1:                # 4 x 2 blocks
-                            edge_dot_q8_4x2(q + <size_t> m * Kp, Kp, xs + <size_t> m * G, G,
+                            edge_dot_q8_4x2(qt + <size_t> m * Kp, Kp, xst + <size_t> m * G, G,
                                             w + <size_t> n * K, w + <size_t> (n + 1) * K, ws, ws + G, K, block)
                             for r in range(4):
                                 _store(out, bias, m + r, n, N, block[2 * r])
                                 _store(out, bias, m + r, n + 1, N, block[2 * r + 1])
                             m = m + 4
                         while m < m1:                     # 1 x 2 for the rest (all of a decode step)
-                            edge_dot_q8_1x2(q + <size_t> m * Kp, xs + <size_t> m * G, w + <size_t> n * K,
+                            edge_dot_q8_1x2(qt + <size_t> m * Kp, xst + <size_t> m * G, w + <size_t> n * K,
                                             w + <size_t> (n + 1) * K, ws, ws + G, K, block)
                             _store(out, bias, m, n, N, block[0])
                             _store(out, bias, m, n + 1, N, block[1])
@@ -194,10 +221,13 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
                     else:
                         ws = scales[i] + <size_t> n * G
                         for m in range(m0, m1):
-                            _store(out, bias, m, n, N, edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G,
+                            _store(out, bias, m, n, N, edge_dot_q8(qt + <size_t> m * Kp, xst + <size_t> m * G,
                                                                    w + <size_t> n * K, ws, K))
                         n = n + 1
                 m0 = m1
+        if own_rows:
+            free(qt)
+            free(xst)
         free(block)
     free(shares)
     free(q)

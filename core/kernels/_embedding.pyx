@@ -3,6 +3,7 @@ scale per group of 32 (a decoder's token embedding, shared with its logits head 
 rows are in the interleaved layout of the int8 matmul (reference.pack_q8_rows)."""
 from cython.parallel cimport prange
 from libc.stdint cimport int8_t, int32_t, uint16_t
+from libc.string cimport memcpy
 
 cdef extern from "simd.h" nogil:
     void edge_q8_dequantize_row(const int8_t *packed, const uint16_t *scale, int K, float *out)
@@ -28,10 +29,12 @@ def embed_f32(float[:, ::1] out,           # OUT (T, dim)
 
 
 cdef void embed_f32_rows(float *out, const int32_t *tokens, const float *table, int T, int dim) noexcept nogil:
-    cdef int t, j
-    for t in prange(T, schedule="static", use_threads_if=T > 1):
-        for j in range(dim):
-            out[<size_t> t * dim + j] = table[<size_t> tokens[t] * dim + j]
+    cdef int t
+    if T == 1:                  # a decode step: no parallel region
+        memcpy(out, table + <size_t> tokens[0] * dim, dim * sizeof(float))
+        return
+    for t in prange(T, schedule="static"):
+        memcpy(out + <size_t> t * dim, table + <size_t> tokens[t] * dim, dim * sizeof(float))
 
 
 def embed_q8(float[:, ::1] out,               # OUT (T, dim)
@@ -50,6 +53,9 @@ def embed_q8(float[:, ::1] out,               # OUT (T, dim)
 cdef void embed_q8_rows(float *out, const int32_t *tokens, const int8_t *table, const uint16_t *scale,
                         int T, int dim) noexcept nogil:
     cdef int t, G = (dim + 31) // 32
-    for t in prange(T, schedule="static", use_threads_if=T > 1):
+    if T == 1:                  # a decode step: no parallel region
+        edge_q8_dequantize_row(table + <size_t> tokens[0] * dim, scale + <size_t> tokens[0] * G, dim, out)
+        return
+    for t in prange(T, schedule="static"):
         edge_q8_dequantize_row(table + <size_t> tokens[t] * dim, scale + <size_t> tokens[t] * G, dim,
                                out + <size_t> t * dim)

@@ -22,16 +22,19 @@ def rmsnorm(float[:, ::1] out,            # OUT (T, dim)
 
 
 cdef void rmsnorm_rows(float *out, const float *x, const float *weight, int T, int dim, float eps) noexcept nogil:
-    cdef int t, j
-    cdef double ss
-    cdef float inv
-    cdef const float *row
-    for t in prange(T, schedule="static", use_threads_if=T > 1):
-        row = x + <size_t> t * dim
-        ss = edge_sumsq_f64(row, dim)
-        inv = <float> (1.0 / sqrt(ss / dim + eps))
-        for j in range(dim):
-            out[<size_t> t * dim + j] = (row[j] * inv) * weight[j]
+    cdef int t
+    if T == 1:                  # a decode step: no parallel region (even an inactive one costs ~0.5 us)
+        rmsnorm_row(out, x, weight, dim, eps)
+        return
+    for t in prange(T, schedule="static"):
+        rmsnorm_row(out + <size_t> t * dim, x + <size_t> t * dim, weight, dim, eps)
+
+
+cdef inline void rmsnorm_row(float *out, const float *row, const float *weight, int dim, float eps) noexcept nogil:
+    cdef int j
+    cdef float inv = <float> (1.0 / sqrt(edge_sumsq_f64(row, dim) / dim + eps))
+    for j in range(dim):
+        out[j] = (row[j] * inv) * weight[j]
 
 
 def layernorm(float[:, ::1] out,          # OUT (T, dim)

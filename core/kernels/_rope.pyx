@@ -36,19 +36,30 @@ cdef void rope_qk_rows(float *q, float *k, const int32_t *positions, int T, int 
     frequencies base^(-2i/rot_dim) once per call."""
     cdef int t, i, half = rot_dim // 2
     cdef double *inv_freq = <double *> malloc(half * sizeof(double))
+    for i in range(half):
+        inv_freq[i] = pow(base, -2.0 * i / rot_dim)
+    if T == 1:                  # a decode step: no parallel region (even an inactive one costs ~0.5 us)
+        rope_qk_row(q, k, positions[0], n_q_heads, n_k_heads, head_dim, half, inv_freq, neox)
+    else:
+        for t in prange(T, schedule="static"):
+            rope_qk_row(q + <size_t> t * n_q_heads * head_dim,
+                        k + <size_t> t * n_k_heads * head_dim if k != NULL else NULL,
+                        positions[t], n_q_heads, n_k_heads, head_dim, half, inv_freq, neox)
+    free(inv_freq)
+
+
+cdef inline void rope_qk_row(float *q, float *k, int position, int n_q_heads, int n_k_heads, int head_dim, int half,
+                             const double *inv_freq, bint neox) noexcept nogil:
+    cdef int i
     cdef double angle
     cdef float c, s
     for i in range(half):
-        inv_freq[i] = pow(base, -2.0 * i / rot_dim)
-    for t in prange(T, schedule="static", use_threads_if=T > 1):
-        for i in range(half):
-            angle = positions[t] * inv_freq[i]
-            c = <float> cos(angle)
-            s = <float> sin(angle)
-            rotate_pair(q + <size_t> t * n_q_heads * head_dim, n_q_heads, head_dim, i, half, neox, c, s)
-            if k != NULL:
-                rotate_pair(k + <size_t> t * n_k_heads * head_dim, n_k_heads, head_dim, i, half, neox, c, s)
-    free(inv_freq)
+        angle = position * inv_freq[i]
+        c = <float> cos(angle)
+        s = <float> sin(angle)
+        rotate_pair(q, n_q_heads, head_dim, i, half, neox, c, s)
+        if k != NULL:
+            rotate_pair(k, n_k_heads, head_dim, i, half, neox, c, s)
 
 
 cdef inline void rotate_pair(float *row, int n_heads, int head_dim, int i, int half, bint neox, float c,

@@ -18,12 +18,9 @@ from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 cdef extern from "simd.h" nogil:
-    float edge_dot_f32(const float *a, const float *b, int K)
     void edge_softmax_f32(float *x, int n)
-    void edge_scores_f32(const float *q, const float *k, size_t stride, int n, int hd, float scale, float *scores)
     void edge_scores_f32_queries(const float *q, int nq, size_t q_stride, const float *k, size_t stride, int n,
                                  int hd, float scale, float *scores, size_t scores_stride)
-    void edge_weighted_sum_f32(float *o, const float *p, const float *v, size_t stride, int n, int hd)
     void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
                                        const float *v, size_t stride, int n, int hd)
 

@@ -91,13 +91,14 @@ def _set_rows_per_task(int n):
     _rows_per_task = n
 
 
-cdef int split_runs(const int32_t *seq_ids, const int32_t *positions, int T, int max_rows,
+cdef int split_runs(const int32_t *a, const int32_t *b, int b_step, int T, int max_rows,
                     int32_t *starts) noexcept nogil:
-    """Cut rows 0..T-1 into runs of at most max_rows consecutive rows of one sequence at consecutive
-    positions; starts[0..n_runs] are their first rows (starts[n_runs] = T).  Returns n_runs."""
+    """Cut rows 0..T-1 into runs of at most max_rows rows with a[t] = a[t - 1] and
+    b[t] = b[t - 1] + b_step (paged: one sequence at consecutive positions; varlen: one key span);
+    starts[0..n_runs] are their first rows (starts[n_runs] = T).  Returns n_runs."""
     cdef int t, n_runs = 0
     for t in range(T):
-        if (t == 0 or seq_ids[t] != seq_ids[t - 1] or positions[t] != positions[t - 1] + 1
+        if (t == 0 or a[t] != a[t - 1] or b[t] != b[t - 1] + b_step
                 or t - starts[n_runs - 1] == max_rows):
             starts[n_runs] = t
             n_runs += 1
@@ -128,7 +129,7 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
     cdef int max_rows = _rows_per_task
     cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
-    cdef int n_runs = split_runs(seq_ids, positions, T, max_rows, starts)
+    cdef int n_runs = split_runs(seq_ids, positions, 1, T, max_rows, starts)
     cdef int longest = longest_run(starts, n_runs)
     cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
     cdef int i, run, kvh, t0, n_rows, r, g, b, j, n, d, n_keys
@@ -153,8 +154,8 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
                     n = positions[t0 + r] + 1 - j
                     if n > 0:
                         edge_scores_f32_queries(q + <size_t> (t0 + r) * width + kvh * group * hd, group, hd, kb,
-                                                kv_width, min(n, block_size), hd, scale, scores + r * group * stride + j,
-                                                stride)
+                                                kv_width, min(n, block_size), hd, scale,
+                                                scores + r * group * stride + j, stride)
             for r in range(n_rows):
                 for g in range(group):
                     edge_softmax_f32(scores + (r * group + g) * stride, positions[t0 + r] + 1)
@@ -211,13 +212,8 @@ cdef void attention_varlen_rows(float *out, const float *q, const float *k, cons
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
     cdef int max_rows = _rows_per_task
     cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
-    cdef int n_runs = 0, i, t, run, h, kvh, t0, n_rows, r, d, j0, n
-    for t in range(T):
-        if (t == 0 or key_start[t] != key_start[t - 1] or key_end[t] != key_end[t - 1]
-                or t - starts[n_runs - 1] == max_rows):
-            starts[n_runs] = t
-            n_runs += 1
-    starts[n_runs] = T
+    cdef int n_runs = split_runs(key_start, key_end, 0, T, max_rows, starts)
+    cdef int i, run, h, kvh, t0, n_rows, r, d, j0, n
     cdef int longest = longest_run(starts, n_runs)
     cdef float *scores
     cdef float *o
@@ -231,8 +227,8 @@ cdef void attention_varlen_rows(float *out, const float *q, const float *k, cons
             n_rows = starts[run + 1] - t0
             j0 = key_start[t0]
             n = key_end[t0] - j0
-            edge_scores_f32_queries(q + <size_t> t0 * width + h * hd, n_rows, width, k + <size_t> j0 * kv_width + kvh * hd,
-                                    kv_width, n, hd, scale, scores, n)
+            edge_scores_f32_queries(q + <size_t> t0 * width + h * hd, n_rows, width,
+                                    k + <size_t> j0 * kv_width + kvh * hd, kv_width, n, hd, scale, scores, n)
             for r in range(n_rows):
                 edge_softmax_f32(scores + r * n, n)
                 o = out + <size_t> (t0 + r) * width + h * hd

@@ -144,15 +144,15 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
     (q, k and v; gate and up): x is quantized once and one parallel region covers every tile."""
     cdef int Kp = edge_q8_padded(K)
     cdef int G = (K + 31) // 32
-    cdef int8_t *q = NULL if M <= OWN_ROWS_MAX and own_rows_on else <int8_t *> malloc(<size_t> M * Kp)
-    cdef float *xs = NULL if M <= OWN_ROWS_MAX and own_rows_on else <float *> malloc(<size_t> M * G * sizeof(float))
+    # A few rows (a decode step): every thread quantizes them itself, into its own buffer, and
+    # starts on its tiles at once; no thread waits at a barrier for another's quantization.
+    cdef bint own_rows = M <= OWN_ROWS_MAX and own_rows_on
+    cdef int8_t *q = NULL if own_rows else <int8_t *> malloc(<size_t> M * Kp)
+    cdef float *xs = NULL if own_rows else <float *> malloc(<size_t> M * G * sizeof(float))
     cdef int m_block = (m_block_bytes // Kp) & ~3 if m_block_bytes // Kp >= 4 else 4
     cdef int tile_start[MAX_SHARED + 1]
     cdef int i, m, mq, mr, t, r, m0, m1, n, n0, n1, N, tid, nthr
     cdef int steal = steal_tiles
-    # A few rows (a decode step): every thread quantizes them itself, into its own buffer, and
-    # starts on its tiles at once; no thread waits at a barrier for another's quantization.
-    cdef bint own_rows = M <= OWN_ROWS_MAX and own_rows_on
     cdef int8_t *qt
     cdef float *xst
     cdef edge_share *shares = edge_shares_new()
@@ -168,16 +168,15 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
         block = <float *> malloc(8 * sizeof(float))       # one 4 x 2 block of outputs
         tid = edge_thread_id()
         nthr = edge_team_size()
+        edge_share_init(shares, tid, nthr, tile_start[n_mats])
         if own_rows:
             qt = <int8_t *> malloc(<size_t> M * Kp)
             xst = <float *> malloc(<size_t> M * G * sizeof(float))
             for mr in range(M):
                 edge_quantize_row_q8(x + <size_t> mr * K, K, qt + <size_t> mr * Kp, xst + <size_t> mr * G)
-            edge_share_init(shares, tid, nthr, tile_start[n_mats])
         else:
             qt = q
             xst = xs
-            edge_share_init(shares, tid, nthr, tile_start[n_mats])
             for mq in prange(M, schedule="static"):
                 edge_quantize_row_q8(x + <size_t> mq * K, K, q + <size_t> mq * Kp, xs + <size_t> mq * G)
             edge_barrier()          # every row quantized and every share set before any tile starts

@@ -71,16 +71,6 @@ static inline float edge_f16_to_f32(uint16_t h) {
 #endif
 }
 
-/* dst[i] = float(src[i]) for n IEEE halves, eight at a time where F16C exists. */
-static inline void edge_f16_to_f32_row(const uint16_t *src, float *dst, int n) {
-    int i = 0;
-#if defined(__F16C__) && defined(__AVX__)
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-#endif
-    for (; i < n; i++) dst[i] = edge_f16_to_f32(src[i]);
-}
-
 /* Interleaved int8 rows.  Both operands of an int8 dot product, the weight rows (at convert time)
  * and the quantized activation rows (as they are quantized), are stored in one layout, so that a
  * 32-bit lane of a SIMD sum sees one group only.  The whole groups of a row are split into blocks:
@@ -576,7 +566,7 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
  * are grouped. */
 #if defined(__AVX2__) && defined(__FMA__)
 /* Keep a loaded vector in a register: without this gcc folds the load into every FMA that uses it,
- * and a K or V row shared by three heads is read from cache three times. */
+ * and a K or V row shared by three queries is read from cache three times. */
 #define EDGE_IN_REGISTER(v) __asm__("" : "+x"(v))
 
 static inline __attribute__((always_inline)) __m128 edge_fold4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
@@ -585,16 +575,14 @@ static inline __attribute__((always_inline)) __m128 edge_fold4_ps(__m256 a0, __m
 }
 
 static inline __attribute__((always_inline)) void
-edge_scores_fixed(const int NQ, const int NK, const int HD, const float *q, size_t q_stride, const float *k,
-                  size_t stride, int j, int hd, __m128 vscale, float *scores, size_t scores_stride) {
-    /* HD: head_dim known at compile time (its loop unrolls), or 0 to use hd */
-    const int n_d = HD ? HD : hd;
+edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, const float *k, size_t stride,
+                  int j, int hd, __m128 vscale, float *scores, size_t scores_stride) {
     const float *kc[8];
     for (int c = 0; c < NK; c++) kc[c] = k + (size_t)(j + c) * stride;
     __m256 acc[3][8];               /* NQ x NK <= 12 sums, with the NQ query vectors and one key in registers */
     for (int g = 0; g < NQ; g++)
         for (int c = 0; c < NK; c++) acc[g][c] = _mm256_setzero_ps();
-    for (int d = 0; d < n_d; d += 8) {
+    for (int d = 0; d < hd; d += 8) {
         __m256 qv[3];
         for (int g = 0; g < NQ; g++) {
             qv[g] = _mm256_loadu_ps(q + g * q_stride + d);
@@ -620,23 +608,16 @@ static inline void edge_scores_f32_queries(const float *q, int nq, size_t q_stri
     if (hd % 8 == 0) {
         const __m128 vscale = _mm_set1_ps(scale);
         int g = 0;
-#define EDGE_SCORES_FIXED(NQ, NK, HD) \
-        edge_scores_fixed(NQ, NK, HD, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
+#define EDGE_SCORES_FIXED(NQ, NK) \
+        edge_scores_fixed(NQ, NK, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
                           scores_stride)
         for (; g + 3 <= nq; g += 3)
-            for (j = 0; j + 4 <= n; j += 4) {
-                if (hd == 64) EDGE_SCORES_FIXED(3, 4, 64); else EDGE_SCORES_FIXED(3, 4, 0);
-            }
+            for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(3, 4);
         if (nq - g == 2)
-            for (j = 0; j + 4 <= n; j += 4) {
-                if (hd == 64) EDGE_SCORES_FIXED(2, 4, 64); else EDGE_SCORES_FIXED(2, 4, 0);
-            }
+            for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(2, 4);
         if (nq - g == 1) {          /* one head: eight keys at a time, so that eight sums are in flight */
-            for (j = 0; j + 8 <= n; j += 8) {
-                if (hd == 64) EDGE_SCORES_FIXED(1, 8, 64); else if (hd == 32) EDGE_SCORES_FIXED(1, 8, 32);
-                else EDGE_SCORES_FIXED(1, 8, 0);
-            }
-            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(1, 4, 0);
+            for (j = 0; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(1, 8);
+            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(1, 4);
         }
 #undef EDGE_SCORES_FIXED
         j = n - n % 4;

@@ -148,7 +148,8 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--path", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "edge-smollm2-shaped.edge"))
     args = p.parse_args(argv)
-    if not os.path.exists(args.path):
+    from core.wfile import FORMAT_VERSION, file_version
+    if not os.path.exists(args.path) or file_version(args.path) != FORMAT_VERSION:   # none yet, or an old format
         write_model(args.path)
     result = measure(args.path, args.threads, args.runs)
     print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))

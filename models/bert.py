@@ -19,7 +19,7 @@ import numpy as np
 
 from core import kernels as K
 from core.wfile import WeightsFile
-from models.layers import Linear, Norm
+from models.layers import Linear, Norm, project
 
 
 @dataclass(frozen=True)
@@ -109,7 +109,7 @@ def embed(w: BertWeights, s: RunState, batch: PackedBatch, T: int) -> None:
 
 def attention(cfg: BertConfig, s: RunState, layer: BertLayer, batch: PackedBatch, T: int) -> None:
     """s.x -> s.h: bidirectional self-attention within each sentence, plus the residual."""
-    q, k, v = layer.attn_q(s.q[:T], s.x[:T]), layer.attn_k(s.k[:T], s.x[:T]), layer.attn_v(s.v[:T], s.x[:T])
+    q, k, v = project([layer.attn_q, layer.attn_k, layer.attn_v], [s.q[:T], s.k[:T], s.v[:T]], s.x[:T])
     K.attention_varlen(s.att[:T], q, k, v, batch.key_start, batch.key_end, cfg.n_heads, cfg.n_heads,
                        cfg.head_dim ** -0.5)
     layer.attn_output(s.h[:T], s.att[:T])

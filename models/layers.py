@@ -34,6 +34,18 @@ class Linear:
         return out
 
 
+def project(linears: list[Linear], outs: list[np.ndarray], x: np.ndarray) -> list[np.ndarray]:
+    """outs[i] = linears[i](x) for layers that read the same x (q, k and v): int8 ones in one
+    matmul_q8_shared call, which quantizes x once (the results are those of separate calls)."""
+    if all(lin.quantized for lin in linears):
+        K.matmul_q8_shared(outs, x, [lin.weight for lin in linears], [lin.scale for lin in linears],
+                           [lin.bias for lin in linears])
+    else:
+        for lin, out in zip(linears, outs):
+            lin(out, x)
+    return outs
+
+
 class Embedding:
     """out[t] = table[tokens[t]] from an int8 (+ per-row scale) or fp32 table."""
 

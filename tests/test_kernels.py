@@ -250,6 +250,36 @@ def test_matmul_q8_few_rows_quantized_per_thread(steal):
         _matmul._set_steal_tiles(1)
 
 
+@pytest.mark.parametrize("M", [1, 3, 40])
+def test_matmul_q8_shared_equals_separate_calls(M):
+    """q, k and v in one call (one quantization of x, one parallel region) give bit for bit the
+    outputs of three matmul_q8 calls, biases or not; an empty matrix is skipped, bad input refused."""
+    rng = np.random.default_rng(11)
+    K_ = 200                                               # a partial last group
+    mats = []
+    for N_, has_bias in ((48, True), (17, False), (33, True)):
+        w_natural, w_scale = R.quantize_weights_q8(rand(rng, N_, K_))
+        mats.append((R.pack_q8_rows(w_natural), w_scale.view(np.uint16), rand(rng, N_) if has_bias else None))
+    x = rand(rng, M, K_)
+    separate = [np.empty((M, w.shape[0]), np.float32) for w, _, _ in mats]
+    for out, (w, ws, b) in zip(separate, mats):
+        K.matmul_q8(out, x, w, ws, b)
+    shared = [np.full((M, w.shape[0]), np.nan, np.float32) for w, _, _ in mats]
+    K.matmul_q8_shared(shared, x, *[list(t) for t in zip(*mats)])
+    for a, b in zip(shared, separate):
+        np.testing.assert_array_equal(a, b)
+    empty = np.empty((M, 0), np.float32)
+    K.matmul_q8_shared([empty, shared[1]], x, [np.empty((0, K_), np.int8), mats[1][0]],
+                       [np.empty((0, (K_ + 31) // 32), np.uint16), mats[1][1]], [None, None])
+    np.testing.assert_array_equal(shared[1], separate[1])
+    with pytest.raises(ValueError, match="1 to 4 matrices"):
+        K.matmul_q8_shared(shared * 2, x, [m[0] for m in mats] * 2, [m[1] for m in mats] * 2, [None] * 6)
+    with pytest.raises(ValueError, match="expected"):
+        K.matmul_q8_shared([np.empty((M, 5), np.float32)], x, [mats[0][0]], [mats[0][1]], [None])
+    with pytest.raises(ValueError, match="scales"):
+        K.matmul_q8_shared([separate[0]], x, [mats[0][0]], [mats[1][1]], [None])
+
+
 @pytest.mark.parametrize("hd", [24, 64])
 def test_attention_paged_grouping_does_not_change_results(hd):
     """A row's output is bit for bit the same whether it is computed alone or in a run of rows, and

@@ -289,6 +289,47 @@ def matmul_q8(float[:, ::1] out,             # OUT (M, N)
         _matmul_q8(&out[0, 0], &x[0, 0], &w[0, 0], &w_scale[0, 0], b, M, N, K)
 
 
+def matmul_q8_shared(outs, const float[:, ::1] x, weights, scales, biases):
+    """out_i = matmul_q8(x, weights[i], scales[i], biases[i]) for up to MAX_SHARED weight matrices
+    that read the same x (an attention block's q, k and v): x is quantized once and one parallel
+    region covers every matrix's tiles.  The results are bit for bit those of separate calls."""
+    cdef int n = len(weights), i, M = x.shape[0], K = x.shape[1]
+    if not 0 < n <= MAX_SHARED or len(outs) != n or len(scales) != n or len(biases) != n:
+        raise ValueError(f"matmul_q8_shared takes 1 to {MAX_SHARED} matrices, each with an output, "
+                         f"scales and a bias (or None)")
+    if K == 0:
+        raise ValueError("x has no columns")
+    cdef float *out_p[MAX_SHARED]
+    cdef const int8_t *w_p[MAX_SHARED]
+    cdef const uint16_t *s_p[MAX_SHARED]
+    cdef const float *b_p[MAX_SHARED]
+    cdef int Ns[MAX_SHARED]
+    cdef float[:, ::1] o
+    cdef const int8_t[:, ::1] w
+    cdef const uint16_t[:, ::1] sc
+    cdef const float[::1] b
+    cdef int used = 0
+    keep = []                       # the views whose addresses are taken
+    for i in range(n):
+        o, w, sc = outs[i], weights[i], scales[i]
+        b = biases[i]
+        _check_linear(o, x, w, biases[i])
+        if sc.shape[0] != w.shape[0] or sc.shape[1] != (K + 31) // 32:
+            raise ValueError(f"scales[{i}] has shape {tuple(sc.shape)[:2]}, expected "
+                             f"({w.shape[0]}, {(K + 31) // 32})")
+        if w.shape[0] == 0:
+            continue
+        keep.append((o, w, sc, b))
+        out_p[used], w_p[used], s_p[used] = &o[0, 0], &w[0, 0], &sc[0, 0]
+        b_p[used] = &b[0] if b is not None else NULL
+        Ns[used] = w.shape[0]
+        used += 1
+    if M == 0 or used == 0:
+        return
+    with nogil:
+        _matmul_q8_shared(used, out_p, w_p, s_p, b_p, Ns, &x[0, 0], M, K)
+
+
 def matmul_f32(float[:, ::1] out,            # OUT (M, N)
                const float[:, ::1] x,        # IN  (M, K)
                const float[:, ::1] w,        # IN  (N, K)

@@ -1,6 +1,7 @@
 """Many users at once: a load generator on loopback against `edge serve` with the default decoder.
 
     .venv/bin/python bench/bench_load.py [--tokens 64] [--levels 1,4,16] [--max-seconds 120] [--json]
+                                         [--model NAME_OR_FILE]
 
 For each concurrency level C, C clients each stream (SSE) greedy completions of --tokens tokens
 (ignore_eos) from short prompts, one after the other, until 2 C requests are done or --max-seconds
@@ -38,7 +39,8 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-MODEL = "smollm2-135m-instruct"
+MODEL = "smollm2-135m-instruct"     # --model: a default model's name or a weights file
+NAME = MODEL                        # the name the API knows it by (a file: its name without .edge)
 BLOCK = 16
 
 
@@ -57,7 +59,7 @@ def pct(xs, q) -> float:
 
 async def stream_one(session, url, prompt, max_tokens, marks=None) -> dict:
     """One streamed completion: time to first token, chunk arrival times, token counts."""
-    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     times, usage = [], None
@@ -69,6 +71,8 @@ async def stream_one(session, url, prompt, max_tokens, marks=None) -> dict:
             if not line.startswith("data:") or line == "data: [DONE]":
                 continue
             event = json.loads(line[5:])
+            if event.get("error"):
+                return {"error": event["error"].get("message", "error event")}
             if event.get("usage"):
                 usage = event["usage"]
             if event.get("choices") and event["choices"][0].get("text"):
@@ -112,6 +116,9 @@ async def interference(url, long_prompt: str, tokens: int) -> dict:
         streams = [asyncio.create_task(stream_one(session, url, f"Stream {i}: the sea", tokens, marks))
                    for i in range(8)]
         while len(marks) < 16:                 # the streams are decoding
+            if all(t.done() for t in streams):
+                raise RuntimeError(f"the 8 streams ended after {len(marks)} tokens: "
+                                   f"{[t.result() for t in streams][:1]}")
             await asyncio.sleep(0.01)
         t0 = time.perf_counter()
         long = await stream_one(session, url, long_prompt, 1)
@@ -141,7 +148,7 @@ def serve_pss(workers: int, threads: int | None) -> dict:
            "--workers", str(workers)] + (["--threads", str(threads)] if threads else [])
     server = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     served: set[int] = set()
-    body = json.dumps({"model": MODEL, "prompt": "The sea is", "max_tokens": 16, "temperature": 0})
+    body = json.dumps({"model": NAME, "prompt": "The sea is", "max_tokens": 16, "temperature": 0})
     try:
         deadline = time.monotonic() + 120
         while len(served) < workers:
@@ -182,6 +189,7 @@ def long_prompt_text(n_tokens: int) -> str:
 
 
 def main(argv=None) -> int:
+    global MODEL, NAME
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--levels", default="1,4,16")
@@ -189,7 +197,11 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", type=int, default=4, help="workers for the shared-weights PSS (0: skip)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--model", default=MODEL, help="a default decoder's name or a weights file (bench/bench_shapes.py "
+                                                  "writes a SmolLM2-shaped one for machines without the real model)")
     args = p.parse_args(argv)
+    MODEL = args.model
+    NAME = os.path.basename(MODEL).removesuffix(".edge") if os.path.exists(MODEL) else MODEL
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "edge.cli", "serve", "-m", MODEL, "--port", str(port), "-q"]

@@ -12,7 +12,9 @@ Compare instruction sets on one machine by building twice, e.g. on an AVX-512 VN
 
 The model: SmolLM2-135M's shapes (dim 576, FFN 1536, 30 layers, 9 query and 3 KV heads, vocab
 49152, tied head), N(0, 1/K) weights quantized as the converter does, and a byte-level tokenizer
-(the ids are random anyway).  It is written once to --path.  Printed as one JSON object:
+(bytes, then ASCII words up to the vocabulary's size, so that any sampled id decodes: `edge serve
+-m` and bench/bench_load.py --model can serve the file).  It is written once to --path.
+Printed as one JSON object:
 
     prefill512_tok_s    512 prompt tokens, empty cache (median of --runs)
     decode_tok_s        128 greedy steps after a 16-token prompt, through DecoderModel._run
@@ -30,6 +32,7 @@ import argparse
 import json
 import os
 import statistics
+import string
 import sys
 import time
 
@@ -43,12 +46,19 @@ def byte_level_tokenizer(vocab_size: int) -> str:
     """tokenizer.json of a byte-level BPE over the 256 byte symbols, padded to vocab_size ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {c: i for i, c in enumerate(alphabet)}
+    # then ASCII words of two and three letters or digits: any id the model samples decodes to
+    # text at once (byte tokens alone could end inside a UTF-8 character and hold the text back)
+    chars = string.ascii_letters + string.digits
+    words = (a + b + c for c in [""] + list(chars) for a in chars for b in chars)
+    while len(vocab) < vocab_size - 1:
+        vocab[next(words)] = len(vocab)
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
-    assert tok.get_vocab_size() <= vocab_size
+    assert tok.get_vocab_size() == vocab_size
     return tok.to_str()
 
 

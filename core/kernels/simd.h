@@ -1,7 +1,8 @@
 /* SIMD inner loops shared by the Cython kernels.
  *
  * Each function has one body per instruction set, picked at compile time:
- *   x86-64: AVX2 + FMA (vpmaddubsw with the sign trick), or where AVX-512 VNNI or AVX-VNNI exists
+ *   x86-64: AVX2 + FMA (vpmaddubsw with the sign trick; the sums of its 4 x 2 tile in inline
+ *   assembly; -DEDGE_NO_ASM for intrinsics only), or where AVX-512 VNNI or AVX-VNNI exists
  *   vpdpbusd on u8 activations (a + 128) with a compensation term (see edge_dot_q8_tile), scalar;
  *   aarch64: NEON with the dot-product extension (sdot), plain NEON, scalar.
  * A portable build (EDGE_PORTABLE=1) compiles for the baseline and takes the scalar or plain NEON
@@ -268,6 +269,70 @@ static inline __m256i edge_dpbusd(__m256i acc, __m256i a, __m256i w) {
 #endif
 #endif
 
+#if !defined(EDGE_VNNI) && defined(__x86_64__) && defined(__GNUC__) && !defined(EDGE_NO_ASM)
+#define EDGE_ASM_TILE 1
+/* The int32 sums of a 4 x 2 tile over S vectors of 32 bytes (the AVX2 body of edge_q8_tile_block,
+ * sign trick and all), with every register placed by hand: the eight sums stay in ymm0-7, the
+ * weight vectors in ymm9-10, the constant 1 (int16) in ymm8.  Written with intrinsics the same
+ * loop needs 16 vector registers plus the tile's fp32 sums, and gcc spills sums to the stack
+ * inside it; this body measured 11-21% faster on Zen 3 (alternating runs, identical results).
+ * Activation row r is q + r q_stride; the sums of (r, c) go to sums[8 (2 r + c) .. + 8). */
+static inline __attribute__((always_inline)) void
+edge_q8_sums_4x2_asm(const int8_t *q, size_t q_stride, const int8_t *w0, const int8_t *w1, int S, int32_t *sums) {
+    const int8_t *q3 = q + 3 * q_stride;
+    __asm__ volatile(
+        "vpxor %%ymm0, %%ymm0, %%ymm0\n\t"
+        "vpxor %%ymm1, %%ymm1, %%ymm1\n\t"
+        "vpxor %%ymm2, %%ymm2, %%ymm2\n\t"
+        "vpxor %%ymm3, %%ymm3, %%ymm3\n\t"
+        "vpxor %%ymm4, %%ymm4, %%ymm4\n\t"
+        "vpxor %%ymm5, %%ymm5, %%ymm5\n\t"
+        "vpxor %%ymm6, %%ymm6, %%ymm6\n\t"
+        "vpxor %%ymm7, %%ymm7, %%ymm7\n\t"
+        "vpcmpeqw %%ymm8, %%ymm8, %%ymm8\n\t"
+        "vpsrlw $15, %%ymm8, %%ymm8\n\t"            /* 1 in every int16 lane */
+        "1:\n\t"
+        "vmovdqu (%[w0]), %%ymm9\n\t"
+        "vmovdqu (%[w1]), %%ymm10\n\t"
+        /* one activation row: a in ymm11, |a| in ymm12, sign(a) w0 and sign(a) w1 in ymm13-14, then
+         * maddubs (u8 x s8 pairs to int16), madd by 1 (int16 pairs to int32), add to the sums */
+#define EDGE_ASM_ROW(A, SUM0, SUM1) \
+        "vmovdqu " A ", %%ymm11\n\t" \
+        "vpsignb %%ymm11, %%ymm11, %%ymm12\n\t" \
+        "vpsignb %%ymm11, %%ymm9, %%ymm13\n\t" \
+        "vpsignb %%ymm11, %%ymm10, %%ymm14\n\t" \
+        "vpmaddubsw %%ymm13, %%ymm12, %%ymm13\n\t" \
+        "vpmaddubsw %%ymm14, %%ymm12, %%ymm14\n\t" \
+        "vpmaddwd %%ymm8, %%ymm13, %%ymm13\n\t" \
+        "vpmaddwd %%ymm8, %%ymm14, %%ymm14\n\t" \
+        "vpaddd %%ymm13, " SUM0 ", " SUM0 "\n\t" \
+        "vpaddd %%ymm14, " SUM1 ", " SUM1 "\n\t"
+        EDGE_ASM_ROW("(%[q])", "%%ymm0", "%%ymm1")
+        EDGE_ASM_ROW("(%[q],%[qs],1)", "%%ymm2", "%%ymm3")
+        EDGE_ASM_ROW("(%[q],%[qs],2)", "%%ymm4", "%%ymm5")
+        EDGE_ASM_ROW("(%[q3])", "%%ymm6", "%%ymm7")
+#undef EDGE_ASM_ROW
+        "add $32, %[q]\n\t"
+        "add $32, %[q3]\n\t"
+        "add $32, %[w0]\n\t"
+        "add $32, %[w1]\n\t"
+        "dec %[n]\n\t"
+        "jnz 1b\n\t"
+        "vmovdqa %%ymm0, (%[sums])\n\t"
+        "vmovdqa %%ymm1, 32(%[sums])\n\t"
+        "vmovdqa %%ymm2, 64(%[sums])\n\t"
+        "vmovdqa %%ymm3, 96(%[sums])\n\t"
+        "vmovdqa %%ymm4, 128(%[sums])\n\t"
+        "vmovdqa %%ymm5, 160(%[sums])\n\t"
+        "vmovdqa %%ymm6, 192(%[sums])\n\t"
+        "vmovdqa %%ymm7, 224(%[sums])\n\t"
+        : [q] "+r"(q), [q3] "+r"(q3), [w0] "+r"(w0), [w1] "+r"(w1), [n] "+r"(S)
+        : [qs] "r"(q_stride), [sums] "r"(sums)
+        : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11",
+          "xmm12", "xmm13", "xmm14", "memory", "cc");
+}
+#endif
+
 /* One block of S groups (S vectors of 32 bytes from value k, first group g) of an R x C tile:
  * int32 sums over the block, then acc[r][c] += sums * (xs_r * ws_c) by lane. */
 static inline __attribute__((always_inline)) void
@@ -300,16 +365,26 @@ edge_q8_tile_block(const int S, const int R, const int C, const int8_t *q, size_
         for (int c = 0; c < C; c++) isum[r][c] = _mm256_sub_epi32(isum[r][c], comp[c]);
 #else
     /* |a| (u8) x sign(a) w (s8): pairs sum to at most 2 * 127 * 127, no saturation */
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int j = 0; j < S; j++) {
-        __m256i wv[EDGE_TILE_C];
-        for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
-        for (int r = 0; r < R; r++) {
-            const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j));
-            const __m256i ua = _mm256_sign_epi8(av, av);
-            for (int c = 0; c < C; c++)
-                isum[r][c] = _mm256_add_epi32(isum[r][c], _mm256_madd_epi16(
-                    _mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv[c], av)), ones));
+#if defined(EDGE_ASM_TILE)
+    if (R == 4 && C == 2) {         /* the prefill and batch tile: the same sums, in assembly */
+        int32_t sums[EDGE_TILE_R * EDGE_TILE_C * 8] __attribute__((aligned(32)));
+        edge_q8_sums_4x2_asm(q + k, q_stride, w[0] + k, w[1] + k, S, sums);
+        for (int r = 0; r < 4; r++)
+            for (int c = 0; c < 2; c++) isum[r][c] = _mm256_load_si256((const __m256i *)(sums + 8 * (2 * r + c)));
+    } else
+#endif
+    {
+        const __m256i ones = _mm256_set1_epi16(1);
+        for (int j = 0; j < S; j++) {
+            __m256i wv[EDGE_TILE_C];
+            for (int c = 0; c < C; c++) wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
+            for (int r = 0; r < R; r++) {
+                const __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j));
+                const __m256i ua = _mm256_sign_epi8(av, av);
+                for (int c = 0; c < C; c++)
+                    isum[r][c] = _mm256_add_epi32(isum[r][c], _mm256_madd_epi16(
+                        _mm256_maddubs_epi16(ua, _mm256_sign_epi8(wv[c], av)), ones));
+            }
         }
     }
 #endif

@@ -1,7 +1,8 @@
 """Paged KV cache: one pool of fixed-size blocks per model, a block table per sequence.
 
-The pool holds, for every layer, n_blocks * block_size slots of n_kv_heads * head_dim floats for
-K and as many for V.  A sequence owns whole blocks, taken from the free list as it grows and given
+The pool holds, for every layer, n_blocks * block_size slots of n_kv_heads * head_dim values for
+K and as many for V, stored as float16 (dtype "f16", half the memory and the bandwidth of a long
+context; attention widens them to fp32 as it reads a block) or float32 ("f32").  A sequence owns whole blocks, taken from the free list as it grows and given
 back when it is released; position p of a sequence lives in slot
 block_table[p // block_size] * block_size + p % block_size.  Memory is committed lazily by the OS:
 the pool is anonymous zero-filled memory with transparent huge pages turned off (a huge page would
@@ -31,13 +32,20 @@ class KVCacheFullError(EdgeError):
     retry_after = 1
 
 
+KV_DTYPES = {"f16": 2, "f32": 4}      # bytes per stored value
+
+
 class KVCache:
-    def __init__(self, n_layers: int, width: int, n_blocks: int, block_size: int = 16):
+    def __init__(self, n_layers: int, width: int, n_blocks: int, block_size: int = 16, dtype: str = "f32"):
+        if dtype not in KV_DTYPES:
+            raise ValueError(f"KV cache dtype {dtype!r}: expected one of {', '.join(KV_DTYPES)}")
         self.block_size = block_size
         self.n_blocks = n_blocks
-        self.shape = (n_layers, n_blocks * block_size, width)     # of K and of V, float32
-        self.k_memory = _lazy_zeros(n_layers * n_blocks * block_size * width * 4)
-        self.v_memory = _lazy_zeros(n_layers * n_blocks * block_size * width * 4)
+        self.dtype = dtype
+        self.shape = (n_layers, n_blocks * block_size, width)     # of K and of V
+        self.block_bytes = 2 * n_layers * block_size * width * KV_DTYPES[dtype]   # K and V of one block
+        self.k_memory = _lazy_zeros(n_layers * n_blocks * block_size * width * KV_DTYPES[dtype])
+        self.v_memory = _lazy_zeros(n_layers * n_blocks * block_size * width * KV_DTYPES[dtype])
         self._views = None
         self._free = list(range(n_blocks - 1, -1, -1))   # no owner, no cached content
         self._refs = [0] * n_blocks
@@ -49,7 +57,7 @@ class KVCache:
 
     @property
     def k(self):
-        """K of every layer, (n_layers, slots, width) float32: a numpy view of k_memory."""
+        """K of every layer, (n_layers, slots, width) float16 or float32: a numpy view of k_memory."""
         return self._numpy()[0]
 
     @property
@@ -59,7 +67,8 @@ class KVCache:
     def _numpy(self):
         if self._views is None:     # numpy only for the Python forward and tests; the native one reads the memory
             import numpy as np
-            self._views = tuple(np.frombuffer(m, np.float32).reshape(self.shape)
+            dtype = np.float16 if self.dtype == "f16" else np.float32
+            self._views = tuple(np.frombuffer(m, dtype).reshape(self.shape)
                                 for m in (self.k_memory, self.v_memory))
         return self._views
 

@@ -90,7 +90,8 @@ def load_models(settings: Settings, state: ModelState, metrics: Metrics) -> None
         start = time.perf_counter()
         canon = canonical_name(spec)
         name = canon or spec.rsplit("/", 1)[-1].removesuffix(".edge")
-        model = load_model(resolve(spec), threads=settings.threads, kv_tokens=settings.kv_tokens)
+        model = load_model(resolve(spec), threads=settings.threads, kv_tokens=settings.kv_tokens,
+                           kv_dtype=settings.kv_dtype)
         state.models[name] = model
         state.aliases[name.lower()] = name
         for alias in DEFAULT_MODELS.get(canon, {}).get("aliases", ()):

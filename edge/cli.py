@@ -130,7 +130,7 @@ def cmd_serve(args):
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
-                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue,
+                                 kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, max_queue=args.max_queue,
                                  prefill_chunk=args.prefill_chunk)
     access_log = None if args.quiet else logging.getLogger("aiohttp.access")
     if args.workers is not None and args.workers < 1:
@@ -158,7 +158,7 @@ def cmd_rpc(args):
         raise ValueError("--host goes with --port, not with --unix")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
-                                 kv_tokens=args.kv_tokens, max_queue=args.max_queue,
+                                 kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, max_queue=args.max_queue,
                                  prefill_chunk=args.prefill_chunk)
     asyncio.run(serve(settings, unix=args.unix))
 
@@ -232,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="default 8080")
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
+    s.add_argument("--kv-dtype", choices=("f32", "f16"),
+                   help="how the KV cache stores K and V (default f32; f16 takes half the memory)")
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
                                                      "(default 16: smaller keeps their streams smoother)")
@@ -248,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None, help="with --port; default 127.0.0.1")
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
+    s.add_argument("--kv-dtype", choices=("f32", "f16"),
+                   help="how the KV cache stores K and V (default f32; f16 takes half the memory)")
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
                                                      "(default 16: smaller keeps their streams smoother)")

@@ -41,8 +41,8 @@ cdef struct Layer:
     const float *attn_norm
     const float *ffn_norm
     Proj q, k, v, o, gate, up, down
-    float *k_cache
-    float *v_cache
+    void *k_cache               # this layer's K and V slots, float16 or float32 (LlamaNative.kv_f16)
+    void *v_cache
 
 
 cdef class _Tensors:
@@ -123,7 +123,7 @@ cdef class LlamaNative:
     cdef int n_layers, dim, hidden, n_heads, n_kv_heads, head_dim, rope_dim, vocab, max_rows, n_slots
     cdef int block_size, n_blocks, T
     cdef double rope_base
-    cdef bint neox
+    cdef bint neox, kv_f16           # kv_f16: the KV cache holds float16 (else float32)
     cdef float eps, attn_scale
     cdef const int8_t *embd_q
     cdef const uint16_t *embd_scale
@@ -188,8 +188,12 @@ cdef class LlamaNative:
             self.scratch[3], self.scratch[4], self.scratch[5]
         self.att, self.hb, self.hb2, self.rows, self.logit_rows = self.scratch[6], self.scratch[7], \
             self.scratch[8], self.scratch[9], self.scratch[10]
-        cdef float *k_cache = <float *> _address(cache.k_memory, t.views)
-        cdef float *v_cache = <float *> _address(cache.v_memory, t.views)
+        if cache.dtype not in ("f16", "f32"):
+            raise ValueError(f"native forward: a KV cache of {cache.dtype!r}")
+        self.kv_f16 = cache.dtype == "f16"
+        cdef size_t layer_bytes = <size_t> self.n_slots * kvd * (2 if self.kv_f16 else 4)
+        cdef char *k_cache = <char *> _address(cache.k_memory, t.views)
+        cdef char *v_cache = <char *> _address(cache.v_memory, t.views)
         self.layers = <Layer *> calloc(self.n_layers, sizeof(Layer))
         if self.layers == NULL:
             raise MemoryError()
@@ -204,8 +208,8 @@ cdef class LlamaNative:
             L.o = t.proj(f"{p}.attn_output", dim, qd)
             L.gate, L.up = t.proj(f"{p}.ffn_gate", self.hidden, dim), t.proj(f"{p}.ffn_up", self.hidden, dim)
             L.down = t.proj(f"{p}.ffn_down", dim, self.hidden)
-            L.k_cache = k_cache + <size_t> l * self.n_slots * kvd
-            L.v_cache = v_cache + <size_t> l * self.n_slots * kvd
+            L.k_cache = k_cache + <size_t> l * layer_bytes
+            L.v_cache = v_cache + <size_t> l * layer_bytes
             if L.q.w != NULL and not (L.k.w != NULL and L.v.w != NULL and L.gate.w != NULL and L.up.w != NULL):
                 raise ValueError("native forward: a layer mixes int8 and fp32 projections")
 
@@ -292,8 +296,8 @@ cdef class LlamaNative:
             _project(3, projs, outs, self.xb, T, dim)
             rope_qk_rows(self.q, self.k, positions, T, self.n_heads, self.n_kv_heads, self.head_dim, self.rope_dim,
                          self.rope_base, self.neox)
-            kv_write_rows(L.k_cache, L.v_cache, self.k, self.v, slots, T, kv_dim)
-            attention_paged_rows(self.att, self.q, L.k_cache, L.v_cache, tables, max_blocks, seq_ids, positions,
+            kv_write_rows(L.k_cache, L.v_cache, self.kv_f16, self.k, self.v, slots, T, kv_dim)
+            attention_paged_rows(self.att, self.q, L.k_cache, L.v_cache, self.kv_f16, tables, max_blocks, seq_ids, positions,
                                  T, max_pos, self.n_heads, self.n_kv_heads, self.head_dim, self.block_size,
                                  self.attn_scale)
             _project(1, &L.o, &self.xb2, self.att, T, self.n_heads * self.head_dim)

@@ -191,7 +191,8 @@ class Model:
 class DecoderModel(Model):
     task = "generate"
 
-    def __init__(self, wf: WeightsFile, tokenizer: Tokenizer, max_rows: int = 256, kv_tokens: int | None = None):
+    def __init__(self, wf: WeightsFile, tokenizer: Tokenizer, max_rows: int = 256, kv_tokens: int | None = None,
+                 kv_dtype: str = "f32"):
         super().__init__(wf, tokenizer)
         if self.arch == "llama":
             from models import llama as arch
@@ -208,7 +209,7 @@ class DecoderModel(Model):
         self.context = min(cfg.seq_len, kv_tokens or cfg.seq_len)
         block = 16
         n_blocks = -(-self.context // block) + 1
-        self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block)
+        self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block, kv_dtype)
         self.prefix_caching = True          # generations reuse cached prompt blocks (core/kv_cache.py)
         # the forward pass: native (one call per step, with the logits head) where the
         # architecture has one; else the Python forward over numpy views of the file
@@ -598,11 +599,13 @@ class EncoderModel(Model):
         return self.classify(texts) if self.task == "classify" else self.embed(texts)
 
 
-def load_model(path, threads: int | None = None, kv_tokens: int | None = None) -> Model:
+def load_model(path, threads: int | None = None, kv_tokens: int | None = None, kv_dtype: str = "f32") -> Model:
     """Open a converted weights file and return a DecoderModel or EncoderModel.
 
     threads: kernel threads (default: core.threads.effective_n_threads()); kv_tokens: a decoder's
-    KV cache capacity in tokens (default: its context length; memory is committed as it is used).
+    KV cache capacity in tokens (default: its context length; memory is committed as it is used);
+    kv_dtype: how the KV cache stores K and V, "f32" or "f16" (half the memory and faster decoding
+    deep into a long context, at a small cost in quality: see the README).
     """
     from core.threads import set_num_threads
 
@@ -613,7 +616,7 @@ def load_model(path, threads: int | None = None, kv_tokens: int | None = None) -
         raise WeightsFormatError(f"{wf.path}: the file carries no tokenizer")
     tokenizer = Tokenizer.from_weights(wf)
     if arch in ("llama", "gpt2"):
-        return DecoderModel(wf, tokenizer, kv_tokens=kv_tokens)
+        return DecoderModel(wf, tokenizer, kv_tokens=kv_tokens, kv_dtype=kv_dtype)
     if arch == "bert":
         return EncoderModel(wf, tokenizer)
     raise WeightsFormatError(f"{wf.path}: unknown architecture {arch!r}")

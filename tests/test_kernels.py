@@ -195,9 +195,10 @@ def test_activations(T, H, seed):
 @settings(max_examples=40, deadline=None)
 @given(n_kv=st.integers(1, 3), group=st.integers(1, 5), hd=st.sampled_from([1, 4, 8, 17, 24, 32, 64, 128]),
        block_size=st.sampled_from([1, 4, 16]), lens=st.lists(st.integers(1, 40), min_size=1, max_size=3),
-       n_new=st.integers(1, 5), seed=seeds)
-def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
-    """Several sequences in one call, blocks scattered through the pool in random order."""
+       n_new=st.integers(1, 5), seed=seeds, kv_dtype=st.sampled_from([np.float32, np.float16]))
+def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed, kv_dtype):
+    """Several sequences in one call, blocks scattered through the pool in random order; the cache
+    holds floats or halves."""
     rng = np.random.default_rng(seed)
     n_heads = n_kv * group
     max_blocks = -(-max(lens) // block_size)
@@ -205,6 +206,7 @@ def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed):
     perm = rng.permutation(n_blocks).astype(np.int32)
     tables = perm[:max_blocks * len(lens)].reshape(len(lens), max_blocks).copy()
     k_cache, v_cache = rand(rng, n_blocks * block_size, n_kv * hd), rand(rng, n_blocks * block_size, n_kv * hd)
+    k_cache, v_cache = k_cache.astype(kv_dtype), v_cache.astype(kv_dtype)
     seq_ids, positions = [], []
     for s, n in enumerate(lens):
         for p in range(max(0, n - n_new), n):
@@ -353,6 +355,35 @@ def test_attention_varlen_grouping_does_not_change_results():
         _attention._set_rows_per_task(16)
 
 
+def test_attention_paged_over_halves_equals_floats_holding_them():
+    """A float16 cache gives bit for bit the output of a float32 cache holding the same values
+    widened: the halves change what is stored, never how attention computes."""
+    rng = np.random.default_rng(5)
+    n_kv, group, hd, block_size = 3, 3, 64, 16
+    k16 = rand(rng, 6 * block_size, n_kv * hd).astype(np.float16)
+    v16 = rand(rng, 6 * block_size, n_kv * hd).astype(np.float16)
+    tables = np.array([[4, 1, 5], [0, 2, 3]], np.int32)
+    seq_ids = np.array([0] * 40 + [1] * 3, np.int32)
+    positions = np.array(list(range(40)) + [7, 8, 47], np.int32)
+    q = rand(rng, len(seq_ids), n_kv * group * hd)
+    out16, out32 = np.empty_like(q), np.empty_like(q)
+    K.attention_paged(out16, q, k16, v16, tables, seq_ids, positions, n_kv * group, n_kv, block_size, 0.125)
+    K.attention_paged(out32, q, k16.astype(np.float32), v16.astype(np.float32), tables, seq_ids, positions,
+                      n_kv * group, n_kv, block_size, 0.125)
+    np.testing.assert_array_equal(out16, out32)
+
+
+def test_attention_paged_refuses_other_cache_dtypes():
+    q, tables, ids = np.zeros((1, 4), np.float32), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
+    k32, k16 = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float16)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.attention_paged(np.empty_like(q), q, k32, k16, tables, ids, ids, 1, 1, 4, 1.0)
+    with pytest.raises(TypeError, match="float32 or float16"):
+        K.attention_paged(np.empty_like(q), q, k32.astype(np.float64), k32, tables, ids, ids, 1, 1, 4, 1.0)
+    with pytest.raises(TypeError, match="one dtype"):
+        K.kv_write(k16, k32, q, q, ids)
+
+
 def test_attention_paged_rejects_bad_tables():
     k = np.zeros((8, 4), np.float32)
     q = np.zeros((1, 4), np.float32)
@@ -379,10 +410,14 @@ def test_attention_varlen(n_kv, group, hd, lens, seed):
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
 
-def test_kv_write():
+@pytest.mark.parametrize("kv_dtype", [np.float32, np.float16])
+def test_kv_write(kv_dtype):
+    """Written as they are, or rounded to halves exactly as numpy rounds them (to nearest, ties to
+    even; past 65504 to infinity; below 2^-24 through the subnormals to zero)."""
     rng = np.random.default_rng(1)
-    kc, vc = np.zeros((10, 6), np.float32), np.zeros((10, 6), np.float32)
-    k, v = rand(rng, 3, 6), rand(rng, 3, 6)
+    kc, vc = np.zeros((10, 19), kv_dtype), np.zeros((10, 19), kv_dtype)
+    k, v = rand(rng, 3, 19), rand(rng, 3, 19) * 1e-5
+    k[0, :8] = [65519.0, 65520.0, -1e9, 2.0 ** -25, 3 * 2.0 ** -26, 1 + 2.0 ** -11, 1 + 3 * 2.0 ** -11, np.inf]
     slots = np.array([7, 2, 9], np.int32)
     K.kv_write(kc, vc, k, v, slots)
     kr, vr = np.zeros_like(kc), np.zeros_like(vc)

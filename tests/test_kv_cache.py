@@ -28,6 +28,27 @@ def test_blocks_are_counted_and_a_full_pool_raises():
     assert cache.n_free == 4
 
 
+def test_halves_take_half_the_memory_and_other_dtypes_are_refused():
+    f32 = KVCache(n_layers=3, width=8, n_blocks=5, block_size=BS)
+    f16 = KVCache(n_layers=3, width=8, n_blocks=5, block_size=BS, dtype="f16")
+    assert f32.dtype == "f32" and f16.dtype == "f16"
+    assert f16.block_bytes * 2 == f32.block_bytes == 2 * 3 * BS * 8 * 4
+    assert len(f16.k_memory) * 2 == len(f32.k_memory) == 3 * 5 * BS * 8 * 4
+    assert f16.k.dtype == np.float16 and f16.v.shape == f32.v.shape == (3, 5 * BS, 8)
+    with pytest.raises(ValueError, match="bf16"):
+        KVCache(n_layers=1, width=2, n_blocks=1, dtype="bf16")
+
+
+def test_the_kv_dtype_is_f32_unless_f16_is_asked_for(converted):
+    from models.api import load_model
+    path = converted("smollm2", "int8")
+    assert load_model(path, kv_tokens=64).cache.dtype == "f32"
+    m = load_model(path, kv_tokens=64, kv_dtype="f16")
+    assert m.cache.dtype == "f16" and m.cache.k.dtype == np.float16
+    with pytest.raises(ValueError, match="dtype"):
+        load_model(path, kv_tokens=64, kv_dtype="int4")
+
+
 def test_a_shared_prefix_is_reused_by_reference():
     cache = KVCache(n_layers=1, width=2, n_blocks=8, block_size=BS)
     system = list(range(10, 22))                   # 3 full blocks

@@ -52,12 +52,14 @@ def random_llama(path, quant: str, bias: bool, dim=480, hidden=560, n_layers=2, 
     return path
 
 
-@pytest.fixture(scope="module", params=[("int8", False), ("int8", True), ("f32", True)],
-                ids=["int8", "int8-bias", "f32-bias"])
+@pytest.fixture(scope="module", params=[("int8", False, "f32"), ("int8", True, "f32"), ("f32", True, "f32"),
+                                        ("int8", False, "f16")],
+                ids=["int8", "int8-bias", "f32-bias", "int8-f16kv"])
 def model(request, tmp_path_factory):
-    quant, bias = request.param
+    quant, bias, kv_dtype = request.param
     path = random_llama(str(tmp_path_factory.mktemp("native") / "m.edge"), quant, bias)
-    m = load_model(path)
+    m = load_model(path, kv_dtype=kv_dtype)
+    assert m.cache.dtype == kv_dtype
     from models._llama_native import LlamaNative
     assert isinstance(m._native, LlamaNative)           # the model runs the native pass by default
     return m

@@ -84,6 +84,19 @@ def test_smollm2_int8_perplexity_within_1pct_of_f32(loaded, real_text):
     assert ppl_q8 <= ppl_f32 * 1.01
 
 
+def test_smollm2_int8_with_a_float16_kv_cache_stays_within_1pct_of_f32(loaded, converted, real_text):
+    """--kv-dtype f16: K and V stored as halves cost a little perplexity, still inside the budget."""
+    from models.api import load_model
+    text = real_text[real_text.index("CHAPTER I"):]
+    f32 = loaded("smollm2", "f32")
+    q8_f16 = load_model(converted("smollm2", "int8"), kv_tokens=1100, kv_dtype="f16")
+    ids = f32.tokenize(text)[:1024]
+    ppl_f32, ppl = f32.perplexity(ids), q8_f16.perplexity(ids)
+    print(f"\nbotchan 1024 tokens: perplexity f32 {ppl_f32:.4f}, int8 with f16 KV {ppl:.4f}, "
+          f"{100 * (ppl / ppl_f32 - 1):+.3f}%")
+    assert ppl <= ppl_f32 * 1.01
+
+
 def _hf_embed(hf_minilm, texts):
     hf_model, hf_tok = hf_minilm
     enc = hf_tok(texts, padding=True, truncation=True, max_length=256, return_tensors="pt")

@@ -1,7 +1,9 @@
 """Scaled dot-product attention in fp32, grouped-query heads (n_heads a multiple of n_kv_heads).
 
 attention_paged: causal attention of new query rows over a paged KV cache.  The cache of one layer
-  is a pool of slots (n_blocks * block_size rows of n_kv_heads * head_dim); a sequence owns whole
+  is a pool of slots (n_blocks * block_size rows of n_kv_heads * head_dim), float32 or float16 (the
+  halves of a block are widened to fp32 as the block is read; the dot products, softmax and
+  weighted sums are fp32 either way); a sequence owns whole
   blocks, listed in its row of block_tables; position j of sequence s lives in slot
   block_tables[s, j // block_size] * block_size + j % block_size.  Query row t belongs to sequence
   seq_ids[t], sits at positions[t] and sees positions 0..positions[t].  Rows of different
@@ -13,7 +15,7 @@ attention_paged: one task is a run of consecutive rows of one sequence and one K
 attention_paged_rows); attention_varlen: one task is one head of a run of rows that see the same keys.
 """
 from cython.parallel cimport parallel, prange
-from libc.stdint cimport int32_t
+from libc.stdint cimport int32_t, uint16_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -23,27 +25,69 @@ cdef extern from "simd.h" nogil:
                                  int hd, float scale, float *scores, size_t scores_stride)
     void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
                                        const float *v, size_t stride, int n, int hd)
+    void edge_f32_to_f16_row(const float *x, uint16_t *h, int n)
+    void edge_f16_to_f32_row(const uint16_t *h, float *x, int n)
+    void edge_prefetch(const void *p, size_t nbytes)
+
+
+cdef bint _is_f16(cache) except -1:
+    """Whether a KV cache array holds float16 (else float32; anything else is refused)."""
+    kind = getattr(getattr(cache, "dtype", None), "str", None)
+    if kind in ("<f2", "=f2"):
+        return True
+    if kind in ("<f4", "=f4"):
+        return False
+    raise TypeError(f"attention: a KV cache must be a float32 or float16 array, not {kind or type(cache).__name__}")
+
+
+cdef size_t _cache_address(cache, bint f16, bint writable, Py_ssize_t *rows, Py_ssize_t *cols) except? 0:
+    """The address of a C-contiguous 2-d KV cache array (0 if it is empty) and its shape."""
+    cdef const float[:, ::1] c32
+    cdef const uint16_t[:, ::1] c16
+    cdef float[:, ::1] w32
+    cdef uint16_t[:, ::1] w16
+    if f16:
+        if writable:
+            w16 = cache.view("u2")
+            c16 = w16
+        else:
+            c16 = cache.view("u2")
+        rows[0], cols[0] = c16.shape[0], c16.shape[1]
+        return <size_t> &c16[0, 0] if c16.shape[0] and c16.shape[1] else 0
+    if writable:
+        w32 = cache
+        c32 = w32
+    else:
+        c32 = cache
+    rows[0], cols[0] = c32.shape[0], c32.shape[1]
+    return <size_t> &c32[0, 0] if c32.shape[0] and c32.shape[1] else 0
 
 
 def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head_dim)
                     const float[:, ::1] q,              # IN  (T, n_heads * head_dim)
-                    const float[:, ::1] k_cache,        # IN  (n_slots, n_kv_heads * head_dim)
-                    const float[:, ::1] v_cache,        # IN  (n_slots, n_kv_heads * head_dim)
+                    k_cache,                            # IN  (n_slots, n_kv_heads * head_dim), float32 or float16
+                    v_cache,                            # IN  (n_slots, n_kv_heads * head_dim), the same dtype
                     const int32_t[:, ::1] block_tables, # IN  (n_seqs, max_blocks)
                     const int32_t[::1] seq_ids,         # IN  (T,)
                     const int32_t[::1] positions,       # IN  (T,)
                     int n_heads, int n_kv_heads, int block_size, float scale):
+    cdef bint f16 = _is_f16(k_cache)
+    if _is_f16(v_cache) != f16:
+        raise TypeError("attention: the K and V caches must have one dtype")
+    cdef Py_ssize_t k_rows, k_cols, v_rows, v_cols
+    cdef size_t k_data = _cache_address(k_cache, f16, False, &k_rows, &k_cols)
+    cdef size_t v_data = _cache_address(v_cache, f16, False, &v_rows, &v_cols)
     cdef Py_ssize_t T = q.shape[0]
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or q.shape[1] % n_heads:
         raise ValueError(f"attention: {n_heads} heads cannot share {n_kv_heads} kv heads over width {q.shape[1]}")
     cdef int hd = q.shape[1] // n_heads
-    if k_cache.shape[1] != n_kv_heads * hd or v_cache.shape[1] != n_kv_heads * hd:
+    if k_cols != n_kv_heads * hd or v_cols != n_kv_heads * hd:
         raise ValueError("attention: cache width must be n_kv_heads * head_dim")
-    if k_cache.shape[0] != v_cache.shape[0] or block_size <= 0 or k_cache.shape[0] % block_size:
+    if k_rows != v_rows or block_size <= 0 or k_rows % block_size:
         raise ValueError("attention: k and v caches must hold the same whole number of blocks")
     if out.shape[0] != T or out.shape[1] != q.shape[1] or seq_ids.shape[0] != T or positions.shape[0] != T:
         raise ValueError("attention: out, q, seq_ids and positions must have T rows")
-    cdef int n_blocks = k_cache.shape[0] // block_size
+    cdef int n_blocks = k_rows // block_size
     cdef int n_seqs = block_tables.shape[0], max_blocks = block_tables.shape[1]
     cdef Py_ssize_t t
     cdef int max_pos = 0, bad = -1
@@ -60,9 +104,9 @@ def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head
     if T == 0:
         return
     with nogil:
-        attention_paged_rows(&out[0, 0], &q[0, 0], &k_cache[0, 0], &v_cache[0, 0], &block_tables[0, 0],
-                             max_blocks, &seq_ids[0], &positions[0], T, max_pos, n_heads, n_kv_heads, hd,
-                             block_size, scale)
+        attention_paged_rows(&out[0, 0], &q[0, 0], <const void *> k_data, <const void *> v_data, f16,
+                             &block_tables[0, 0], max_blocks, &seq_ids[0], &positions[0], T, max_pos, n_heads,
+                             n_kv_heads, hd, block_size, scale)
 
 
 cdef int check_paged_rows(const int32_t *block_tables, int n_seqs, int max_blocks, int n_blocks,
@@ -114,18 +158,19 @@ cdef int longest_run(const int32_t *starts, int n_runs) noexcept nogil:
     return longest
 
 
-cdef void attention_paged_rows(float *out, const float *q, const float *k_cache, const float *v_cache,
+cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, const void *v_cache, bint f16,
                                const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
                                const int32_t *positions, int T, int max_pos, int n_heads, int n_kv_heads,
                                int hd, int block_size, float scale) noexcept nogil:
-    """attention_paged on raw rows (already checked; max_pos = max(positions)).
+    """attention_paged on raw rows (already checked; max_pos = max(positions)); the caches hold
+    float16 (f16) or float32.
 
     One task is a run of consecutive rows of one sequence (a prefill chunk gives runs of
     _rows_per_task rows, a batched decode step runs of one) and one KV head, with the n_heads /
     n_kv_heads query heads that share it: the task walks the KV blocks once, and every query row
-    of the task takes its scores (then its weighted sum) from a block while the block is in L1.
-    Each (row, head) sees the same blocks in the same order as it would alone, so the result does
-    not depend on how rows are grouped."""
+    of the task takes its scores (then its weighted sum) from a block while the block is in L1
+    (widened to fp32 first where the cache holds halves).  Each (row, head) sees the same blocks in
+    the same order as it would alone, so the result does not depend on how rows are grouped."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
     cdef int max_rows = _rows_per_task
     cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
@@ -137,9 +182,11 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
     cdef const float *kb
     cdef const float *vb
     cdef float *scores
+    cdef float *widened
     cdef float *o
     with parallel():
         scores = <float *> malloc(longest * group * stride * sizeof(float))
+        widened = <float *> malloc(<size_t> block_size * hd * sizeof(float))    # one block of one head, fp32
         for i in prange(n_runs * n_kv_heads, schedule="guided"):
             run = i // n_kv_heads
             kvh = i % n_kv_heads
@@ -149,12 +196,16 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
             n_keys = positions[t0 + n_rows - 1] + 1          # the run's last row sees the most keys
             for b in range((n_keys + block_size - 1) // block_size):
                 j = b * block_size
-                kb = k_cache + <size_t> table[b] * block_size * kv_width + kvh * hd
+                if j + block_size < n_keys:
+                    _prefetch_rows(k_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
+                                   min(n_keys - j - block_size, block_size))
+                kb = _block_rows(k_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
+                                 min(n_keys - j, block_size))
                 for r in range(n_rows):
                     n = positions[t0 + r] + 1 - j
                     if n > 0:
                         edge_scores_f32_queries(q + <size_t> (t0 + r) * width + kvh * group * hd, group, hd, kb,
-                                                kv_width, min(n, block_size), hd, scale,
+                                                hd if f16 else kv_width, min(n, block_size), hd, scale,
                                                 scores + r * group * stride + j, stride)
             for r in range(n_rows):
                 for g in range(group):
@@ -164,15 +215,42 @@ cdef void attention_paged_rows(float *out, const float *q, const float *k_cache,
                         o[d] = 0.0
             for b in range((n_keys + block_size - 1) // block_size):
                 j = b * block_size
-                vb = v_cache + <size_t> table[b] * block_size * kv_width + kvh * hd
+                if j + block_size < n_keys:
+                    _prefetch_rows(v_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
+                                   min(n_keys - j - block_size, block_size))
+                vb = _block_rows(v_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
+                                 min(n_keys - j, block_size))
                 for r in range(n_rows):
                     n = positions[t0 + r] + 1 - j
                     if n > 0:
                         edge_weighted_sum_f32_queries(out + <size_t> (t0 + r) * width + kvh * group * hd, group, hd,
-                                                      scores + r * group * stride + j, stride, vb, kv_width,
-                                                      min(n, block_size), hd)
+                                                      scores + r * group * stride + j, stride, vb,
+                                                      hd if f16 else kv_width, min(n, block_size), hd)
+        free(widened)
         free(scores)
     free(starts)
+
+
+cdef inline void _prefetch_rows(const void *cache, bint f16, size_t slot, int kv_width, int col, int hd,
+                                int n) noexcept nogil:
+    """Ask for rows slot..slot+n-1, columns col..col+hd-1 of a cache ahead of their use (the next
+    block of a sequence is anywhere in the pool: the hardware prefetcher cannot guess it)."""
+    cdef int i
+    cdef size_t size = 2 if f16 else 4
+    for i in range(n):
+        edge_prefetch(<const char *> cache + ((slot + i) * kv_width + col) * size, hd * size)
+
+
+cdef inline const float *_block_rows(const void *cache, bint f16, float *widened, size_t slot, int kv_width,
+                                     int col, int hd, int n) noexcept nogil:
+    """Rows slot..slot+n-1, columns col..col+hd-1 of a cache: in place (stride kv_width) where it
+    holds floats, else widened from halves into `widened` (stride hd)."""
+    cdef int i
+    if not f16:
+        return <const float *> cache + slot * kv_width + col
+    for i in range(n):
+        edge_f16_to_f32_row(<const uint16_t *> cache + (slot + i) * kv_width + col, widened + <size_t> i * hd, hd)
+    return widened
 
 
 def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
@@ -240,27 +318,38 @@ cdef void attention_varlen_rows(float *out, const float *q, const float *k, cons
     free(starts)
 
 
-def kv_write(float[:, ::1] k_cache,        # OUT (n_slots, width)
-             float[:, ::1] v_cache,        # OUT (n_slots, width)
+def kv_write(k_cache,                      # OUT (n_slots, width) float32 or float16
+             v_cache,                      # OUT (n_slots, width) the same dtype
              const float[:, ::1] k,        # IN  (T, width)
              const float[:, ::1] v,        # IN  (T, width)
              const int32_t[::1] slots):    # IN  (T,)
-    """k_cache[slots[t]] = k[t]; v_cache[slots[t]] = v[t]"""
-    cdef Py_ssize_t t, d, T = k.shape[0], W = k.shape[1], n_slots = k_cache.shape[0]
-    if (v.shape[0] != T or slots.shape[0] != T or v.shape[1] != W or k_cache.shape[1] != W
-            or v_cache.shape[1] != W or v_cache.shape[0] != n_slots):
+    """k_cache[slots[t]] = k[t]; v_cache[slots[t]] = v[t] (rounded to the nearest half where the
+    caches hold float16)."""
+    cdef bint f16 = _is_f16(k_cache)
+    if _is_f16(v_cache) != f16:
+        raise TypeError("kv_write: the K and V caches must have one dtype")
+    cdef Py_ssize_t k_rows, k_cols, v_rows, v_cols
+    cdef size_t k_data = _cache_address(k_cache, f16, True, &k_rows, &k_cols)
+    cdef size_t v_data = _cache_address(v_cache, f16, True, &v_rows, &v_cols)
+    cdef Py_ssize_t t, T = k.shape[0], W = k.shape[1], n_slots = k_rows
+    if (v.shape[0] != T or slots.shape[0] != T or v.shape[1] != W or k_cols != W
+            or v_cols != W or v_rows != n_slots):
         raise ValueError("kv_write: shapes of caches, k, v and slots disagree")
     for t in range(T):
         if not (0 <= slots[t] < n_slots):
             raise ValueError(f"kv_write: slot {slots[t]} is outside the cache of {n_slots}")
     if T and W:
         with nogil:
-            kv_write_rows(&k_cache[0, 0], &v_cache[0, 0], &k[0, 0], &v[0, 0], &slots[0], T, W)
+            kv_write_rows(<void *> k_data, <void *> v_data, f16, &k[0, 0], &v[0, 0], &slots[0], T, W)
 
 
-cdef void kv_write_rows(float *k_cache, float *v_cache, const float *k, const float *v, const int32_t *slots,
-                        int T, int W) noexcept nogil:
+cdef void kv_write_rows(void *k_cache, void *v_cache, bint f16, const float *k, const float *v,
+                        const int32_t *slots, int T, int W) noexcept nogil:
     cdef int t
     for t in range(T):
-        memcpy(k_cache + <size_t> slots[t] * W, k + <size_t> t * W, W * sizeof(float))
-        memcpy(v_cache + <size_t> slots[t] * W, v + <size_t> t * W, W * sizeof(float))
+        if f16:
+            edge_f32_to_f16_row(k + <size_t> t * W, <uint16_t *> k_cache + <size_t> slots[t] * W, W)
+            edge_f32_to_f16_row(v + <size_t> t * W, <uint16_t *> v_cache + <size_t> slots[t] * W, W)
+        else:
+            memcpy(<float *> k_cache + <size_t> slots[t] * W, k + <size_t> t * W, W * sizeof(float))
+            memcpy(<float *> v_cache + <size_t> slots[t] * W, v + <size_t> t * W, W * sizeof(float))

@@ -187,8 +187,8 @@ def attention_paged(out, q, k_cache, v_cache, block_tables, seq_ids, positions,
         slots = block_tables[seq_ids[t], j // block_size] * block_size + j % block_size
         for h in range(n_heads):
             kv = slice((h // group) * hd, (h // group + 1) * hd)
-            out[t, h * hd:(h + 1) * hd] = _attend(q[t, h * hd:(h + 1) * hd], k_cache[slots, kv],
-                                                  v_cache[slots, kv], scale)
+            out[t, h * hd:(h + 1) * hd] = _attend(q[t, h * hd:(h + 1) * hd], k_cache[slots, kv].astype(np.float32),
+                                                  v_cache[slots, kv].astype(np.float32), scale)
 
 
 def attention_varlen(out, q, k, v, key_start, key_end, n_heads, n_kv_heads, scale):
@@ -202,8 +202,10 @@ def attention_varlen(out, q, k, v, key_start, key_end, n_heads, n_kv_heads, scal
 
 
 def kv_write(k_cache, v_cache, k, v, slots):
-    k_cache[slots] = k
-    v_cache[slots] = v
+    """Rounded to the nearest half (even on ties, overflowing to infinity) where the caches are float16."""
+    with np.errstate(over="ignore"):
+        k_cache[slots] = k
+        v_cache[slots] = v
 
 
 def sum_bytes(buf):

@@ -72,6 +72,56 @@ static inline float edge_f16_to_f32(uint16_t h) {
 #endif
 }
 
+/* float -> IEEE half, rounding to nearest even (overflow to infinity, NaN stays a quiet NaN): the
+ * KV cache's storage type.  F16C where it exists; otherwise the rounding spelled out. */
+static inline uint16_t edge_f32_to_f16(float f) {
+#if defined(__F16C__)
+    return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+#else
+    uint32_t x;
+    memcpy(&x, &f, sizeof x);
+    const uint16_t sign = (uint16_t)((x >> 16) & 0x8000u);
+    const uint32_t ax = x & 0x7fffffffu;
+    if (ax > 0x7f800000u) return sign | 0x7e00u | (uint16_t)((ax >> 13) & 0x3ffu);   /* NaN, made quiet */
+    if (ax >= 0x477ff000u) return sign | 0x7c00u;       /* 65520 and up (infinity too) round to infinity */
+    if (ax < 0x38800000u) {                             /* below 2^-14: a subnormal half, or zero */
+        if (ax < 0x33000000u) return sign;              /* below 2^-25 (and 2^-25 itself, a tie) round to 0 */
+        const uint32_t m = (ax & 0x7fffffu) | 0x800000u, shift = 126u - (ax >> 23);   /* 14..24 */
+        uint32_t h = m >> shift;
+        const uint32_t rest = m & ((1u << shift) - 1u), half = 1u << (shift - 1u);
+        if (rest > half || (rest == half && (h & 1u))) h++;
+        return sign | (uint16_t)h;
+    }
+    uint32_t h = (ax >> 13) - (112u << 10);             /* exponent rebiased 127 -> 15, 10 mantissa bits */
+    const uint32_t rest = ax & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;    /* a carry moves into the exponent */
+    return sign | (uint16_t)h;
+#endif
+}
+
+/* n floats to halves and back: the KV cache stores K and V rows as halves, and attention widens a
+ * block of them to fp32 before its dot products (exact: every half is a float). */
+static inline void edge_f32_to_f16_row(const float *x, uint16_t *h, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(h + i), _mm256_cvtps_ph(_mm256_loadu_ps(x + i), _MM_FROUND_TO_NEAREST_INT));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (; i + 4 <= n; i += 4) vst1_u16(h + i, vreinterpret_u16_f16(vcvt_f16_f32(vld1q_f32(x + i))));
+#endif
+    for (; i < n; i++) h[i] = edge_f32_to_f16(x[i]);
+}
+
+static inline void edge_f16_to_f32_row(const uint16_t *h, float *x, int n) {
+    int i = 0;
+#if defined(__F16C__) && defined(__AVX__)
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(x + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    for (; i + 4 <= n; i += 4) vst1q_f32(x + i, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(h + i))));
+#endif
+    for (; i < n; i++) x[i] = edge_f16_to_f32(h[i]);
+}
+
 /* Interleaved int8 rows.  Both operands of an int8 dot product, the weight rows (at convert time)
  * and the quantized activation rows (as they are quantized), are stored in one layout, so that a
  * 32-bit lane of a SIMD sum sees one group only.  The whole groups of a row are split into blocks:

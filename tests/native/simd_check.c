@@ -53,7 +53,54 @@ static void plain_unpack(const int8_t *packed, int8_t *natural, int K) {
     for (int k = 0; k < K; k++) natural[k] = packed[plain_pack_index(k, K)];
 }
 
+/* float -> half (the KV cache's storage): every half round-trips; a value halfway between two
+ * neighbours goes to the even one and one float step either side to the nearer; past 65504 the
+ * tie at 65520 goes to infinity.  The row conversions (F16C, NEON or plain) agree with the scalar
+ * one, both ways. */
+static int check_f16(void) {
+    for (uint32_t h = 0; h < 0x10000u; h++) {
+        if ((h & 0x7c00u) == 0x7c00u && (h & 0x3ffu)) continue;          /* NaN */
+        if (edge_f32_to_f16(edge_f16_to_f32((uint16_t)h)) != h) {
+            printf("f16 round trip %#x -> %#x\n", h, edge_f32_to_f16(edge_f16_to_f32((uint16_t)h)));
+            return 1;
+        }
+    }
+    for (uint32_t h = 0; h < 0x7bffu; h++)
+        for (int neg = 0; neg < 2; neg++) {
+            const float a = edge_f16_to_f32((uint16_t)h), b = edge_f16_to_f32((uint16_t)(h + 1));
+            const float mid = (a + b) * 0.5f, s = neg ? -1.0f : 1.0f;
+            const uint16_t sign = neg ? 0x8000u : 0, even = (uint16_t)((h & 1u) ? h + 1 : h);
+            const float below = nextafterf(mid, 0.0f), above = nextafterf(mid, 1e9f);
+            if (edge_f32_to_f16(s * mid) != (sign | even) || edge_f32_to_f16(s * below) != (sign | h) ||
+                edge_f32_to_f16(s * above) != (sign | (h + 1))) {
+                printf("f16 rounding near %#x: %#x %#x %#x\n", h, edge_f32_to_f16(s * below),
+                       edge_f32_to_f16(s * mid), edge_f32_to_f16(s * above));
+                return 1;
+            }
+        }
+    if (edge_f32_to_f16(65519.99f) != 0x7bffu || edge_f32_to_f16(65520.0f) != 0x7c00u ||
+        edge_f32_to_f16(-1e30f) != 0xfc00u || edge_f32_to_f16(1e-30f) != 0) {
+        printf("f16 overflow or underflow\n");
+        return 1;
+    }
+    enum { N = 1000 };
+    float x[N], back[N], want[N];
+    uint16_t h[N];
+    for (int i = 0; i < N; i++) x[i] = uniform() * (i % 3 == 0 ? 1e-5f : i % 3 == 1 ? 3.0f : 7e4f);
+    edge_f32_to_f16_row(x, h, N);
+    edge_f16_to_f32_row(h, back, N);
+    for (int i = 0; i < N; i++) {
+        want[i] = edge_f16_to_f32(edge_f32_to_f16(x[i]));
+        if (h[i] != edge_f32_to_f16(x[i]) || back[i] != want[i]) {
+            printf("f16 rows i=%d: %#x vs %#x, %g vs %g\n", i, h[i], edge_f32_to_f16(x[i]), back[i], want[i]);
+            return 1;
+        }
+    }
+    return 0;
+}
+
 int main(void) {
+    if (check_f16()) return 1;
     static const int sizes[] = {1, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 160, 224, 225, 384, 448, 480, 576, 736, 1536, 4097};
     for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
         const int K = sizes[i], G = (K + 31) / 32;

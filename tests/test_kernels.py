@@ -195,10 +195,13 @@ def test_activations(T, H, seed):
 @settings(max_examples=40, deadline=None)
 @given(n_kv=st.integers(1, 3), group=st.integers(1, 5), hd=st.sampled_from([1, 4, 8, 17, 24, 32, 64, 128]),
        block_size=st.sampled_from([1, 4, 16]), lens=st.lists(st.integers(1, 40), min_size=1, max_size=3),
-       n_new=st.integers(1, 5), seed=seeds, kv_dtype=st.sampled_from([np.float32, np.float16]))
-def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed, kv_dtype):
+       n_new=st.integers(1, 5), seed=seeds, kv_dtype=st.sampled_from([np.float32, np.float16]),
+       chunk_blocks=st.sampled_from([1, 3, 16]))
+def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed, kv_dtype, chunk_blocks):
     """Several sequences in one call, blocks scattered through the pool in random order; the cache
-    holds floats or halves."""
+    holds floats or halves; keys in chunks of 1, 3 or 16 blocks (split and combined when a row's
+    keys span more than one)."""
+    from core.kernels import _attention
     rng = np.random.default_rng(seed)
     n_heads = n_kv * group
     max_blocks = -(-max(lens) // block_size)
@@ -216,7 +219,11 @@ def test_attention_paged(n_kv, group, hd, block_size, lens, n_new, seed, kv_dtyp
     q = rand(rng, len(seq_ids), n_heads * hd)
     out, ref = np.empty_like(q), np.empty(q.shape, np.float64)
     scale = 1 / np.sqrt(hd)
-    K.attention_paged(out, q, k_cache, v_cache, tables, seq_ids, positions, n_heads, n_kv, block_size, scale)
+    _attention._set_chunk_blocks(chunk_blocks)
+    try:
+        K.attention_paged(out, q, k_cache, v_cache, tables, seq_ids, positions, n_heads, n_kv, block_size, scale)
+    finally:
+        _attention._set_chunk_blocks(16)
     R.attention_paged(ref, q, k_cache, v_cache, tables, seq_ids, positions, n_heads, n_kv, block_size, scale)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 
@@ -285,12 +292,14 @@ def test_matmul_q8_shared_equals_separate_calls(M):
         K.matmul_q8_shared([separate[0]], x, [mats[0][0]], [mats[1][1]], [None])
 
 
-@pytest.mark.parametrize("hd", [24, 64])
-def test_attention_paged_grouping_does_not_change_results(hd):
+@pytest.mark.parametrize("hd,chunk_blocks", [(24, 16), (64, 16), (64, 1), (24, 2)])
+def test_attention_paged_grouping_does_not_change_results(hd, chunk_blocks):
     """A row's output is bit for bit the same whether it is computed alone or in a run of rows, and
     whether its query heads share one KV head or each reads its own copy of it: batching and GQA
-    grouping (edge_scores_f32_queries, edge_weighted_sum_f32_queries) must not change a token."""
+    grouping (edge_scores_f32_queries, edge_weighted_sum_f32_queries) must not change a token, nor
+    must splitting a long context's keys into chunks (chunk_blocks 1 and 2: 53 keys in 4 to 16)."""
     from core.kernels import _attention
+    _attention._set_chunk_blocks(chunk_blocks)
     rng = np.random.default_rng(7)
     group, block_size, n = 5, 16, 53
     k_cache, v_cache = rand(rng, 4 * block_size, hd), rand(rng, 4 * block_size, hd)
@@ -318,8 +327,11 @@ def test_attention_paged_grouping_does_not_change_results(hd):
         np.testing.assert_array_equal(copies, outs[0])
     finally:
         _attention._set_rows_per_task(16)
+        _attention._set_chunk_blocks(16)
     with pytest.raises(ValueError, match=">= 1"):
         _attention._set_rows_per_task(0)
+    with pytest.raises(ValueError, match=">= 1"):
+        _attention._set_chunk_blocks(0)
 
 
 def test_attention_varlen_grouping_does_not_change_results():

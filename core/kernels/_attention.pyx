@@ -16,11 +16,13 @@ attention_paged_rows); attention_varlen: one task is one head of a run of rows t
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, uint16_t
+from libc.math cimport exp
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
 cdef extern from "simd.h" nogil:
     void edge_softmax_f32(float *x, int n)
+    double edge_exp_shifted_f32(float *x, int n, float *max_out)
     void edge_scores_f32_queries(const float *q, int nq, size_t q_stride, const float *k, size_t stride, int n,
                                  int hd, float scale, float *scores, size_t scores_stride)
     void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
@@ -158,6 +160,17 @@ cdef int longest_run(const int32_t *starts, int n_runs) noexcept nogil:
     return longest
 
 
+cdef int _chunk_blocks = 16     # KV blocks per task of a long context: keys in chunks of 16 x 16
+
+
+def _set_chunk_blocks(int n):
+    """Tuning and test knob: how many KV blocks one attention task of a long context takes (>= 1)."""
+    global _chunk_blocks
+    if n < 1:
+        raise ValueError("blocks per chunk must be >= 1")
+    _chunk_blocks = n
+
+
 cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, const void *v_cache, bint f16,
                                const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
                                const int32_t *positions, int T, int max_pos, int n_heads, int n_kv_heads,
@@ -166,69 +179,174 @@ cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, 
     float16 (f16) or float32.
 
     One task is a run of consecutive rows of one sequence (a prefill chunk gives runs of
-    _rows_per_task rows, a batched decode step runs of one) and one KV head, with the n_heads /
-    n_kv_heads query heads that share it: the task walks the KV blocks once, and every query row
-    of the task takes its scores (then its weighted sum) from a block while the block is in L1
-    (widened to fp32 first where the cache holds halves).  Each (row, head) sees the same blocks in
-    the same order as it would alone, so the result does not depend on how rows are grouped."""
+    _rows_per_task rows, a batched decode step runs of one), one KV head with the n_heads /
+    n_kv_heads query heads that share it, and one chunk of _chunk_blocks KV blocks: the task walks
+    its blocks once, and every query row of the task takes its scores (then its weighted sum) from
+    a block while the block is in L1 (widened to fp32 first where the cache holds halves).  A row
+    whose keys fit in the first chunk is normalised in its task (softmax, then the weighted sum).  A
+    row with more keys (a long context: few rows but many keys, which one task per KV head would
+    spread over only n_kv_heads threads) leaves, per chunk, the chunk's max score, sum of
+    exponentials and unnormalised weighted sum; a second pass combines the chunks in order
+    (flash-decoding).  Chunks start at fixed key positions and each (row, head) sees the same
+    blocks in the same order whatever else is in the call, so results depend neither on grouping
+    nor on the thread count."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
-    cdef int max_rows = _rows_per_task
+    cdef int max_rows = _rows_per_task, chunk_blocks = _chunk_blocks
     cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
     cdef int n_runs = split_runs(seq_ids, positions, 1, T, max_rows, starts)
     cdef int longest = longest_run(starts, n_runs)
     cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
-    cdef int i, run, kvh, t0, n_rows, r, g, b, j, n, d, n_keys
-    cdef const int32_t *table
-    cdef const float *kb
-    cdef const float *vb
+    # per run: its first task, and its first partial result (chunks of a split run, hd + 2 floats each)
+    cdef int32_t *task_start = <int32_t *> malloc((n_runs + 1) * sizeof(int32_t))
+    cdef size_t *part_start = <size_t *> malloc((n_runs + 1) * sizeof(size_t))
+    cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, r, h, d
+    task_start[0], part_start[0] = 0, 0
+    for run in range(n_runs):
+        n_rows = starts[run + 1] - starts[run]
+        n_chunks = _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
+        task_start[run + 1] = task_start[run] + n_kv_heads * n_chunks
+        part_start[run + 1] = part_start[run] + (<size_t> n_rows * n_heads * n_chunks if n_chunks > 1 else 0)
+    cdef float *parts = <float *> malloc(part_start[n_runs] * (hd + 2) * sizeof(float)) \
+        if part_start[n_runs] else NULL
     cdef float *scores
     cdef float *widened
-    cdef float *o
     with parallel():
         scores = <float *> malloc(longest * group * stride * sizeof(float))
         widened = <float *> malloc(<size_t> block_size * hd * sizeof(float))    # one block of one head, fp32
-        for i in prange(n_runs * n_kv_heads, schedule="guided"):
-            run = i // n_kv_heads
-            kvh = i % n_kv_heads
-            t0 = starts[run]
-            n_rows = starts[run + 1] - t0
-            table = block_tables + <size_t> seq_ids[t0] * max_blocks
-            n_keys = positions[t0 + n_rows - 1] + 1          # the run's last row sees the most keys
-            for b in range((n_keys + block_size - 1) // block_size):
-                j = b * block_size
-                if j + block_size < n_keys:
-                    _prefetch_rows(k_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
-                                   min(n_keys - j - block_size, block_size))
-                kb = _block_rows(k_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
-                                 min(n_keys - j, block_size))
-                for r in range(n_rows):
-                    n = positions[t0 + r] + 1 - j
-                    if n > 0:
-                        edge_scores_f32_queries(q + <size_t> (t0 + r) * width + kvh * group * hd, group, hd, kb,
-                                                hd if f16 else kv_width, min(n, block_size), hd, scale,
-                                                scores + r * group * stride + j, stride)
-            for r in range(n_rows):
-                for g in range(group):
-                    edge_softmax_f32(scores + (r * group + g) * stride, positions[t0 + r] + 1)
-                    o = out + <size_t> (t0 + r) * width + (kvh * group + g) * hd
-                    for d in range(hd):
-                        o[d] = 0.0
-            for b in range((n_keys + block_size - 1) // block_size):
-                j = b * block_size
-                if j + block_size < n_keys:
-                    _prefetch_rows(v_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
-                                   min(n_keys - j - block_size, block_size))
-                vb = _block_rows(v_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
-                                 min(n_keys - j, block_size))
-                for r in range(n_rows):
-                    n = positions[t0 + r] + 1 - j
-                    if n > 0:
-                        edge_weighted_sum_f32_queries(out + <size_t> (t0 + r) * width + kvh * group * hd, group, hd,
-                                                      scores + r * group * stride + j, stride, vb,
-                                                      hd if f16 else kv_width, min(n, block_size), hd)
+        for i in prange(task_start[n_runs], schedule="guided"):
+            run = _run_of(task_start, n_runs, i)
+            n_chunks = (task_start[run + 1] - task_start[run]) // n_kv_heads
+            kvh = (i - task_start[run]) // n_chunks
+            c = (i - task_start[run]) % n_chunks
+            _paged_task(out, q, k_cache, v_cache, f16, block_tables + <size_t> seq_ids[starts[run]] * max_blocks,
+                        positions, starts[run], starts[run + 1] - starts[run], kvh, c, n_chunks, chunk_blocks,
+                        parts + part_start[run] * (hd + 2) if n_chunks > 1 else NULL,
+                        n_heads, group, hd, width, kv_width, block_size, scale, scores, stride, widened)
         free(widened)
         free(scores)
+    if parts != NULL:              # combine the chunks of split runs, one (row, head) per task
+        for i in prange(T * n_heads, schedule="static"):
+            t0 = i // n_heads
+            h = i % n_heads
+            run = _run_of_row(starts, n_runs, t0)
+            n_chunks = (task_start[run + 1] - task_start[run]) // n_kv_heads
+            if n_chunks > 1 and positions[t0] + 1 > chunk_blocks * block_size:
+                rg = (t0 - starts[run]) * n_heads + h
+                _combine_chunks(out + <size_t> t0 * width + h * hd,
+                                parts + (part_start[run] + <size_t> rg * n_chunks) * (hd + 2), n_chunks, hd)
+    free(parts)
+    free(part_start)
+    free(task_start)
     free(starts)
+
+
+cdef inline int _chunks_of(int n_keys, int block_size, int chunk_blocks) noexcept nogil:
+    return ((n_keys + block_size - 1) // block_size + chunk_blocks - 1) // chunk_blocks
+
+
+cdef inline int _run_of(const int32_t *task_start, int n_runs, int i) noexcept nogil:
+    """The run whose tasks include task i: the last run with task_start[run] <= i."""
+    cdef int lo = 0, hi = n_runs - 1, mid
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if task_start[mid] <= i:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+cdef inline int _run_of_row(const int32_t *starts, int n_runs, int t) noexcept nogil:
+    return _run_of(starts, n_runs, t)
+
+
+cdef void _paged_task(float *out, const float *q, const void *k_cache, const void *v_cache, bint f16,
+                      const int32_t *table, const int32_t *positions, int t0, int n_rows, int kvh, int c,
+                      int n_chunks, int chunk_blocks, float *parts, int n_heads, int group, int hd, int width,
+                      int kv_width,
+                      int block_size, float scale, float *scores, size_t stride, float *widened) noexcept nogil:
+    """Chunk c (blocks c * chunk_blocks ...) of one run and one KV head (see attention_paged_rows).
+    parts: the run's partial results where it is split (n_chunks > 1), else NULL."""
+    cdef int n_keys = positions[t0 + n_rows - 1] + 1          # the run's last row sees the most keys
+    cdef int b0 = c * chunk_blocks
+    cdef int b1 = min(b0 + chunk_blocks, (n_keys + block_size - 1) // block_size)
+    cdef int end = min(b1 * block_size, n_keys)                # one past the chunk's last key
+    cdef int b, j, n, r, g, d, first = b0 * block_size, seen
+    cdef const float *kb
+    cdef const float *vb
+    cdef float *o
+    cdef float *part
+    cdef int chunk_keys = chunk_blocks * block_size       # a row with no more keys is never split
+    for b in range(b0, b1):
+        j = b * block_size
+        if j + block_size < end:
+            _prefetch_rows(k_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
+                           min(end - j - block_size, block_size))
+        kb = _block_rows(k_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
+                         min(end - j, block_size))
+        for r in range(n_rows):
+            n = positions[t0 + r] + 1 - j
+            if n > 0:
+                edge_scores_f32_queries(q + <size_t> (t0 + r) * width + kvh * group * hd, group, hd, kb,
+                                        hd if f16 else kv_width, min(n, block_size), hd, scale,
+                                        scores + r * group * stride + j, stride)
+    for r in range(n_rows):
+        seen = min(positions[t0 + r] + 1, end) - first             # this row's keys in the chunk
+        for g in range(group):
+            if parts == NULL or positions[t0 + r] + 1 <= chunk_keys:     # the row's keys all in this chunk
+                if seen <= 0:
+                    continue
+                edge_softmax_f32(scores + (r * group + g) * stride, positions[t0 + r] + 1)
+                o = out + <size_t> (t0 + r) * width + (kvh * group + g) * hd
+            else:        # the chunk's max score and sum of exp(score - max), after its weighted sum
+                o = parts + ((<size_t> r * n_heads + kvh * group + g) * n_chunks + c) * (hd + 2)
+                o[hd] = -1e30
+                o[hd + 1] = 0.0
+                if seen > 0:
+                    o[hd + 1] = <float> edge_exp_shifted_f32(scores + (r * group + g) * stride + first, seen,
+                                                            &o[hd])
+            for d in range(hd):
+                o[d] = 0.0
+    for b in range(b0, b1):
+        j = b * block_size
+        if j + block_size < end:
+            _prefetch_rows(v_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
+                           min(end - j - block_size, block_size))
+        vb = _block_rows(v_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
+                         min(end - j, block_size))
+        for r in range(n_rows):
+            n = positions[t0 + r] + 1 - j
+            if n > 0:
+                if parts == NULL or positions[t0 + r] + 1 <= chunk_keys:
+                    edge_weighted_sum_f32_queries(out + <size_t> (t0 + r) * width + kvh * group * hd, group, hd,
+                                                  scores + r * group * stride + j, stride, vb,
+                                                  hd if f16 else kv_width, min(n, block_size), hd)
+                else:
+                    edge_weighted_sum_f32_queries(
+                        parts + ((<size_t> r * n_heads + kvh * group) * n_chunks + c) * (hd + 2), group,
+                        <size_t> n_chunks * (hd + 2), scores + r * group * stride + j, stride, vb,
+                        hd if f16 else kv_width, min(n, block_size), hd)
+
+
+cdef void _combine_chunks(float *o, const float *parts, int n_chunks, int hd) noexcept nogil:
+    """o = sum_c exp(m_c - m) o_c / sum_c exp(m_c - m) l_c over the chunks in order, where chunk c
+    left o_c (hd floats), its max score m_c and its sum of exponentials l_c; m = max_c m_c."""
+    cdef int c, d
+    cdef float m = -1e30
+    cdef double total = 0.0
+    cdef float w
+    for c in range(n_chunks):
+        m = max(m, parts[<size_t> c * (hd + 2) + hd])
+    for c in range(n_chunks):
+        total += exp(<double> (parts[<size_t> c * (hd + 2) + hd] - m)) * parts[<size_t> c * (hd + 2) + hd + 1]
+    for d in range(hd):
+        o[d] = 0.0
+    for c in range(n_chunks):
+        if parts[<size_t> c * (hd + 2) + hd + 1] == 0.0:          # no key of this row in the chunk
+            continue
+        w = <float> (exp(<double> (parts[<size_t> c * (hd + 2) + hd] - m)) / total)
+        for d in range(hd):
+            o[d] += w * parts[<size_t> c * (hd + 2) + d]
 
 
 cdef inline void _prefetch_rows(const void *cache, bint f16, size_t slot, int kv_width, int col, int hd,

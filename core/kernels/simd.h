@@ -879,7 +879,9 @@ static inline double edge_sumsq_f64(const float *x, int n) {
     return total;
 }
 
-/* Softmax of x[0..n) in place, in fp32: x = exp(x - max) / sum.  The exponential is the classic
+/* Softmax of x[0..n) in place, in fp32: x = exp(x - max) / sum.  edge_exp_shifted_f32 is its first
+ * half: x = exp(x - max), returning the sum and max (n >= 1); a long context's attention keeps
+ * those per chunk of keys and combines the chunks later.  The exponential is the classic
  * Cephes range reduction (x = k ln2 + r, |r| <= ln2/2) with a degree-5 polynomial, eight lanes at
  * a time where AVX2 exists (about 1 ulp); plain expf otherwise. */
 #if defined(__AVX2__) && defined(__FMA__)
@@ -901,7 +903,7 @@ static inline __m256 edge_exp_ps(__m256 x) {
 }
 #endif
 
-static inline void edge_softmax_f32(float *x, int n) {
+static inline double edge_exp_shifted_f32(float *x, int n, float *max_out) {
     int i = 0;
     float mx = x[0];
     double total = 0.0;
@@ -934,8 +936,14 @@ static inline void edge_softmax_f32(float *x, int n) {
         x[i] = expf(x[i] - mx);
         total += x[i];
     }
-    const float inv = (float)(1.0 / total);
-    for (i = 0; i < n; i++) x[i] *= inv;
+    *max_out = mx;
+    return total;
+}
+
+static inline void edge_softmax_f32(float *x, int n) {
+    float mx;
+    const float inv = (float)(1.0 / edge_exp_shifted_f32(x, n, &mx));
+    for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
 /* x[i] = gelu(x[i]) = 0.5 x (1 + erf(x / sqrt 2)), in place.  erfc(z) for z >= 0 is Abramowitz &

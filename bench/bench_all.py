@@ -81,10 +81,12 @@ def bytes_per_token(path: str) -> tuple[int, int]:
 
 def kv_bytes_of_bench(path: str, tokens: int = 512 + 1) -> int:
     """KV cache bytes of the longest sequence `edge bench` runs (the 512-token prefill), in whole
-    16-token blocks: what the peak-RSS budget allows for the cache."""
+    16-token blocks of the model's default KV dtype: what the peak-RSS budget allows for the cache."""
+    from core.kv_cache import KV_DTYPES, default_kv_dtype
     from core.wfile import WeightsFile
-    c = WeightsFile.open(path).meta["config"]
-    return -(-tokens // 16) * 16 * c["n_layers"] * 2 * c["n_kv_heads"] * c["head_dim"] * 4
+    meta = WeightsFile.open(path).meta
+    c, per_value = meta["config"], KV_DTYPES[default_kv_dtype(meta["quant"].get("name", ""))]
+    return -(-tokens // 16) * 16 * c["n_layers"] * 2 * c["n_kv_heads"] * c["head_dim"] * per_value
 
 
 def _smaps(pid: int) -> dict:

@@ -232,8 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=None, help="default 8080")
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
-    s.add_argument("--kv-dtype", choices=("f32", "f16"),
-                   help="how the KV cache stores K and V (default f32; f16 takes half the memory)")
+    s.add_argument("--kv-dtype", choices=("auto", "f16", "f32"),
+                   help="how the KV cache stores K and V (default auto: f16, half the memory, for int8 "
+                        "models; f32 for fp32 ones)")
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
                                                      "(default 16: smaller keeps their streams smoother)")
@@ -250,8 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default=None, help="with --port; default 127.0.0.1")
     s.add_argument("--threads", type=int)
     s.add_argument("--kv-tokens", type=int, help="KV cache capacity per model, in tokens")
-    s.add_argument("--kv-dtype", choices=("f32", "f16"),
-                   help="how the KV cache stores K and V (default f32; f16 takes half the memory)")
+    s.add_argument("--kv-dtype", choices=("auto", "f16", "f32"),
+                   help="how the KV cache stores K and V (default auto: f16, half the memory, for int8 "
+                        "models; f32 for fp32 ones)")
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
                                                      "(default 16: smaller keeps their streams smoother)")

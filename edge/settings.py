@@ -25,7 +25,7 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_new_tokens: int = 1024      # cap on generated tokens when a request names none (chat)
     kv_tokens: int | None = None    # KV cache capacity per model, in tokens (default: the context)
-    kv_dtype: str = "f32"           # how the KV cache stores K and V: f32, or f16 (half the memory)
+    kv_dtype: str = "auto"          # how the KV cache stores K and V: f16, f32, or auto (f16 for int8 models)
     max_queue: int = 64             # inference jobs waiting or running; past it requests get 429
     prefill_chunk: int = 16         # prompt rows per forward pass while other sequences decode
 
@@ -53,8 +53,8 @@ class Settings:
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
-        if s.kv_dtype not in ("f16", "f32"):
-            raise ValueError(f"the KV cache dtype must be f32 or f16, got {s.kv_dtype!r}")
+        if s.kv_dtype not in ("auto", "f16", "f32"):
+            raise ValueError(f"the KV cache dtype must be auto, f16 or f32, got {s.kv_dtype!r}")
         if s.prefill_chunk < 1:
             raise ValueError(f"the prefill chunk must be at least 1 token, got {s.prefill_chunk}")
         if s.max_queue < 0:

@@ -26,7 +26,7 @@ from typing import Iterator
 
 from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTaskError, WeightsFormatError
 from core.kernels._sampling import sample_logits
-from core.kv_cache import KVCache, KVCacheFullError
+from core.kv_cache import KVCache, KVCacheFullError, default_kv_dtype
 from core.wfile import WeightsFile
 from models.tokenizer import Tokenizer
 
@@ -192,7 +192,7 @@ class DecoderModel(Model):
     task = "generate"
 
     def __init__(self, wf: WeightsFile, tokenizer: Tokenizer, max_rows: int = 256, kv_tokens: int | None = None,
-                 kv_dtype: str = "f32"):
+                 kv_dtype: str = "auto"):
         super().__init__(wf, tokenizer)
         if self.arch == "llama":
             from models import llama as arch
@@ -209,6 +209,8 @@ class DecoderModel(Model):
         self.context = min(cfg.seq_len, kv_tokens or cfg.seq_len)
         block = 16
         n_blocks = -(-self.context // block) + 1
+        if kv_dtype == "auto":
+            kv_dtype = default_kv_dtype(self.meta["quant"].get("name", ""))
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block, kv_dtype)
         self.prefix_caching = True          # generations reuse cached prompt blocks (core/kv_cache.py)
         # the forward pass: native (one call per step, with the logits head) where the
@@ -599,13 +601,13 @@ class EncoderModel(Model):
         return self.classify(texts) if self.task == "classify" else self.embed(texts)
 
 
-def load_model(path, threads: int | None = None, kv_tokens: int | None = None, kv_dtype: str = "f32") -> Model:
+def load_model(path, threads: int | None = None, kv_tokens: int | None = None, kv_dtype: str = "auto") -> Model:
     """Open a converted weights file and return a DecoderModel or EncoderModel.
 
     threads: kernel threads (default: core.threads.effective_n_threads()); kv_tokens: a decoder's
     KV cache capacity in tokens (default: its context length; memory is committed as it is used);
-    kv_dtype: how the KV cache stores K and V, "f32" or "f16" (half the memory and faster decoding
-    deep into a long context, at a small cost in quality: see the README).
+    kv_dtype: how the KV cache stores K and V: "f16" (half the memory, faster deep into a context),
+    "f32", or "auto" (f16 for an int8 model, f32 for an fp32 one; core.kv_cache.default_kv_dtype).
     """
     from core.threads import set_num_threads
 

@@ -39,14 +39,15 @@ def test_halves_take_half_the_memory_and_other_dtypes_are_refused():
         KVCache(n_layers=1, width=2, n_blocks=1, dtype="bf16")
 
 
-def test_the_kv_dtype_is_f32_unless_f16_is_asked_for(converted):
+def test_the_kv_dtype_follows_the_weights_unless_asked(converted):
+    """auto: an int8 model keeps halves, an fp32 one floats; either can be asked for."""
     from models.api import load_model
-    path = converted("smollm2", "int8")
-    assert load_model(path, kv_tokens=64).cache.dtype == "f32"
-    m = load_model(path, kv_tokens=64, kv_dtype="f16")
-    assert m.cache.dtype == "f16" and m.cache.k.dtype == np.float16
+    assert load_model(converted("smollm2", "int8"), kv_tokens=64).cache.dtype == "f16"
+    assert load_model(converted("smollm2", "f32"), kv_tokens=64).cache.dtype == "f32"
+    m = load_model(converted("smollm2", "int8"), kv_tokens=64, kv_dtype="f32")
+    assert m.cache.dtype == "f32" and m.cache.k.dtype == np.float32
     with pytest.raises(ValueError, match="dtype"):
-        load_model(path, kv_tokens=64, kv_dtype="int4")
+        load_model(converted("smollm2", "int8"), kv_tokens=64, kv_dtype="int4")
 
 
 def test_a_shared_prefix_is_reused_by_reference():

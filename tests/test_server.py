@@ -294,23 +294,24 @@ def test_retry_after_on_429(converted):
         tiny.stop()
 
 
-def test_kv_dtype_f16_serves_what_the_f16_model_generates(converted):
-    """`edge serve --kv-dtype f16` keeps K and V as halves: its greedy answer is the in-process
-    model's with the same cache dtype.  A dtype outside f32/f16 is refused before anything loads."""
+def test_kv_dtype_f32_serves_what_the_f32_cache_model_generates(converted):
+    """`edge serve --kv-dtype f32` keeps the int8 model's K and V as floats (its default is halves):
+    its greedy answer is the in-process model's with the same cache dtype.  A dtype other than
+    auto, f16 or f32 is refused before anything loads."""
     from edge.settings import Settings
     from models.api import load_model
     path = converted("smollm2", "int8")
-    s = Server([path], extra=["--kv-dtype", "f16", "--kv-tokens", "256"])
+    s = Server([path], extra=["--kv-dtype", "f32", "--kv-tokens", "256"])
     try:
         name = json.loads(request(s.url + "/v1/models")[1])["data"][0]["id"]
         body = {"model": name, "prompt": "The capital of France is", "max_tokens": 12, "temperature": 0}
         status, raw = request(s.url + "/v1/completions", body)
         assert status == 200, raw
-        want = load_model(path, kv_tokens=256, kv_dtype="f16").generate("The capital of France is", max_tokens=12)
+        want = load_model(path, kv_tokens=256, kv_dtype="f32").generate("The capital of France is", max_tokens=12)
         assert json.loads(raw)["choices"][0]["text"] == want.text
     finally:
         s.stop()
-    with pytest.raises(ValueError, match="f32 or f16"):
+    with pytest.raises(ValueError, match="auto, f16 or f32"):
         Settings.from_env(kv_dtype="bf16")
 
 

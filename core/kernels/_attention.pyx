@@ -199,7 +199,7 @@ cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, 
     # per run: its first task, and its first partial result (chunks of a split run, hd + 2 floats each)
     cdef int32_t *task_start = <int32_t *> malloc((n_runs + 1) * sizeof(int32_t))
     cdef size_t *part_start = <size_t *> malloc((n_runs + 1) * sizeof(size_t))
-    cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, r, h, d
+    cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h
     task_start[0], part_start[0] = 0, 0
     for run in range(n_runs):
         n_rows = starts[run + 1] - starts[run]
@@ -228,7 +228,7 @@ cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, 
         for i in prange(T * n_heads, schedule="static"):
             t0 = i // n_heads
             h = i % n_heads
-            run = _run_of_row(starts, n_runs, t0)
+            run = _run_of(starts, n_runs, t0)     # the run holding row t0
             n_chunks = (task_start[run + 1] - task_start[run]) // n_kv_heads
             if n_chunks > 1 and positions[t0] + 1 > chunk_blocks * block_size:
                 rg = (t0 - starts[run]) * n_heads + h
@@ -244,20 +244,17 @@ cdef inline int _chunks_of(int n_keys, int block_size, int chunk_blocks) noexcep
     return ((n_keys + block_size - 1) // block_size + chunk_blocks - 1) // chunk_blocks
 
 
-cdef inline int _run_of(const int32_t *task_start, int n_runs, int i) noexcept nogil:
-    """The run whose tasks include task i: the last run with task_start[run] <= i."""
+cdef inline int _run_of(const int32_t *first, int n_runs, int i) noexcept nogil:
+    """The last run with first[run] <= i: the run holding task i (first = task_start) or row i
+    (first = starts)."""
     cdef int lo = 0, hi = n_runs - 1, mid
     while lo < hi:
         mid = (lo + hi + 1) // 2
-        if task_start[mid] <= i:
+        if first[mid] <= i:
             lo = mid
         else:
             hi = mid - 1
     return lo
-
-
-cdef inline int _run_of_row(const int32_t *starts, int n_runs, int t) noexcept nogil:
-    return _run_of(starts, n_runs, t)
 
 
 cdef void _paged_task(float *out, const float *q, const void *k_cache, const void *v_cache, bint f16,

@@ -272,15 +272,10 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
     cdef const float *kb
     cdef const float *vb
     cdef float *o
-    cdef float *part
     cdef int chunk_keys = chunk_blocks * block_size       # a row with no more keys is never split
     for b in range(b0, b1):
         j = b * block_size
-        if j + block_size < end:
-            _prefetch_rows(k_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
-                           min(end - j - block_size, block_size))
-        kb = _block_rows(k_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
-                         min(end - j, block_size))
+        kb = _head_block(k_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):
             n = positions[t0 + r] + 1 - j
             if n > 0:
@@ -306,11 +301,7 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
                 o[d] = 0.0
     for b in range(b0, b1):
         j = b * block_size
-        if j + block_size < end:
-            _prefetch_rows(v_cache, f16, <size_t> table[b + 1] * block_size, kv_width, kvh * hd, hd,
-                           min(end - j - block_size, block_size))
-        vb = _block_rows(v_cache, f16, widened, <size_t> table[b] * block_size, kv_width, kvh * hd, hd,
-                         min(end - j, block_size))
+        vb = _head_block(v_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):
             n = positions[t0 + r] + 1 - j
             if n > 0:
@@ -346,14 +337,19 @@ cdef void _combine_chunks(float *o, const float *parts, int n_chunks, int hd) no
             o[d] += w * parts[<size_t> c * (hd + 2) + d]
 
 
-cdef inline void _prefetch_rows(const void *cache, bint f16, size_t slot, int kv_width, int col, int hd,
-                                int n) noexcept nogil:
-    """Ask for rows slot..slot+n-1, columns col..col+hd-1 of a cache ahead of their use (the next
-    block of a sequence is anywhere in the pool: the hardware prefetcher cannot guess it)."""
-    cdef int i
-    cdef size_t size = 2 if f16 else 4
-    for i in range(n):
-        edge_prefetch(<const char *> cache + ((slot + i) * kv_width + col) * size, hd * size)
+cdef inline const float *_head_block(const void *cache, bint f16, float *widened, const int32_t *table, int b,
+                                     int end, int block_size, int kv_width, int col, int hd) noexcept nogil:
+    """Block b of a sequence (keys b * block_size up to end), columns col..col+hd-1, as fp32 rows
+    (_block_rows), after asking for block b + 1's rows: the next block of a sequence is anywhere in
+    the pool, where the hardware prefetcher cannot guess it."""
+    cdef int i, j = b * block_size
+    cdef size_t size = 2 if f16 else 4, slot
+    if j + block_size < end:
+        slot = <size_t> table[b + 1] * block_size
+        for i in range(min(end - j - block_size, block_size)):
+            edge_prefetch(<const char *> cache + ((slot + i) * kv_width + col) * size, hd * size)
+    return _block_rows(cache, f16, widened, <size_t> table[b] * block_size, kv_width, col, hd,
+                       min(end - j, block_size))
 
 
 cdef inline const float *_block_rows(const void *cache, bint f16, float *widened, size_t slot, int kv_width,

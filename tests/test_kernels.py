@@ -385,7 +385,7 @@ def test_attention_paged_over_halves_equals_floats_holding_them():
     np.testing.assert_array_equal(out16, out32)
 
 
-def test_attention_paged_refuses_other_cache_dtypes():
+def test_attention_paged_refuses_caches_of_other_dtypes_or_shapes():
     q, tables, ids = np.zeros((1, 4), np.float32), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
     k32, k16 = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float16)
     with pytest.raises(TypeError, match="one dtype"):
@@ -394,6 +394,11 @@ def test_attention_paged_refuses_other_cache_dtypes():
         K.attention_paged(np.empty_like(q), q, k32.astype(np.float64), k32, tables, ids, ids, 1, 1, 4, 1.0)
     with pytest.raises(TypeError, match="one dtype"):
         K.kv_write(k16, k32, q, q, ids)
+    for k8 in (np.zeros((8, 4), np.float32), np.zeros((4, 8), np.float32)):
+        with pytest.raises(ValueError, match="one shape"):
+            K.attention_paged(np.empty_like(q), q, k32, k8, tables, ids, ids, 1, 1, 4, 1.0)
+        with pytest.raises(ValueError, match="one shape"):
+            K.kv_write(k8, k32, q, q, ids)
 
 
 def test_attention_paged_rejects_bad_tables():

@@ -65,6 +65,26 @@ cdef size_t _cache_address(cache, bint f16, bint writable, Py_ssize_t *rows, Py_
     return <size_t> &c32[0, 0] if c32.shape[0] and c32.shape[1] else 0
 
 
+cdef struct KVPair:
+    bint f16               # halves (else floats)
+    size_t k, v            # addresses of the K and V caches (0 if empty)
+    Py_ssize_t rows, cols  # the shape both caches share
+
+
+cdef int _kv_pair(k_cache, v_cache, bint writable, str what, KVPair *pair) except -1:
+    """Check that the K and V caches are C-contiguous 2-d arrays of one dtype and one shape, and
+    fill `pair` with their dtype, addresses and shape."""
+    pair.f16 = _is_f16(k_cache)
+    if _is_f16(v_cache) != pair.f16:
+        raise TypeError(f"{what}: the K and V caches must have one dtype")
+    cdef Py_ssize_t v_rows, v_cols
+    pair.k = _cache_address(k_cache, pair.f16, writable, &pair.rows, &pair.cols)
+    pair.v = _cache_address(v_cache, pair.f16, writable, &v_rows, &v_cols)
+    if v_rows != pair.rows or v_cols != pair.cols:
+        raise ValueError(f"{what}: the K and V caches must have one shape")
+    return 0
+
+
 def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head_dim)
                     const float[:, ::1] q,              # IN  (T, n_heads * head_dim)
                     k_cache,                            # IN  (n_slots, n_kv_heads * head_dim), float32 or float16
@@ -73,23 +93,19 @@ def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head
                     const int32_t[::1] seq_ids,         # IN  (T,)
                     const int32_t[::1] positions,       # IN  (T,)
                     int n_heads, int n_kv_heads, int block_size, float scale):
-    cdef bint f16 = _is_f16(k_cache)
-    if _is_f16(v_cache) != f16:
-        raise TypeError("attention: the K and V caches must have one dtype")
-    cdef Py_ssize_t k_rows, k_cols, v_rows, v_cols
-    cdef size_t k_data = _cache_address(k_cache, f16, False, &k_rows, &k_cols)
-    cdef size_t v_data = _cache_address(v_cache, f16, False, &v_rows, &v_cols)
+    cdef KVPair kv
+    _kv_pair(k_cache, v_cache, False, "attention", &kv)
     cdef Py_ssize_t T = q.shape[0]
     if n_heads <= 0 or n_kv_heads <= 0 or n_heads % n_kv_heads or q.shape[1] % n_heads:
         raise ValueError(f"attention: {n_heads} heads cannot share {n_kv_heads} kv heads over width {q.shape[1]}")
     cdef int hd = q.shape[1] // n_heads
-    if k_cols != n_kv_heads * hd or v_cols != n_kv_heads * hd:
+    if kv.cols != n_kv_heads * hd:
         raise ValueError("attention: cache width must be n_kv_heads * head_dim")
-    if k_rows != v_rows or block_size <= 0 or k_rows % block_size:
-        raise ValueError("attention: k and v caches must hold the same whole number of blocks")
+    if block_size <= 0 or kv.rows % block_size:
+        raise ValueError("attention: the caches must hold a whole number of blocks")
     if out.shape[0] != T or out.shape[1] != q.shape[1] or seq_ids.shape[0] != T or positions.shape[0] != T:
         raise ValueError("attention: out, q, seq_ids and positions must have T rows")
-    cdef int n_blocks = k_rows // block_size
+    cdef int n_blocks = kv.rows // block_size
     cdef int n_seqs = block_tables.shape[0], max_blocks = block_tables.shape[1]
     cdef Py_ssize_t t
     cdef int max_pos = 0, bad = -1
@@ -106,7 +122,7 @@ def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head
     if T == 0:
         return
     with nogil:
-        attention_paged_rows(&out[0, 0], &q[0, 0], <const void *> k_data, <const void *> v_data, f16,
+        attention_paged_rows(&out[0, 0], &q[0, 0], <const void *> kv.k, <const void *> kv.v, kv.f16,
                              &block_tables[0, 0], max_blocks, &seq_ids[0], &positions[0], T, max_pos, n_heads,
                              n_kv_heads, hd, block_size, scale)
 
@@ -436,22 +452,17 @@ def kv_write(k_cache,                      # OUT (n_slots, width) float32 or flo
              const int32_t[::1] slots):    # IN  (T,)
     """k_cache[slots[t]] = k[t]; v_cache[slots[t]] = v[t] (rounded to the nearest half where the
     caches hold float16)."""
-    cdef bint f16 = _is_f16(k_cache)
-    if _is_f16(v_cache) != f16:
-        raise TypeError("kv_write: the K and V caches must have one dtype")
-    cdef Py_ssize_t k_rows, k_cols, v_rows, v_cols
-    cdef size_t k_data = _cache_address(k_cache, f16, True, &k_rows, &k_cols)
-    cdef size_t v_data = _cache_address(v_cache, f16, True, &v_rows, &v_cols)
-    cdef Py_ssize_t t, T = k.shape[0], W = k.shape[1], n_slots = k_rows
-    if (v.shape[0] != T or slots.shape[0] != T or v.shape[1] != W or k_cols != W
-            or v_cols != W or v_rows != n_slots):
+    cdef KVPair kv
+    _kv_pair(k_cache, v_cache, True, "kv_write", &kv)
+    cdef Py_ssize_t t, T = k.shape[0], W = k.shape[1], n_slots = kv.rows
+    if v.shape[0] != T or slots.shape[0] != T or v.shape[1] != W or kv.cols != W:
         raise ValueError("kv_write: shapes of caches, k, v and slots disagree")
     for t in range(T):
         if not (0 <= slots[t] < n_slots):
             raise ValueError(f"kv_write: slot {slots[t]} is outside the cache of {n_slots}")
     if T and W:
         with nogil:
-            kv_write_rows(<void *> k_data, <void *> v_data, f16, &k[0, 0], &v[0, 0], &slots[0], T, W)
+            kv_write_rows(<void *> kv.k, <void *> kv.v, kv.f16, &k[0, 0], &v[0, 0], &slots[0], T, W)
 
 
 cdef void kv_write_rows(void *k_cache, void *v_cache, bint f16, const float *k, const float *v,

@@ -39,7 +39,12 @@ def dequantize_q8(q, scales):
 
 def quantize_weights_q8(w):
     """Weight quantization: one fp16 scale per group of 32 along each row,
-    s = fp16(max|group| / 127), q = clip(rint(w / s), -127, 127).
+    s = max|group| / 127 rounded *up* to a half, q = rint(w / s) (|q| <= 127).
+
+    Rounding the scale up, not to nearest, means no value clips: every value is off by at most half
+    a step of its group's scale, also where that scale is a subnormal half (groups whose largest
+    value is below 127 * 2**-14, about 0.0078) whose rounding to nearest could be 20% or more too
+    small.  Raises ValueError for a group too large for a half scale (max|w| above 127 * 65504).
 
     Returns (q int8 (N, K), scales float16 (N, ceil(K/32))).
     """
@@ -50,7 +55,12 @@ def quantize_weights_q8(w):
     scales = np.zeros((N, n_groups), dtype=np.float16)
     for g in range(n_groups):
         wg = w[:, g * Q8_GROUP:(g + 1) * Q8_GROUP]
-        s16 = (np.abs(wg).max(axis=1) / np.float32(127.0)).astype(np.float16)
+        exact = np.abs(wg).max(axis=1).astype(np.float64) / 127.0
+        if (exact > 65504.0).any():
+            raise ValueError(f"quantize_weights_q8: a group's largest value exceeds {127 * 65504} "
+                             "(its scale does not fit a half)")
+        s16 = exact.astype(np.float16)
+        s16 = np.where(s16.astype(np.float64) < exact, np.nextafter(s16, np.float16(np.inf)), s16)
         s = s16.astype(np.float32)
         safe = np.where(s > 0, s, 1).astype(np.float32)
         q[:, g * Q8_GROUP:(g + 1) * Q8_GROUP] = np.clip(np.rint(wg / safe[:, None]), -127, 127)

@@ -123,7 +123,10 @@ def convert(src: str, out: str, quant: str = "int8", progress: bool = True) -> d
             raise ConversionError(f"{src}: tensor {name} holds NaN or infinite values")
         n_params += a.size
         if quant == "int8" and is_quantized_linear(ckpt.arch, name):
-            q, scale = quantize_weights_q8(a)
+            try:
+                q, scale = quantize_weights_q8(a)
+            except ValueError as e:
+                raise ConversionError(f"{src}: tensor {name}: {e}") from None
             tensors += [(name, pack_q8_rows(q)), (name[: -len(".weight")] + ".scale", scale)]
         else:
             tensors.append((name, a))

@@ -24,6 +24,7 @@ from setuptools import Extension, setup
 
 KERNELS = ["_omp", "_matmul", "_embedding", "_norms", "_rope", "_activations", "_attention", "_sampling"]
 NATIVE_MODELS = ["_llama_native"]   # forward passes in one native call, built on the kernels' C entry points
+HEADERS = ["core/kernels/simd.h", "core/kernels/parallel.h"]   # a change to either rebuilds every extension
 
 _PROBE = r"""
 #include <omp.h>
@@ -75,7 +76,7 @@ def _extensions() -> list[Extension]:
     modules = [f"core.kernels.{name}" for name in KERNELS] + [f"models.{name}" for name in NATIVE_MODELS]
     exts = [
         Extension(module, [module.replace(".", "/") + ".pyx"], include_dirs=["core/kernels", numpy.get_include()],
-                  extra_compile_args=compile_args, extra_link_args=link_args)
+                  depends=HEADERS, extra_compile_args=compile_args, extra_link_args=link_args)
         for module in modules
     ]
     debug = os.environ.get("EDGE_CYTHON_DEBUG") == "1"

@@ -18,7 +18,7 @@ from aiohttp import web
 
 from edge import handlers
 from edge.engine import Engine
-from edge.errors import HTTPError, error_body
+from edge.errors import HTTPError, error_body, retry_after
 from edge.keys import ENGINE, METRICS, MODELS, SETTINGS, ModelState
 from edge.metrics import Metrics
 from edge.settings import Settings
@@ -61,7 +61,7 @@ async def error_middleware(request: web.Request, handler):
         raise
     except Exception as e:  # noqa: BLE001 - the boundary: nothing escapes as a traceback
         status, body = error_body(e)
-        retry = getattr(e, "retry_after", None)
+        retry = retry_after(e)
         if retry is not None:
             return handlers.json_response(body, status=status, headers={"Retry-After": str(retry)})
     return handlers.json_response(body, status=status)

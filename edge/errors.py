@@ -44,8 +44,25 @@ def error_type(status: int) -> str:
     return "invalid_request_error"
 
 
+def retry_after(exc: BaseException) -> int | None:
+    """Seconds after which the same request may well succeed (Retry-After), or None."""
+    if isinstance(exc, MemoryError):
+        return OUT_OF_MEMORY_RETRY_AFTER
+    return getattr(exc, "retry_after", None)
+
+
+OUT_OF_MEMORY_RETRY_AFTER = 1
+
+
 def error_body(exc: BaseException) -> tuple[int, dict]:
-    """(status, body) for an exception.  Unknown exceptions are logged with a request id."""
+    """(status, body) for an exception.  Unknown exceptions are logged with a request id.  A
+    MemoryError (a kernel that could not have its scratch memory, say) is the server's passing
+    condition, not the request's fault: 503, retry later."""
+    if isinstance(exc, MemoryError):
+        rid = uuid.uuid4().hex[:12]
+        log.warning("request %s: out of memory: %s", rid, exc)
+        return 503, {"error": {"message": f"the server is out of memory for now (request id {rid}); retry later",
+                               "type": "server_error", "code": "out_of_memory"}}
     if isinstance(exc, EdgeError):
         status, code, message = exc.status, exc.code, str(exc)
         if status >= 500 and not isinstance(exc, HTTPError):

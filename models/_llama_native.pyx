@@ -24,7 +24,7 @@ from core.kernels._attention cimport attention_paged_rows, check_paged_rows, kv_
 from core.kernels._embedding cimport embed_f32_rows, embed_q8_rows
 from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8, _matmul_q8_shared
 from core.kernels._norms cimport rmsnorm_rows
-from core.kernels._rope cimport rope_qk_rows
+from core.kernels._rope cimport ROPE_MAX_DIM, rope_qk_rows
 
 import array
 
@@ -85,8 +85,9 @@ cdef size_t _address(buf, list keep) except 0:
     return <size_t> &view[0]
 
 
-cdef void _project(int n, Proj *projs, float **outs, const float *x, int T, int K) noexcept nogil:
-    """outs[i] = x @ W_i.T (+ b_i) for n projections of one input: int8 ones in one shared call."""
+cdef int _project(int n, Proj *projs, float **outs, const float *x, int T, int K) noexcept nogil:
+    """outs[i] = x @ W_i.T (+ b_i) for n projections of one input: int8 ones in one shared call.
+    0, or -1 when the kernel's scratch memory cannot be had."""
     cdef const int8_t *w[MAX_SHARED]
     cdef const uint16_t *scales[MAX_SHARED]
     cdef const float *biases[MAX_SHARED]
@@ -98,10 +99,10 @@ cdef void _project(int n, Proj *projs, float **outs, const float *x, int T, int 
             scales[i] = projs[i].scale
             biases[i] = projs[i].bias
             Ns[i] = projs[i].n_out
-        _matmul_q8_shared(n, outs, w, scales, biases, Ns, x, T, K)
-    else:
-        for i in range(n):
-            _matmul_f32(outs[i], x, projs[i].wf, projs[i].bias, T, projs[i].n_out, K)
+        return _matmul_q8_shared(n, outs, w, scales, biases, Ns, x, T, K)
+    for i in range(n):
+        _matmul_f32(outs[i], x, projs[i].wf, projs[i].bias, T, projs[i].n_out, K)
+    return 0
 
 
 cdef void _add_rows(float *x, const float *y, size_t n) noexcept nogil:
@@ -160,6 +161,9 @@ cdef class LlamaNative:
         self.rope_dim, self.rope_base, self.neox = cfg.rope_dim, cfg.rope_base, cfg.rope_style == "neox"
         self.vocab, self.eps, self.attn_scale = cfg.vocab_size, cfg.norm_eps, cfg.head_dim ** -0.5
         self.max_rows, self.T = max_rows, 0
+        if self.rope_dim <= 0 or self.rope_dim % 2 or self.rope_dim > min(self.head_dim, ROPE_MAX_DIM):
+            raise ValueError(f"native forward: rope over {self.rope_dim} of {self.head_dim} dimensions per head "
+                             f"(even, at most {ROPE_MAX_DIM})")
         self.block_size, self.n_blocks = cache.block_size, cache.n_blocks
         self.n_slots = cache.n_blocks * cache.block_size
         cdef int dim = self.dim, qd = self.n_heads * self.head_dim, kvd = self.n_kv_heads * self.head_dim
@@ -247,9 +251,13 @@ cdef class LlamaNative:
                                    &seq_ids[0], &positions[0], T, self.block_size)
         if bad >= 0:
             raise ValueError(f"attention: row {bad} names a sequence, position or KV block outside the cache")
+        cdef int rc
         with nogil:
-            self._forward(T, &tokens[0], &positions[0], &seq_ids[0], &slots[0], &tables[0, 0],
-                          tables.shape[1], max_pos)
+            rc = self._forward(T, &tokens[0], &positions[0], &seq_ids[0], &slots[0], &tables[0, 0],
+                               tables.shape[1], max_pos)
+        if rc:
+            raise MemoryError(f"native forward: no memory for the kernels' scratch ({T} rows, "
+                              f"{max_pos + 1} positions)")
         self.T = T
         return <float[:T, :self.dim]> self.xb
 
@@ -263,12 +271,15 @@ cdef class LlamaNative:
             if not 0 <= r < self.T:
                 raise IndexError(f"native forward: row {r} is not one of the last call's {self.T}")
             memcpy(self.rows + <size_t> i * self.dim, self.xb + <size_t> r * self.dim, self.dim * sizeof(float))
+        cdef int rc = 0
         with nogil:
             if self.head.w != NULL:
-                _matmul_q8(self.logit_rows, self.rows, self.head.w, self.head.scale, self.head.bias, n, self.vocab,
-                           self.dim)
+                rc = _matmul_q8(self.logit_rows, self.rows, self.head.w, self.head.scale, self.head.bias, n,
+                                self.vocab, self.dim)
             else:
                 _matmul_f32(self.logit_rows, self.rows, self.head.wf, self.head.bias, n, self.vocab, self.dim)
+        if rc:
+            raise MemoryError(f"native forward: no memory for the logits head's scratch ({n} rows)")
         cdef array.array template = array.array("f"), row
         out = []
         for i in range(n):
@@ -277,8 +288,10 @@ cdef class LlamaNative:
             out.append(row)
         return out
 
-    cdef void _forward(self, int T, const int32_t *tokens, const int32_t *positions, const int32_t *seq_ids,
-                       const int32_t *slots, const int32_t *tables, int max_blocks, int max_pos) noexcept nogil:
+    cdef int _forward(self, int T, const int32_t *tokens, const int32_t *positions, const int32_t *seq_ids,
+                      const int32_t *slots, const int32_t *tables, int max_blocks, int max_pos) noexcept nogil:
+        """0, or -1 where a kernel could not have its scratch memory (the rows' results are then
+        undefined, and so are their KV slots: the caller does not count them as fed)."""
         cdef int dim = self.dim, kv_dim = self.n_kv_heads * self.head_dim, l
         cdef Layer *L
         cdef Proj projs[3]
@@ -293,21 +306,27 @@ cdef class LlamaNative:
             rmsnorm_rows(self.xb, self.x, L.attn_norm, T, dim, self.eps)
             projs[0], projs[1], projs[2] = L.q, L.k, L.v
             outs[0], outs[1], outs[2] = self.q, self.k, self.v
-            _project(3, projs, outs, self.xb, T, dim)
+            if _project(3, projs, outs, self.xb, T, dim):
+                return -1
             rope_qk_rows(self.q, self.k, positions, T, self.n_heads, self.n_kv_heads, self.head_dim, self.rope_dim,
                          self.rope_base, self.neox)
             kv_write_rows(L.k_cache, L.v_cache, self.kv_f16, self.k, self.v, slots, T, kv_dim)
-            attention_paged_rows(self.att, self.q, L.k_cache, L.v_cache, self.kv_f16, tables, max_blocks, seq_ids, positions,
-                                 T, max_pos, self.n_heads, self.n_kv_heads, self.head_dim, self.block_size,
-                                 self.attn_scale)
-            _project(1, &L.o, &self.xb2, self.att, T, self.n_heads * self.head_dim)
+            if attention_paged_rows(self.att, self.q, L.k_cache, L.v_cache, self.kv_f16, tables, max_blocks, seq_ids,
+                                    positions, T, max_pos, self.n_heads, self.n_kv_heads, self.head_dim,
+                                    self.block_size, self.attn_scale):
+                return -1
+            if _project(1, &L.o, &self.xb2, self.att, T, self.n_heads * self.head_dim):
+                return -1
             _add_rows(self.x, self.xb2, <size_t> T * dim)
             # feed-forward block
             rmsnorm_rows(self.xb, self.x, L.ffn_norm, T, dim, self.eps)
             projs[0], projs[1] = L.gate, L.up
             outs[0], outs[1] = self.hb, self.hb2
-            _project(2, projs, outs, self.xb, T, dim)
+            if _project(2, projs, outs, self.xb, T, dim):
+                return -1
             silu_mul_rows(self.hb, self.hb, self.hb2, T, self.hidden)
-            _project(1, &L.down, &self.xb2, self.hb, T, self.hidden)
+            if _project(1, &L.down, &self.xb2, self.hb, T, self.hidden):
+                return -1
             _add_rows(self.x, self.xb2, <size_t> T * dim)
         rmsnorm_rows(self.xb, self.x, self.output_norm, T, dim, self.eps)
+        return 0

@@ -499,3 +499,69 @@ def test_sample_logits_distribution_and_errors():
         K.sample_logits(logits, temperature=1.0, u=1.0)
     with pytest.raises(ValueError, match="no logits"):
         K.sample_logits(np.zeros(0, np.float32))
+
+
+def _matmul_case(M):
+    rng = np.random.default_rng(M)
+    x, (w, s) = rand(rng, M, 576), R.quantize_weights_q8(rand(rng, 40, 576))
+    packed, bits = R.pack_q8_rows(w), s.view(np.uint16)
+
+    def call():
+        out = np.empty((M, 40), np.float32)
+        K.matmul_q8(out, x, packed, bits)
+        return out
+    return call
+
+
+def _paged_case(n_keys):
+    """One decode row over n_keys keys (more than one chunk: the split path) and a short prefill run."""
+    rng = np.random.default_rng(n_keys)
+    n_kv, group, hd, bs = 2, 3, 16, 16
+    n_blocks = -(-n_keys // bs) + 2
+    k, v = rand(rng, n_blocks * bs, n_kv * hd), rand(rng, n_blocks * bs, n_kv * hd)
+    tables = np.array([list(range(n_blocks)), list(range(n_blocks))[::-1]], np.int32)
+    seq_ids = np.array([0] + [1] * 5, np.int32)
+    positions = np.array([n_keys - 1] + list(range(5)), np.int32)
+    q = rand(rng, len(seq_ids), n_kv * group * hd)
+
+    def call():
+        out = np.empty_like(q)
+        K.attention_paged(out, q, k, v, tables, seq_ids, positions, n_kv * group, n_kv, bs, 0.25)
+        return out
+    return call
+
+
+def _varlen_case():
+    rng = np.random.default_rng(3)
+    q, k, v = rand(rng, 12, 64), rand(rng, 12, 32), rand(rng, 12, 32)
+    starts, ends = np.array([0] * 5 + [5] * 7, np.int32), np.array([5] * 5 + [12] * 7, np.int32)
+
+    def call():
+        out = np.empty_like(q)
+        K.attention_varlen(out, q, k, v, starts, ends, 4, 2, 0.2)
+        return out
+    return call
+
+
+@pytest.mark.parametrize("module, call, n_allocations", [
+    ("_matmul", _matmul_case(3), 1), ("_matmul", _matmul_case(37), 1),
+    ("_attention", _paged_case(700), 2), ("_attention", _paged_case(40), 2), ("_attention", _varlen_case(), 2)],
+    ids=["matmul-decode", "matmul-prefill", "paged-split", "paged", "varlen"])
+def test_a_kernel_without_scratch_memory_raises_and_recovers(module, call, n_allocations):
+    """Each scratch allocation of a kernel failing in turn gives MemoryError, not a write through NULL;
+    the next call computes the same result as before."""
+    import importlib
+    knob = importlib.import_module(f"core.kernels.{module}")._fail_scratch_after
+    expected = call()
+    try:
+        for n in range(1, n_allocations + 2):
+            knob(n)
+            if n <= n_allocations:
+                with pytest.raises(MemoryError, match="scratch"):
+                    call()
+            else:                                   # one past the kernel's allocations: it runs
+                np.testing.assert_array_equal(call(), expected)
+            knob(0)
+            np.testing.assert_array_equal(call(), expected)
+    finally:
+        knob(0)

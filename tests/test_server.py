@@ -392,3 +392,31 @@ def test_health_is_503_while_loading(converted, monkeypatch):
             r = await c.get("/health")
             assert r.status == 200
     asyncio.run(scenario())
+
+
+def test_out_of_memory_is_a_503_with_retry_after():
+    """A kernel without scratch memory raises MemoryError (tests/test_native.py); the worker answers
+    503 with Retry-After and a JSON body (HTTP), code out_of_memory (RPC): a passing condition of
+    the server, not the request's fault, and no traceback."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from edge.app import error_middleware
+    from edge.errors import rpc_error
+
+    async def fails(request):
+        raise MemoryError("native forward: no memory for the kernels' scratch (9 rows, 9 positions)")
+
+    async def go():
+        app = web.Application(middlewares=[error_middleware])
+        app.router.add_post("/v1/completions", fails)
+        async with TestClient(TestServer(app)) as c:
+            r = await c.post("/v1/completions", json={})
+            return r.status, r.headers.get("Retry-After"), await r.text()
+
+    status, retry, text = asyncio.run(go())
+    assert status == 503 and retry == "1"
+    err = json.loads(text)["error"]
+    assert err["code"] == "out_of_memory" and err["type"] == "server_error" and "retry" in err["message"]
+    assert "Traceback" not in text and "scratch" not in text
+    assert rpc_error(MemoryError())[0] == "out_of_memory"

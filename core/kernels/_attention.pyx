@@ -17,8 +17,15 @@ attention_paged_rows); attention_varlen: one task is one head of a run of rows t
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, uint16_t
 from libc.math cimport exp
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 from libc.string cimport memcpy
+
+cdef extern from "parallel.h" nogil:
+    int edge_team_max()
+    int edge_thread_id()
+    size_t edge_lines(size_t n)
+    void *edge_scratch(size_t nbytes)
+    void edge_scratch_fail_after(int n)
 
 cdef extern from "simd.h" nogil:
     void edge_softmax_f32(float *x, int n)
@@ -30,6 +37,11 @@ cdef extern from "simd.h" nogil:
     void edge_f32_to_f16_row(const float *x, uint16_t *h, int n)
     void edge_f16_to_f32_row(const uint16_t *h, float *x, int n)
     void edge_prefetch(const void *p, size_t nbytes)
+
+
+def _fail_scratch_after(int n):
+    """Tests: make the n-th scratch allocation of this module's kernels from now on fail (0: none)."""
+    edge_scratch_fail_after(n)
 
 
 cdef bint _is_f16(cache) except -1:
@@ -121,10 +133,13 @@ def attention_paged(float[:, ::1] out,                  # OUT (T, n_heads * head
         max_pos = positions[t] if positions[t] > max_pos else max_pos
     if T == 0:
         return
+    cdef int rc
     with nogil:
-        attention_paged_rows(&out[0, 0], &q[0, 0], <const void *> kv.k, <const void *> kv.v, kv.f16,
-                             &block_tables[0, 0], max_blocks, &seq_ids[0], &positions[0], T, max_pos, n_heads,
-                             n_kv_heads, hd, block_size, scale)
+        rc = attention_paged_rows(&out[0, 0], &q[0, 0], <const void *> kv.k, <const void *> kv.v, kv.f16,
+                                  &block_tables[0, 0], max_blocks, &seq_ids[0], &positions[0], T, max_pos,
+                                  n_heads, n_kv_heads, hd, block_size, scale)
+    if rc:
+        raise MemoryError(f"attention: no memory for the scratch of {T} rows over {max_pos + 1} positions")
 
 
 cdef int check_paged_rows(const int32_t *block_tables, int n_seqs, int max_blocks, int n_blocks,
@@ -187,12 +202,13 @@ def _set_chunk_blocks(int n):
     _chunk_blocks = n
 
 
-cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, const void *v_cache, bint f16,
-                               const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
-                               const int32_t *positions, int T, int max_pos, int n_heads, int n_kv_heads,
-                               int hd, int block_size, float scale) noexcept nogil:
+cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, const void *v_cache, bint f16,
+                              const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
+                              const int32_t *positions, int T, int max_pos, int n_heads, int n_kv_heads,
+                              int hd, int block_size, float scale) noexcept nogil:
     """attention_paged on raw rows (already checked; max_pos = max(positions)); the caches hold
-    float16 (f16) or float32.
+    float16 (f16) or float32.  Returns 0, or -1 (having computed nothing) when its scratch memory
+    cannot be had.
 
     One task is a run of consecutive rows of one sequence (a prefill chunk gives runs of
     _rows_per_task rows, a batched decode step runs of one), one KV head with the n_heads /
@@ -208,13 +224,18 @@ cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, 
     nor on the thread count."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
     cdef int max_rows = _rows_per_task, chunk_blocks = _chunk_blocks
-    cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
+    # the runs (at most T): where each starts, its first task, and its first partial result (chunks
+    # of a split run, hd + 2 floats each)
+    cdef size_t ints = edge_lines((T + 1) * sizeof(int32_t))
+    cdef char *runs = <char *> edge_scratch(2 * ints + (T + 1) * sizeof(size_t))
+    if runs == NULL:
+        return -1
+    cdef int32_t *starts = <int32_t *> runs
+    cdef int32_t *task_start = <int32_t *> (runs + ints)
+    cdef size_t *part_start = <size_t *> (runs + 2 * ints)
     cdef int n_runs = split_runs(seq_ids, positions, 1, T, max_rows, starts)
     cdef int longest = longest_run(starts, n_runs)
     cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
-    # per run: its first task, and its first partial result (chunks of a split run, hd + 2 floats each)
-    cdef int32_t *task_start = <int32_t *> malloc((n_runs + 1) * sizeof(int32_t))
-    cdef size_t *part_start = <size_t *> malloc((n_runs + 1) * sizeof(size_t))
     cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h
     task_start[0], part_start[0] = 0, 0
     for run in range(n_runs):
@@ -222,13 +243,20 @@ cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, 
         n_chunks = _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
         task_start[run + 1] = task_start[run] + n_kv_heads * n_chunks
         part_start[run + 1] = part_start[run] + (<size_t> n_rows * n_heads * n_chunks if n_chunks > 1 else 0)
-    cdef float *parts = <float *> malloc(part_start[n_runs] * (hd + 2) * sizeof(float)) \
-        if part_start[n_runs] else NULL
+    # every thread's scores and one block of one head widened to fp32, then the partial results
+    cdef size_t scores_bytes = edge_lines(<size_t> longest * group * stride * sizeof(float))
+    cdef size_t thread_bytes = scores_bytes + edge_lines(<size_t> block_size * hd * sizeof(float))
+    cdef int n_max = edge_team_max()
+    cdef char *work = <char *> edge_scratch(n_max * thread_bytes + part_start[n_runs] * (hd + 2) * sizeof(float))
+    if work == NULL:
+        free(runs)
+        return -1
+    cdef float *parts = <float *> (work + n_max * thread_bytes) if part_start[n_runs] else NULL
     cdef float *scores
     cdef float *widened
     with parallel():
-        scores = <float *> malloc(longest * group * stride * sizeof(float))
-        widened = <float *> malloc(<size_t> block_size * hd * sizeof(float))    # one block of one head, fp32
+        scores = <float *> (work + edge_thread_id() * thread_bytes)
+        widened = <float *> (work + edge_thread_id() * thread_bytes + scores_bytes)
         for i in prange(task_start[n_runs], schedule="guided"):
             run = _run_of(task_start, n_runs, i)
             n_chunks = (task_start[run + 1] - task_start[run]) // n_kv_heads
@@ -238,8 +266,6 @@ cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, 
                         positions, starts[run], starts[run + 1] - starts[run], kvh, c, n_chunks, chunk_blocks,
                         parts + part_start[run] * (hd + 2) if n_chunks > 1 else NULL,
                         n_heads, group, hd, width, kv_width, block_size, scale, scores, stride, widened)
-        free(widened)
-        free(scores)
     if parts != NULL:              # combine the chunks of split runs, one (row, head) per task
         for i in prange(T * n_heads, schedule="static"):
             t0 = i // n_heads
@@ -250,10 +276,9 @@ cdef void attention_paged_rows(float *out, const float *q, const void *k_cache, 
                 rg = (t0 - starts[run]) * n_heads + h
                 _combine_chunks(out + <size_t> t0 * width + h * hd,
                                 parts + (part_start[run] + <size_t> rg * n_chunks) * (hd + 2), n_chunks, hd)
-    free(parts)
-    free(part_start)
-    free(task_start)
-    free(starts)
+    free(work)
+    free(runs)
+    return 0
 
 
 cdef inline int _chunks_of(int n_keys, int block_size, int chunk_blocks) noexcept nogil:
@@ -403,27 +428,37 @@ def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
         max_len = max(max_len, key_end[t] - key_start[t])
     if T == 0:
         return
+    cdef int rc
     with nogil:
-        attention_varlen_rows(&out[0, 0], &q[0, 0], &k[0, 0], &v[0, 0], &key_start[0], &key_end[0], T, max_len,
-                              n_heads, n_kv_heads, hd, scale)
+        rc = attention_varlen_rows(&out[0, 0], &q[0, 0], &k[0, 0], &v[0, 0], &key_start[0], &key_end[0], T,
+                                   max_len, n_heads, n_kv_heads, hd, scale)
+    if rc:
+        raise MemoryError(f"attention: no memory for the scratch of {T} rows")
 
 
-cdef void attention_varlen_rows(float *out, const float *q, const float *k, const float *v,
-                                const int32_t *key_start, const int32_t *key_end, int T, int max_len, int n_heads,
-                                int n_kv_heads, int hd, float scale) noexcept nogil:
-    """attention_varlen on raw rows (spans already checked).  One task is one head of a run of up to
+cdef int attention_varlen_rows(float *out, const float *q, const float *k, const float *v,
+                               const int32_t *key_start, const int32_t *key_end, int T, int max_len, int n_heads,
+                               int n_kv_heads, int hd, float scale) noexcept nogil:
+    """attention_varlen on raw rows (spans already checked); 0, or -1 when its scratch cannot be had.  One task is one head of a run of up to
     _rows_per_task consecutive rows that see the same keys (rows of one sentence): their queries
     share every K and V row loaded into a register."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
     cdef int max_rows = _rows_per_task
-    cdef int32_t *starts = <int32_t *> malloc((T + 1) * sizeof(int32_t))
+    cdef int32_t *starts = <int32_t *> edge_scratch((T + 1) * sizeof(int32_t))
+    if starts == NULL:
+        return -1
     cdef int n_runs = split_runs(key_start, key_end, 0, T, max_rows, starts)
     cdef int i, run, h, kvh, t0, n_rows, r, d, j0, n
     cdef int longest = longest_run(starts, n_runs)
+    cdef size_t thread_bytes = edge_lines(<size_t> longest * max_len * sizeof(float))
+    cdef char *work = <char *> edge_scratch(edge_team_max() * thread_bytes)
+    if work == NULL:
+        free(starts)
+        return -1
     cdef float *scores
     cdef float *o
     with parallel():
-        scores = <float *> malloc(<size_t> longest * max_len * sizeof(float))
+        scores = <float *> (work + edge_thread_id() * thread_bytes)
         for i in prange(n_runs * n_heads, schedule="static"):
             run = i // n_heads
             h = i % n_heads
@@ -441,8 +476,9 @@ cdef void attention_varlen_rows(float *out, const float *q, const float *k, cons
                     o[d] = 0.0
             edge_weighted_sum_f32_queries(out + <size_t> t0 * width + h * hd, n_rows, width, scores, n,
                                           v + <size_t> j0 * kv_width + kvh * hd, kv_width, n, hd)
-        free(scores)
+    free(work)
     free(starts)
+    return 0
 
 
 def kv_write(k_cache,                      # OUT (n_slots, width) float32 or float16

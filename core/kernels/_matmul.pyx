@@ -13,7 +13,7 @@ L1 and an activation block in L2.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int8_t, uint16_t
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport free
 
 cdef extern from "simd.h" nogil:
     int edge_q8_padded(int K)
@@ -30,20 +30,18 @@ cdef extern from "simd.h" nogil:
                          int K, float *out)
     float edge_dot_f32(const float *a, const float *b, int K)
 
+cdef extern from "parallel.h" nogil:
+    int edge_team_size()
+    int edge_team_max()
+    int edge_thread_id()
+    size_t edge_lines(size_t n)
+    void *edge_scratch(size_t nbytes)
+    void edge_scratch_fail_after(int n)
+
 cdef extern from *:
     """
     #include <stdint.h>
-    #include <stdlib.h>
-    #ifdef _OPENMP
-    #include <omp.h>
-    static int edge_team_size(void) { return omp_get_num_threads(); }
-    static int edge_team_max(void) { return omp_get_max_threads(); }
-    static int edge_thread_id(void) { return omp_get_thread_num(); }
-    #else
-    static int edge_team_size(void) { return 1; }
-    static int edge_team_max(void) { return 1; }
-    static int edge_thread_id(void) { return 0; }
-    #endif
+    #include "parallel.h"
     /* A thread's share of a loop's tasks, [lo, hi) packed in one 64-bit word on its own cache line:
      * the owner takes tasks from the front, and a thread that has run out of its own takes them
      * from the back of another's share (the owner keeps streaming forward, the helper finishes its
@@ -52,11 +50,8 @@ cdef extern from *:
     static inline int64_t edge_share_pack(int lo, int hi) { return ((int64_t)hi << 32) | (uint32_t)lo; }
     /* Shares start empty, so that a thread looking for work in a share its owner has not set yet
      * finds none (the owner then runs all of it). */
-    static edge_share *edge_shares_new(void) {
-        edge_share *s = (edge_share *)aligned_alloc(64, sizeof(edge_share) * (size_t)edge_team_max());
-        if (s != NULL)
-            for (int t = 0; t < edge_team_max(); t++) __atomic_store_n(&s[t].range, 0, __ATOMIC_RELAXED);
-        return s;
+    static void edge_shares_clear(edge_share *s, int n) {
+        for (int t = 0; t < n; t++) __atomic_store_n(&s[t].range, 0, __ATOMIC_RELAXED);
     }
     static void edge_share_init(edge_share *s, int tid, int nthr, int n) {
         const int q = n / nthr, r = n % nthr, lo = tid * q + (tid < r ? tid : r);
@@ -92,9 +87,7 @@ cdef extern from *:
     """
     ctypedef struct edge_share:
         pass
-    int edge_team_size() nogil
-    int edge_thread_id() nogil
-    edge_share *edge_shares_new() nogil
+    void edge_shares_clear(edge_share *s, int n) nogil
     void edge_share_init(edge_share *s, int tid, int nthr, int n) nogil
     int edge_share_claim(edge_share *s, int tid, int nthr, int steal) nogil
     void edge_barrier() nogil
@@ -107,6 +100,11 @@ def _set_own_rows(int on):
     """Benchmark knob: threads quantize a few activation rows each for itself (default on)."""
     global own_rows_on
     own_rows_on = on
+
+
+def _fail_scratch_after(int n):
+    """Tests: make the n-th scratch allocation of this module's kernels from now on fail (0: none)."""
+    edge_scratch_fail_after(n)
 
 
 def _set_steal_tiles(int on):
@@ -133,45 +131,55 @@ def _set_m_block_bytes(int n):
     m_block_bytes = n
 
 
-cdef void _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t *w_scale,
-                     const float *bias, int M, int N, int K) noexcept nogil:
-    _matmul_q8_shared(1, &out, &w, &w_scale, &bias, &N, x, M, K)
+cdef int _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t *w_scale,
+                    const float *bias, int M, int N, int K) noexcept nogil:
+    return _matmul_q8_shared(1, &out, &w, &w_scale, &bias, &N, x, M, K)
 
 
-cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const uint16_t **scales,
-                            const float **biases, const int *Ns, const float *x, int M, int K) noexcept nogil:
+cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const uint16_t **scales,
+                           const float **biases, const int *Ns, const float *x, int M, int K) noexcept nogil:
     """out_i = quantize_q8(x) @ dequantize(w_i).T + bias_i for up to MAX_SHARED matrices that share x
-    (q, k and v; gate and up): x is quantized once and one parallel region covers every tile."""
+    (q, k and v; gate and up): x is quantized once and one parallel region covers every tile.
+    Returns 0, or -1 (having computed nothing) when its scratch memory cannot be had."""
     cdef int Kp = edge_q8_padded(K)
     cdef int G = (K + 31) // 32
     # A few rows (a decode step): every thread quantizes them itself, into its own buffer, and
     # starts on its tiles at once; no thread waits at a barrier for another's quantization.
     cdef bint own_rows = M <= OWN_ROWS_MAX and own_rows_on
-    cdef int8_t *q = NULL if own_rows else <int8_t *> malloc(<size_t> M * Kp)
-    cdef float *xs = NULL if own_rows else <float *> malloc(<size_t> M * G * sizeof(float))
+    # scratch: every thread's share of the tiles, then every thread's 4 x 2 block of outputs (a
+    # line each), then the quantized rows and their scales: a copy per thread (own_rows) or one
+    cdef int n_max = edge_team_max()
+    cdef size_t rows_bytes = edge_lines(<size_t> M * Kp) + edge_lines(<size_t> M * G * sizeof(float))
+    cdef char *scratch = <char *> edge_scratch(<size_t> n_max * 128 + (n_max if own_rows else 1) * rows_bytes)
+    if scratch == NULL:
+        return -1
+    cdef edge_share *shares = <edge_share *> scratch
+    cdef char *rows = scratch + <size_t> n_max * 128
+    cdef int8_t *q = <int8_t *> rows
+    cdef float *xs = <float *> (rows + edge_lines(<size_t> M * Kp))
     cdef int m_block = (m_block_bytes // Kp) & ~3 if m_block_bytes // Kp >= 4 else 4
     cdef int tile_start[MAX_SHARED + 1]
     cdef int i, m, mq, mr, t, r, m0, m1, n, n0, n1, N, tid, nthr
     cdef int steal = steal_tiles
     cdef int8_t *qt
     cdef float *xst
-    cdef edge_share *shares = edge_shares_new()
     cdef const uint16_t *ws
     cdef float *block
     cdef float *out
     cdef const int8_t *w
     cdef const float *bias
+    edge_shares_clear(shares, n_max)
     tile_start[0] = 0
     for i in range(n_mats):
         tile_start[i + 1] = tile_start[i] + (Ns[i] + N_TILE - 1) // N_TILE
     with parallel():
-        block = <float *> malloc(8 * sizeof(float))       # one 4 x 2 block of outputs
         tid = edge_thread_id()
         nthr = edge_team_size()
+        block = <float *> (scratch + <size_t> (n_max + tid) * 64)     # one 4 x 2 block of outputs
         edge_share_init(shares, tid, nthr, tile_start[n_mats])
         if own_rows:
-            qt = <int8_t *> malloc(<size_t> M * Kp)
-            xst = <float *> malloc(<size_t> M * G * sizeof(float))
+            qt = <int8_t *> (rows + tid * rows_bytes)
+            xst = <float *> (rows + tid * rows_bytes + edge_lines(<size_t> M * Kp))
             for mr in range(M):
                 edge_quantize_row_q8(x + <size_t> mr * K, K, qt + <size_t> mr * Kp, xst + <size_t> mr * G)
         else:
@@ -224,13 +232,8 @@ cdef void _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const 
                                                                    w + <size_t> n * K, ws, K))
                         n = n + 1
                 m0 = m1
-        if own_rows:
-            free(qt)
-            free(xst)
-        free(block)
-    free(shares)
-    free(q)
-    free(xs)
+    free(scratch)
+    return 0
 
 
 cdef inline void _store(float *out, const float *bias, int m, int n, int N, float value) noexcept nogil:
@@ -289,8 +292,11 @@ def matmul_q8(float[:, ::1] out,             # OUT (M, N)
     if M == 0 or N == 0:
         return
     cdef const float *b = &bias[0] if bias is not None else NULL
+    cdef int rc
     with nogil:
-        _matmul_q8(&out[0, 0], &x[0, 0], &w[0, 0], &w_scale[0, 0], b, M, N, K)
+        rc = _matmul_q8(&out[0, 0], &x[0, 0], &w[0, 0], &w_scale[0, 0], b, M, N, K)
+    if rc:
+        raise MemoryError(f"matmul_q8: no memory for the scratch of {M} rows")
 
 
 def matmul_q8_shared(outs, const float[:, ::1] x, weights, scales, biases):
@@ -326,8 +332,11 @@ def matmul_q8_shared(outs, const float[:, ::1] x, weights, scales, biases):
         used += 1
     if used == 0:
         return
+    cdef int rc
     with nogil:
-        _matmul_q8_shared(used, out_p, w_p, s_p, b_p, Ns, &x[0, 0], M, K)
+        rc = _matmul_q8_shared(used, out_p, w_p, s_p, b_p, Ns, &x[0, 0], M, K)
+    if rc:
+        raise MemoryError(f"matmul_q8_shared: no memory for the scratch of {M} rows")
 
 
 def matmul_f32(float[:, ::1] out,            # OUT (M, N)

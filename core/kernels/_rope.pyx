@@ -9,7 +9,6 @@ each pair (a, b) becomes (a cos - b sin, a sin + b cos).  Angles are computed in
 from cython.parallel cimport prange
 from libc.math cimport cos, sin, pow
 from libc.stdint cimport int32_t
-from libc.stdlib cimport free, malloc
 
 
 def rope(float[:, ::1] x,                 # IN/OUT (T, n_heads * head_dim)
@@ -17,8 +16,9 @@ def rope(float[:, ::1] x,                 # IN/OUT (T, n_heads * head_dim)
          int n_heads, int head_dim, int rot_dim, double base, bint neox):
     if x.shape[1] != n_heads * head_dim or positions.shape[0] != x.shape[0]:
         raise ValueError("rope: x must be (T, n_heads * head_dim) and positions (T,)")
-    if rot_dim % 2 or rot_dim > head_dim or rot_dim <= 0:
-        raise ValueError(f"rope: rot_dim {rot_dim} must be even and within head_dim {head_dim}")
+    if rot_dim % 2 or rot_dim > head_dim or rot_dim <= 0 or rot_dim > ROPE_MAX_DIM:
+        raise ValueError(f"rope: rot_dim {rot_dim} must be even and within head_dim {head_dim} "
+                         f"(and {ROPE_MAX_DIM})")
     if x.shape[0]:
         with nogil:
             rope_rows(&x[0, 0], &positions[0], x.shape[0], n_heads, head_dim, rot_dim, base, neox)
@@ -33,9 +33,9 @@ cdef void rope_qk_rows(float *q, float *k, const int32_t *positions, int T, int 
                        int head_dim, int rot_dim, double base, bint neox) noexcept nogil:
     """rope on the rows of q (n_q_heads heads) and of k (n_k_heads heads; k may be NULL) at the same
     positions: each angle's cosine and sine are computed once for all heads of both, and the
-    frequencies base^(-2i/rot_dim) once per call."""
+    frequencies base^(-2i/rot_dim) once per call (rot_dim <= ROPE_MAX_DIM, checked by the callers)."""
     cdef int t, i, half = rot_dim // 2
-    cdef double *inv_freq = <double *> malloc(half * sizeof(double))
+    cdef double inv_freq[ROPE_MAX_PAIRS]
     for i in range(half):
         inv_freq[i] = pow(base, -2.0 * i / rot_dim)
     if T == 1:                  # a decode step: no parallel region (even an inactive one costs ~0.5 us)
@@ -45,7 +45,6 @@ cdef void rope_qk_rows(float *q, float *k, const int32_t *positions, int T, int 
             rope_qk_row(q + <size_t> t * n_q_heads * head_dim,
                         k + <size_t> t * n_k_heads * head_dim if k != NULL else NULL,
                         positions[t], n_q_heads, n_k_heads, head_dim, half, inv_freq, neox)
-    free(inv_freq)
 
 
 cdef inline void rope_qk_row(float *q, float *k, int position, int n_q_heads, int n_k_heads, int head_dim, int half,

@@ -24,10 +24,10 @@ cdef extern from "simd.h" nogil:
     int EDGE_PREFETCH_ROWS
     float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K)
     void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
-                         const uint16_t *ws0, const uint16_t *ws1, int K, float *out)
+                         const uint16_t *ws0, const uint16_t *ws1, int K, float *out, const float *bias)
     void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
                          const int8_t *w0, const int8_t *w1, const uint16_t *ws0, const uint16_t *ws1,
-                         int K, float *out)
+                         int K, float *out, size_t out_stride, const float *bias)
     float edge_dot_f32(const float *a, const float *b, int K)
 
 cdef extern from "parallel.h" nogil:
@@ -146,25 +146,24 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
     # A few rows (a decode step): every thread quantizes them itself, into its own buffer, and
     # starts on its tiles at once; no thread waits at a barrier for another's quantization.
     cdef bint own_rows = M <= OWN_ROWS_MAX and own_rows_on
-    # scratch: every thread's share of the tiles, then every thread's 4 x 2 block of outputs (a
-    # line each), then the quantized rows and their scales: a copy per thread (own_rows) or one
+    # scratch: every thread's share of the tiles (a line each), then the quantized rows and their
+    # scales: a copy per thread (own_rows) or one for all
     cdef int n_max = edge_team_max()
     cdef size_t rows_bytes = edge_lines(<size_t> M * Kp) + edge_lines(<size_t> M * G * sizeof(float))
-    cdef char *scratch = <char *> edge_scratch(<size_t> n_max * 128 + (n_max if own_rows else 1) * rows_bytes)
+    cdef char *scratch = <char *> edge_scratch(<size_t> n_max * 64 + (n_max if own_rows else 1) * rows_bytes)
     if scratch == NULL:
         return -1
     cdef edge_share *shares = <edge_share *> scratch
-    cdef char *rows = scratch + <size_t> n_max * 128
+    cdef char *rows = scratch + <size_t> n_max * 64
     cdef int8_t *q = <int8_t *> rows
     cdef float *xs = <float *> (rows + edge_lines(<size_t> M * Kp))
     cdef int m_block = (m_block_bytes // Kp) & ~3 if m_block_bytes // Kp >= 4 else 4
     cdef int tile_start[MAX_SHARED + 1]
-    cdef int i, m, mq, mr, t, r, m0, m1, n, n0, n1, N, tid, nthr
+    cdef int i, m, mq, mr, t, m0, m1, n, n0, n1, N, tid, nthr
     cdef int steal = steal_tiles
     cdef int8_t *qt
     cdef float *xst
     cdef const uint16_t *ws
-    cdef float *block
     cdef float *out
     cdef const int8_t *w
     cdef const float *bias
@@ -175,7 +174,6 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
     with parallel():
         tid = edge_thread_id()
         nthr = edge_team_size()
-        block = <float *> (scratch + <size_t> (n_max + tid) * 64)     # one 4 x 2 block of outputs
         edge_share_init(shares, tid, nthr, tile_start[n_mats])
         if own_rows:
             qt = <int8_t *> (rows + tid * rows_bytes)
@@ -211,18 +209,15 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
                         if m0 == 0 and n + 2 + EDGE_PREFETCH_ROWS <= N:  # first pass over these rows: stream them
                             edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
                         m = m0
-                        while m + 4 <= m1:                # 4 x 2 blocks
+                        while m + 4 <= m1:                # 4 x 2 blocks, stored (with the bias) into out
                             edge_dot_q8_4x2(qt + <size_t> m * Kp, Kp, xst + <size_t> m * G, G,
-                                            w + <size_t> n * K, w + <size_t> (n + 1) * K, ws, ws + G, K, block)
-                            for r in range(4):
-                                _store(out, bias, m + r, n, N, block[2 * r])
-                                _store(out, bias, m + r, n + 1, N, block[2 * r + 1])
+                                            w + <size_t> n * K, w + <size_t> (n + 1) * K, ws, ws + G, K,
+                                            out + <size_t> m * N + n, N, bias + n if bias != NULL else NULL)
                             m = m + 4
                         while m < m1:                     # 1 x 2 for the rest (all of a decode step)
                             edge_dot_q8_1x2(qt + <size_t> m * Kp, xst + <size_t> m * G, w + <size_t> n * K,
-                                            w + <size_t> (n + 1) * K, ws, ws + G, K, block)
-                            _store(out, bias, m, n, N, block[0])
-                            _store(out, bias, m, n + 1, N, block[1])
+                                            w + <size_t> (n + 1) * K, ws, ws + G, K, out + <size_t> m * N + n,
+                                            bias + n if bias != NULL else NULL)
                             m = m + 1
                         n = n + 2
                     else:

@@ -541,18 +541,34 @@ static inline void edge_q8_tile_block_plain(const int S, const int R, const int 
         }
 }
 
-/* An R x C tile of int8 dot products: out[r * C + c] = sum_g xs_r[g] ws_c[g] sum_{k in g} q_r,k w_c,k
- * for R packed activation rows (q + r * q_stride, scales xs + r * xs_stride) and C packed weight
- * rows (w[c], scales ws[c] as IEEE halves, the file's bits, widened in register).  int32 inside a group, fp32 across groups.  Each
- * weight vector is loaded once for R rows and each activation vector once for C weight rows.
- * Called with constant R <= EDGE_TILE_R and C <= EDGE_TILE_C, and inlined, so that the compiler
- * keeps the tile in registers: the arrays have fixed sizes (sized by R and C they would be
- * variable-length arrays, which live on the stack, and every update of a sum would go through
- * memory). */
+#if defined(__AVX2__)
+/* A 4 x 2 tile's results, in the order of edge_dot_q8_tile's hadd tree (row r's pair in lanes 2r,
+ * 2r + 1), plus bias[0..2) if given, stored as four pairs: out[r * out_stride + c]. */
+static inline __attribute__((always_inline)) void
+edge_store_4x2(__m256 v, float *out, size_t out_stride, const float *bias) {
+    if (bias != NULL) v = _mm256_add_ps(v, _mm256_castpd_ps(_mm256_broadcast_sd((const double *)bias)));
+    const __m128 lo = _mm256_castps256_ps128(v), hi = _mm256_extractf128_ps(v, 1);
+    _mm_storel_pi((__m64 *)out, lo);
+    _mm_storeh_pi((__m64 *)(out + out_stride), lo);
+    _mm_storel_pi((__m64 *)(out + 2 * out_stride), hi);
+    _mm_storeh_pi((__m64 *)(out + 3 * out_stride), hi);
+}
+#endif
+
+/* An R x C tile of int8 dot products: out[r * out_stride + c] = sum_g xs_r[g] ws_c[g] sum_{k in g} q_r,k w_c,k
+ * (+ bias[c] when bias is not NULL, added last) for R packed activation rows (q + r * q_stride,
+ * scales xs + r * xs_stride) and C packed weight rows (w[c], scales ws[c] as IEEE halves, the
+ * file's bits, widened in register).  int32 inside a group, fp32 across groups.  Each weight
+ * vector is loaded once for R rows and each activation vector once for C weight rows.  Called
+ * with constant R <= EDGE_TILE_R and C <= EDGE_TILE_C, and inlined, so that the compiler keeps the
+ * tile in registers: the arrays have fixed sizes (sized by R and C they would be variable-length
+ * arrays, which live on the stack, and every update of a sum would go through memory). */
 static inline __attribute__((always_inline)) void
 edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
-                 const int8_t *const *w, const uint16_t *const *ws, int K, float *out) {
+                 const int8_t *const *w, const uint16_t *const *ws, int K, float *out, size_t out_stride,
+                 const float *bias) {
     const int n_groups = K / EDGE_Q8_GROUP, full = n_groups / 8 * 8;
+    float sum[EDGE_TILE_R * EDGE_TILE_C];
     int g = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     __m256 acc[EDGE_TILE_R][EDGE_TILE_C];
@@ -565,10 +581,15 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
     if (R * C == 8) {       /* eight horizontal sums as one transposing hadd tree */
         const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][0], acc[0][1]), _mm256_hadd_ps(acc[1][0], acc[1][1]));
         const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[2][0], acc[2][1]), _mm256_hadd_ps(acc[3][0], acc[3][1]));
-        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31)));
+        const __m256 all = _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+        if (32 * g == K) {  /* no partial group: bias and stores straight from the register */
+            edge_store_4x2(all, out, out_stride, bias);
+            return;
+        }
+        _mm256_storeu_ps(sum, all);
     } else {
         for (int r = 0; r < R; r++)
-            for (int c = 0; c < C; c++) out[r * C + c] = edge_hsum_ps(acc[r][c]);
+            for (int c = 0; c < C; c++) sum[r * C + c] = edge_hsum_ps(acc[r][c]);
     }
 #elif defined(__ARM_NEON) && defined(__aarch64__)
     float32x4_t acc[EDGE_TILE_R][EDGE_TILE_C];
@@ -579,22 +600,25 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
     if (n_groups & 2) { edge_q8_tile_block_neon(2, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 2; }
     if (n_groups & 1) { edge_q8_tile_block_neon(1, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 1; }
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[r * C + c] = vaddvq_f32(acc[r][c]);
+        for (int c = 0; c < C; c++) sum[r * C + c] = vaddvq_f32(acc[r][c]);
 #else
     for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) out[r * C + c] = 0.0f;
-    for (; g < full; g += 8) edge_q8_tile_block_plain(8, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out);
-    if (n_groups & 4) { edge_q8_tile_block_plain(4, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out); g += 4; }
-    if (n_groups & 2) { edge_q8_tile_block_plain(2, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out); g += 2; }
-    if (n_groups & 1) { edge_q8_tile_block_plain(1, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, out); g += 1; }
+        for (int c = 0; c < C; c++) sum[r * C + c] = 0.0f;
+    for (; g < full; g += 8) edge_q8_tile_block_plain(8, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, sum);
+    if (n_groups & 4) { edge_q8_tile_block_plain(4, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, sum); g += 4; }
+    if (n_groups & 2) { edge_q8_tile_block_plain(2, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, sum); g += 2; }
+    if (n_groups & 1) { edge_q8_tile_block_plain(1, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, sum); g += 1; }
 #endif
     /* a last, partial group in natural order, reading no weight byte past K */
     const int k = 32 * g;
     if (k < K)
         for (int r = 0; r < R; r++)
             for (int c = 0; c < C; c++)
-                out[r * C + c] += (float)edge_dot_i8_plain(q + r * q_stride + k, w[c] + k, K - k) *
+                sum[r * C + c] += (float)edge_dot_i8_plain(q + r * q_stride + k, w[c] + k, K - k) *
                                   (xs[r * xs_stride + g] * edge_f16_to_f32(ws[c][g]));
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < C; c++)
+            out[r * out_stride + c] = bias != NULL ? sum[r * C + c] + bias[c] : sum[r * C + c];
 }
 
 /* Ask for [p, p + bytes) to be brought towards the cache ahead of its use (decode streams the
@@ -606,27 +630,28 @@ static inline void edge_prefetch(const void *p, size_t bytes) {
 /* One packed activation row against one packed weight row. */
 static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K) {
     float out;
-    edge_dot_q8_tile(1, 1, q, 0, xs, 0, &w, &ws, K, &out);
+    edge_dot_q8_tile(1, 1, q, 0, xs, 0, &w, &ws, K, &out, 0, NULL);
     return out;
 }
 
-/* One activation row against two weight rows (decode): out[c]. */
+/* One activation row against two weight rows (decode): out[c] (+ bias[c] if bias is not NULL). */
 static inline __attribute__((always_inline)) void
 edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
-                const uint16_t *ws0, const uint16_t *ws1, int K, float *out) {
+                const uint16_t *ws0, const uint16_t *ws1, int K, float *out, const float *bias) {
     const int8_t *w[2] = {w0, w1};
     const uint16_t *ws[2] = {ws0, ws1};
-    edge_dot_q8_tile(1, 2, q, 0, xs, 0, w, ws, K, out);
+    edge_dot_q8_tile(1, 2, q, 0, xs, 0, w, ws, K, out, 0, bias);
 }
 
-/* Four activation rows (q + r * q_stride) against two weight rows (prefill): out[2 r + c]. */
+/* Four activation rows (q + r * q_stride) against two weight rows (prefill):
+ * out[r * out_stride + c] (+ bias[c] if bias is not NULL). */
 static inline __attribute__((always_inline)) void
 edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
                 const int8_t *w0, const int8_t *w1, const uint16_t *ws0, const uint16_t *ws1,
-                int K, float *out) {
+                int K, float *out, size_t out_stride, const float *bias) {
     const int8_t *w[2] = {w0, w1};
     const uint16_t *ws[2] = {ws0, ws1};
-    edge_dot_q8_tile(4, 2, q, q_stride, xs, xs_stride, w, ws, K, out);
+    edge_dot_q8_tile(4, 2, q, q_stride, xs, xs_stride, w, ws, K, out, out_stride, bias);
 }
 
 /* sum_k a_k * b_k in fp32. */

@@ -146,6 +146,8 @@ int main(void) {
         const int Kp = edge_q8_padded(K);
         int8_t *q4 = malloc(4 * Kp), *q4n = malloc(4 * Kp), *w2 = malloc(2 * K), *w2p = malloc(2 * K);
         float *xs4 = malloc(4 * G * sizeof(float)), *ws2 = malloc(G * sizeof(float)), block[8], pair[2];
+        float strided[4 * 5], biased[4 * 5], pair_biased[2];
+        const float bias[2] = {uniform(), uniform()};
         for (int r = 0; r < 4; r++) {
             for (int k = 0; k < K; k++) x[k] = uniform() * (1.0f + r);
             edge_quantize_row_q8(x, K, q4 + r * Kp, xs4 + r * G);
@@ -157,9 +159,28 @@ int main(void) {
             ws2h[g] = (uint16_t)(0x2400 + (53 * g) % 1024);
             ws2[g] = edge_f16_to_f32(ws2h[g]);
         }
-        edge_dot_q8_4x2(q4, Kp, xs4, G, w2p, w2p + K, wsh, ws2h, K, block);
+        edge_dot_q8_4x2(q4, Kp, xs4, G, w2p, w2p + K, wsh, ws2h, K, block, 2, NULL);
+        /* into rows of an output of 5 columns (at column 1), without and with a bias */
+        for (int i = 0; i < 20; i++) strided[i] = biased[i] = -7.0f;
+        edge_dot_q8_4x2(q4, Kp, xs4, G, w2p, w2p + K, wsh, ws2h, K, strided + 1, 5, NULL);
+        edge_dot_q8_4x2(q4, Kp, xs4, G, w2p, w2p + K, wsh, ws2h, K, biased + 1, 5, bias);
+        for (int i = 0; i < 20; i++) {
+            const int r = i / 5, c = i % 5 - 1;
+            const float want_s = c == 0 || c == 1 ? block[2 * r + c] : -7.0f;
+            const float want_b = c == 0 || c == 1 ? block[2 * r + c] + bias[c] : -7.0f;
+            if (strided[i] != want_s || biased[i] != want_b) {
+                printf("dot_q8_4x2 into rows K=%d r=%d column %d: %.9g / %.9g vs %.9g / %.9g\n", K, r, c + 1,
+                       strided[i], biased[i], want_s, want_b);
+                return 1;
+            }
+        }
         for (int r = 0; r < 4; r++) {
-            edge_dot_q8_1x2(q4 + r * Kp, xs4 + r * G, w2p, w2p + K, wsh, ws2h, K, pair);
+            edge_dot_q8_1x2(q4 + r * Kp, xs4 + r * G, w2p, w2p + K, wsh, ws2h, K, pair, NULL);
+            edge_dot_q8_1x2(q4 + r * Kp, xs4 + r * G, w2p, w2p + K, wsh, ws2h, K, pair_biased, bias);
+            if (pair_biased[0] != pair[0] + bias[0] || pair_biased[1] != pair[1] + bias[1]) {
+                printf("dot_q8_1x2 with a bias K=%d r=%d\n", K, r);
+                return 1;
+            }
             for (int c = 0; c < 2; c++) {
                 const float want2 = plain_dot_q8(q4n + r * Kp, xs4 + r * G, w2 + c * K, c ? ws2 : ws, K);
                 if (fabsf(pair[c] - want2) > 1e-4f * (fabsf(want2) + 1.0f)) {

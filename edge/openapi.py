@@ -32,7 +32,11 @@ def _post(summary: str, request: dict, response: str, stream: bool = False) -> d
         ok["content"]["text/event-stream"] = {"schema": {"type": "string"}}
     return {"post": {"summary": summary, "requestBody": {"required": True, **_json(schema=request)},
                      "responses": {"200": {"description": "ok", **ok}, "400": _ERROR, "401": _ERROR, "404": _ERROR,
-                                   "413": _ERROR, "503": _ERROR}}}
+                                   "413": _ERROR,
+                                   "429": {**_ERROR, "description": "the queue is full; retry after Retry-After seconds"},
+                                   "500": _ERROR,
+                                   "503": {**_ERROR, "description": "models loading, or out of memory for now; "
+                                                                   "retry (after Retry-After seconds if given)"}}}}
 
 
 def spec() -> dict:

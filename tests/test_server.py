@@ -123,6 +123,7 @@ def test_models_tokenize_detokenize_openapi_metrics(server, loaded):
     spec = json.loads(request(server.url + "/openapi.json")[1])
     assert {"/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics",
             "/tokenize", "/detokenize", "/openapi.json"} <= set(spec["paths"])
+    assert {"200", "400", "429", "503"} <= set(spec["paths"]["/v1/completions"]["post"]["responses"])
     metrics = request(server.url + "/metrics")[1].decode()
     for name in ("edge_requests_total", "edge_request_seconds_bucket", "edge_prompt_tokens_total",
                  "edge_generated_tokens_total", "edge_queue_depth", "edge_model_load_seconds"):

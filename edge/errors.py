@@ -44,14 +44,14 @@ def error_type(status: int) -> str:
     return "invalid_request_error"
 
 
+OUT_OF_MEMORY_RETRY_AFTER = 1
+
+
 def retry_after(exc: BaseException) -> int | None:
     """Seconds after which the same request may well succeed (Retry-After), or None."""
     if isinstance(exc, MemoryError):
         return OUT_OF_MEMORY_RETRY_AFTER
     return getattr(exc, "retry_after", None)
-
-
-OUT_OF_MEMORY_RETRY_AFTER = 1
 
 
 def error_body(exc: BaseException) -> tuple[int, dict]:

@@ -1,4 +1,4 @@
-"""Where an encoder forward spends its time: all-MiniLM-L6-v2 (the cached int8 file), random
+"""Where an encoder forward spends its time: all-MiniLM-L6-v2 (int8), random
 128-token sentences, at batch 32 and batch 1, split by stage.
 
     OPENBLAS_NUM_THREADS=1 .venv/bin/python bench/bench_encoder_stages.py [--threads 2] [--runs 5]
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import time
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 import models.bert as bert
 import models.layers as layers
 from core import kernels as K
+from edge.registry import resolve
 from models.api import load_model
 
 
@@ -56,12 +56,11 @@ def stage_times(model, sentences, runs: int) -> tuple[float, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default=os.path.join(os.environ.get("EDGE_HOME", os.path.expanduser("~/.cache/edge")),
-                                                    "all-minilm-l6-v2.int8.edge"))
+    ap.add_argument("--model", default="all-minilm-l6-v2", help="a weights file or a default model's name")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    model = load_model(args.model, threads=args.threads)
+    model = load_model(resolve(args.model), threads=args.threads)
     cfg = model.config
     rng = np.random.default_rng(0)
     for batch in (32, 1):

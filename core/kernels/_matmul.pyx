@@ -203,20 +203,14 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
             while m0 < M:
                 m1 = m0 + m_block if m0 + m_block < M else M
                 n = n0
-                if M < 4:
-                    # At most three rows (decode), the weights streaming from memory: one weight
-                    # row at a time.  Reading two rows side by side (the 1 x 2 tile, with its
-                    # software prefetch) streamed 1.3-1.4x slower on Zen 4, with the AVX2 and the
-                    # VNNI bodies alike: the hardware prefetcher follows one sequential stream per
-                    # thread better than two interleaved ones.  Every tile shape gives the same bits.
-                    while n < n1:
-                        ws = scales[i] + <size_t> n * G
-                        for m in range(m0, m1):
-                            _store(out, bias, m, n, N, edge_dot_q8(qt + <size_t> m * Kp, xst + <size_t> m * G,
-                                                                   w + <size_t> n * K, ws, K))
-                        n = n + 1
                 while n < n1:
-                    if n + 1 < n1:                        # two weight rows at a time
+                    # Two weight rows at a time, but one at a time for at most three rows (decode),
+                    # whose weights stream from memory: reading two rows side by side (the 1 x 2
+                    # tile, with its software prefetch) streamed 1.3-1.4x slower than one row on
+                    # Zen 4, with the AVX2 and the VNNI bodies alike; the hardware prefetcher
+                    # follows one sequential stream per thread better than two interleaved ones.
+                    # Every tile shape gives the same bits.
+                    if n + 1 < n1 and M >= 4:
                         ws = scales[i] + <size_t> n * G          # the two rows' scales, fp16
                         if m0 == 0 and n + 2 + EDGE_PREFETCH_ROWS <= N:  # first pass over these rows: stream them
                             edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
@@ -226,13 +220,13 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
                                             w + <size_t> n * K, w + <size_t> (n + 1) * K, ws, ws + G, K,
                                             out + <size_t> m * N + n, N, bias + n if bias != NULL else NULL)
                             m = m + 4
-                        while m < m1:                     # 1 x 2 for the rest (all of a decode step)
+                        while m < m1:                     # 1 x 2 for the rest
                             edge_dot_q8_1x2(qt + <size_t> m * Kp, xst + <size_t> m * G, w + <size_t> n * K,
                                             w + <size_t> (n + 1) * K, ws, ws + G, K, out + <size_t> m * N + n,
                                             bias + n if bias != NULL else NULL)
                             m = m + 1
                         n = n + 2
-                    else:
+                    else:                                 # one weight row: a decode step's, or an odd last one
                         ws = scales[i] + <size_t> n * G
                         for m in range(m0, m1):
                             _store(out, bias, m, n, N, edge_dot_q8(qt + <size_t> m * Kp, xst + <size_t> m * G,

@@ -621,8 +621,9 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
             out[r * out_stride + c] = bias != NULL ? sum[r * C + c] + bias[c] : sum[r * C + c];
 }
 
-/* Ask for [p, p + bytes) to be brought towards the cache ahead of its use (decode streams the
- * weights once per token; the hardware prefetcher alone leaves bandwidth unused). */
+/* Ask for [p, p + bytes) to be brought towards the cache ahead of its use: a matmul's next weight
+ * rows on its first pass over them (not in a decode step, whose single stream of rows the hardware
+ * prefetcher follows better), attention's next KV block. */
 static inline void edge_prefetch(const void *p, size_t bytes) {
     for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, EDGE_PREFETCH_LOCALITY);
 }
@@ -634,7 +635,8 @@ static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *
     return out;
 }
 
-/* One activation row against two weight rows (decode): out[c] (+ bias[c] if bias is not NULL). */
+/* One activation row against two weight rows (the rows left over from 4 x 2 tiles): out[c]
+ * (+ bias[c] if bias is not NULL). */
 static inline __attribute__((always_inline)) void
 edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
                 const uint16_t *ws0, const uint16_t *ws1, int K, float *out, const float *bias) {

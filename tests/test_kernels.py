@@ -274,6 +274,43 @@ def test_matmul_q8_few_rows_quantized_per_thread(steal):
         _matmul._set_steal_tiles(1)
 
 
+@pytest.mark.parametrize("chunk_bytes", [1, 8000, 20000])
+def test_matmul_q8_row_chunks_do_not_change_results(chunk_bytes):
+    """Rows are split into chunks (tasks: a chunk of rows x a tile of weight rows): with chunks of
+    4 rows, of a few rows and a ragged last one, the outputs are bit for bit those of one chunk for
+    all rows, for one matrix and for several sharing x, and within the numpy twin's bound."""
+    from core.kernels import _matmul
+    rng = np.random.default_rng(13)
+    M, K_ = 61, 480                                  # 61 rows: 4 x 2 tiles and a 1 x 2 rest per chunk
+    naturals = [R.quantize_weights_q8(rand(rng, N_, K_)) for N_ in (70, 33)]
+    mats = [(R.pack_q8_rows(w_natural), w_scale, rand(rng, w_natural.shape[0])) for w_natural, w_scale in naturals]
+    x = rand(rng, M, K_)
+
+    def run():
+        outs = [np.empty((M, w.shape[0]), np.float32) for w, _, _ in mats]
+        K.matmul_q8(outs[0], x, mats[0][0], mats[0][1].view(np.uint16), mats[0][2])
+        shared = [np.empty_like(o) for o in outs]
+        K.matmul_q8_shared(shared, x, [w for w, _, _ in mats], [s.view(np.uint16) for _, s, _ in mats],
+                           [b for _, _, b in mats])
+        return outs[0], shared
+
+    whole, whole_shared = run()
+    try:
+        _matmul._set_m_chunk_bytes(chunk_bytes)
+        chunked, chunked_shared = run()
+    finally:
+        _matmul._set_m_chunk_bytes(131072)
+    np.testing.assert_array_equal(chunked, whole)
+    for a, b in zip(chunked_shared, whole_shared):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(chunked_shared[0], whole)
+    ref = np.empty((M, mats[0][0].shape[0]), np.float64)
+    R.matmul_q8(ref, x, *mats[0])
+    wd = R.dequantize_q8(naturals[0][0], naturals[0][1].astype(np.float32))
+    mag = np.abs(x) @ np.abs(wd).T + np.abs(mats[0][2]) + 1e-6
+    assert (np.abs(chunked - ref) <= TOL["q8"] * mag + 1e-6).all()
+
+
 @pytest.mark.parametrize("M", [1, 3, 40])
 def test_matmul_q8_shared_equals_separate_calls(M):
     """q, k and v in one call (one quantization of x, one parallel region) give bit for bit the

@@ -5,11 +5,12 @@ the interleaved layout of simd.h (reference.pack_q8_rows); the activations are q
 the fly, into the same layout, with one fp32 scale per group of 32 along K (int32 accumulation
 inside a group, fp32 across groups).  matmul_f32: the same product in fp32, for files converted with --quant f32.
 
-Work is split across threads by tiles of output columns (weight rows): each thread starts with a
-contiguous share of the tiles (OpenMP's static split, so that it streams its weights forward), and a
-thread that finishes its share takes tiles from the back of another's instead of waiting at the
-barrier.  Inside a tile the loop runs over blocks of activation rows so that a weight tile stays in
-L1 and an activation block in L2.
+Work is split across threads by tasks, a chunk of activation rows (128 KiB of them quantized, so
+that they stay in L2) against a tile of output columns (weight rows), chunk after chunk: each
+thread starts with a contiguous share of the tasks (OpenMP's static split, so that it streams its
+weights forward), and a thread that finishes its share takes tasks from the back of another's
+instead of waiting at the barrier.  Inside a task the loop runs over blocks of activation rows so
+that a weight tile and an activation block stay in L1.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int8_t, uint16_t
@@ -125,6 +126,19 @@ cdef enum:
 cdef int m_block_bytes = 16384
 
 
+# quantized activation bytes per chunk of rows: a task is a chunk of rows against a tile of weight
+# rows, chunk after chunk, so that a chunk stays in L2 while every weight row passes over it.  With
+# one chunk for all rows, each tile of weight rows would read every activation row again (from L3
+# or memory once they outgrow L2: an encoder's 4096 x 1536 bytes of a batch).
+cdef int m_chunk_bytes = 131072
+
+
+def _set_m_chunk_bytes(int n):
+    """Tuning knob for benchmarks: the activation chunk size of matmul_q8, in bytes."""
+    global m_chunk_bytes
+    m_chunk_bytes = n
+
+
 def _set_m_block_bytes(int n):
     """Tuning knob for benchmarks: the activation block size of matmul_q8, in bytes."""
     global m_block_bytes
@@ -158,8 +172,13 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
     cdef int8_t *q = <int8_t *> rows
     cdef float *xs = <float *> (rows + edge_lines(<size_t> M * Kp))
     cdef int m_block = (m_block_bytes // Kp) & ~3 if m_block_bytes // Kp >= 4 else 4
+    cdef int m_chunk = (m_chunk_bytes // Kp) & ~3 if m_chunk_bytes // Kp >= 4 else 4
+    if m_chunk >= M:
+        m_chunk = M
+    cdef int n_chunks = (M + m_chunk - 1) // m_chunk
+    cdef int chunk, mc0, mc1
     cdef int tile_start[MAX_SHARED + 1]
-    cdef int i, m, mq, mr, t, m0, m1, n, n0, n1, N, tid, nthr
+    cdef int i, m, mq, mr, t, m0, m1, n, n0, n1, N, tid, nthr, n_tiles
     cdef int steal = steal_tiles
     cdef int8_t *qt
     cdef float *xst
@@ -171,10 +190,11 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
     tile_start[0] = 0
     for i in range(n_mats):
         tile_start[i + 1] = tile_start[i] + (Ns[i] + N_TILE - 1) // N_TILE
+    n_tiles = tile_start[n_mats]
     with parallel():
         tid = edge_thread_id()
         nthr = edge_team_size()
-        edge_share_init(shares, tid, nthr, tile_start[n_mats])
+        edge_share_init(shares, tid, nthr, n_chunks * n_tiles)     # tasks: chunk-major (chunk, tile)
         if own_rows:
             qt = <int8_t *> (rows + tid * rows_bytes)
             xst = <float *> (rows + tid * rows_bytes + edge_lines(<size_t> M * Kp))
@@ -190,6 +210,10 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
             t = edge_share_claim(shares, tid, nthr, steal)
             if t < 0:
                 break
+            chunk = t // n_tiles
+            t = t - chunk * n_tiles
+            mc0 = chunk * m_chunk
+            mc1 = mc0 + m_chunk if mc0 + m_chunk < M else M
             i = 0
             while t >= tile_start[i + 1]:
                 i = i + 1
@@ -199,9 +223,9 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
             N = Ns[i]
             n0 = (t - tile_start[i]) * N_TILE
             n1 = n0 + N_TILE if n0 + N_TILE < N else N
-            m0 = 0
-            while m0 < M:
-                m1 = m0 + m_block if m0 + m_block < M else M
+            m0 = mc0
+            while m0 < mc1:
+                m1 = m0 + m_block if m0 + m_block < mc1 else mc1
                 n = n0
                 while n < n1:
                     # Two weight rows at a time, but one at a time for at most three rows (decode),
@@ -212,7 +236,7 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
                     # Every tile shape gives the same bits.
                     if n + 1 < n1 and M >= 4:
                         ws = scales[i] + <size_t> n * G          # the two rows' scales, fp16
-                        if m0 == 0 and n + 2 + EDGE_PREFETCH_ROWS <= N:  # first pass over these rows: stream them
+                        if m0 == mc0 and n + 2 + EDGE_PREFETCH_ROWS <= N:  # first pass over these rows: stream them
                             edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
                         m = m0
                         while m + 4 <= m1:                # 4 x 2 blocks, stored (with the bias) into out

@@ -28,9 +28,9 @@ import stat
 import struct
 import sys
 import zlib
-from dataclasses import dataclass
+from collections import namedtuple
+from collections.abc import Iterable
 from math import prod
-from typing import TYPE_CHECKING, Iterable
 
 from core.errors import WeightsFormatError
 
@@ -52,21 +52,15 @@ DTYPES = {
 }
 ITEMSIZE = {name: int(spelling[-1]) for name, spelling in DTYPES.items()}
 
-if TYPE_CHECKING:
-    import numpy as np
-
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    name: str
-    dtype: str          # a key of DTYPES
-    shape: tuple        # numpy order, row-major
-    offset: int         # from data_offset, a multiple of ALIGN
-    nbytes: int
+class TensorInfo(namedtuple("TensorInfo", "name dtype shape offset nbytes")):
+    """A tensor's header entry: dtype a key of DTYPES, shape in numpy order (row-major), offset from
+    data_offset (a multiple of ALIGN)."""
+    __slots__ = ()
 
 
 class WeightsFile:

@@ -21,8 +21,8 @@ import math
 import os
 import random
 import threading
-from dataclasses import dataclass, field
-from typing import Iterator
+from collections import namedtuple
+from collections.abc import Iterator
 
 from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTaskError, WeightsFormatError
 from core.kernels._sampling import sample_logits
@@ -31,36 +31,50 @@ from core.wfile import WeightsFile
 from models.tokenizer import Tokenizer
 
 
-@dataclass
-class Completion:
-    text: str
-    token_ids: list            # generated ids (without the prompt)
-    prompt_ids: list
-    finish_reason: str         # "stop" (end token or stop string) or "length"
+# The records of this module are named tuples and a plain class, not dataclasses: `dataclasses`
+# imports `inspect` (with `ast` and `dis`), 11-14 ms of a new process's 0.12 s to its first token.
+
+class Completion(namedtuple("Completion", "text token_ids prompt_ids finish_reason")):
+    """text; token_ids: the generated ids (without the prompt); prompt_ids; finish_reason: "stop"
+    (an end token or a stop string) or "length"."""
+    __slots__ = ()
 
 
-@dataclass
-class StreamChunk:
-    text: str                  # new text since the previous chunk (may be "")
-    token_ids: list            # ids generated since the previous chunk
-    finish_reason: str | None = None   # set on the last chunk
+class StreamChunk(namedtuple("StreamChunk", "text token_ids finish_reason", defaults=(None,))):
+    """text: new text since the previous chunk (may be ""); token_ids: the ids generated since the
+    previous chunk; finish_reason: set on the last chunk."""
+    __slots__ = ()
 
 
-@dataclass
 class SamplingParams:
-    max_tokens: int = 128
-    temperature: float = 0.0   # 0: greedy
-    top_k: int = 0             # 0: off
-    top_p: float = 1.0
-    repetition_penalty: float = 1.0     # HF/CTRL style, on prompt and generated tokens
-    frequency_penalty: float = 0.0      # OpenAI style, on generated tokens: - f * count
-    presence_penalty: float = 0.0       # OpenAI style, on generated tokens: - p * (count > 0)
-    seed: int | None = None
-    stop: list = field(default_factory=list)
-    ignore_eos: bool = False   # keep generating past end tokens (benchmarks, parity tests)
-    priority: int = 0          # batching order: higher first (then first come, first served)
+    """How to pick tokens, checked as it is made (InvalidRequestError).
 
-    def __post_init__(self):
+    temperature 0 is greedy; top_k 0 is off; repetition_penalty is HF/CTRL style, on prompt and
+    generated tokens; frequency_penalty and presence_penalty are OpenAI style, on generated tokens
+    (- f * count, - p * (count > 0)); stop: a string or a list of them; ignore_eos: keep generating
+    past end tokens (benchmarks, parity tests); priority: batching order, higher first (then first
+    come, first served)."""
+
+    __slots__ = ("max_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "frequency_penalty",
+                 "presence_penalty", "seed", "stop", "ignore_eos", "priority")
+
+    def __init__(self, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 repetition_penalty: float = 1.0, frequency_penalty: float = 0.0, presence_penalty: float = 0.0,
+                 seed: int | None = None, stop: list | str | None = None, ignore_eos: bool = False,
+                 priority: int = 0):
+        self.max_tokens, self.temperature, self.top_k, self.top_p = max_tokens, temperature, top_k, top_p
+        self.repetition_penalty = repetition_penalty
+        self.frequency_penalty, self.presence_penalty = frequency_penalty, presence_penalty
+        self.seed, self.stop, self.ignore_eos, self.priority = seed, stop, ignore_eos, priority
+        self._check()
+
+    def __repr__(self) -> str:
+        return "SamplingParams(" + ", ".join(f"{k}={getattr(self, k)!r}" for k in self.__slots__) + ")"
+
+    def __eq__(self, other) -> bool:
+        return type(other) is SamplingParams and all(getattr(self, k) == getattr(other, k) for k in self.__slots__)
+
+    def _check(self) -> None:
         def number(name, v, kind=float):
             if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
                 raise InvalidRequestError(f"{name} must be {'a number' if kind is float else 'an integer'}")
@@ -104,16 +118,12 @@ def sample(logits, p: SamplingParams, rng, history: list, generated: list = ()) 
                          p.presence_penalty, history, generated, u)
 
 
-@dataclass
-class Batch:
+class Batch(namedtuple("Batch", "tokens positions seq_ids slots block_tables block_size")):
     """Rows of one decoder forward call (see models/llama.py): int32 buffers (array('i'),
-    memoryviews or numpy arrays)."""
-    tokens: object            # (T,)
-    positions: object         # (T,)
-    seq_ids: object           # (T,), row of block_tables
-    slots: object             # (T,), KV slot of each row
-    block_tables: object      # (n_seqs, max_blocks)
-    block_size: int
+    memoryviews or numpy arrays) tokens (T,), positions (T,), seq_ids (T,: the row of
+    block_tables), slots (T,: the KV slot of each row), block_tables (n_seqs, max_blocks); and
+    the cache's block_size."""
+    __slots__ = ()
 
     @classmethod
     def of(cls, tokens, positions, seq_ids, slots, tables: list, block_size: int) -> "Batch":

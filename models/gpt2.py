@@ -10,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 import numpy as np
 
@@ -19,15 +19,17 @@ from core.wfile import WeightsFile
 from models.layers import Embedding, Linear, Norm
 
 
-@dataclass(frozen=True)
-class GPT2Config:
-    dim: int          # width of the residual stream
-    hidden_dim: int   # width of the MLP's inner layer
-    n_layers: int
-    n_heads: int
-    vocab_size: int
-    seq_len: int      # learned positions: the hard context limit
-    norm_eps: float
+class GPT2Config(namedtuple("GPT2Config", [
+    "dim",          # width of the residual stream
+    "hidden_dim",   # width of the MLP's inner layer
+    "n_layers",
+    "n_heads",
+    "vocab_size",
+    "seq_len",      # learned positions: the hard context limit
+    "norm_eps",
+])):
+    """A named tuple like LlamaConfig (no dataclasses on the path to a first token)."""
+    __slots__ = ()
 
     @property
     def head_dim(self) -> int:

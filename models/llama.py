@@ -13,29 +13,32 @@ their KV slots and the block tables of the paged cache.  Nothing allocates insid
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import namedtuple
 
 from core import kernels as K
 from core.wfile import WeightsFile
 from models.layers import Embedding, Linear, Norm
 
 
-@dataclass(frozen=True)
-class LlamaConfig:
-    dim: int              # width of the residual stream
-    hidden_dim: int       # width of the FFN's inner layer
-    n_layers: int
-    n_heads: int          # query heads
-    n_kv_heads: int       # key/value heads (grouped-query attention when < n_heads)
-    head_dim: int
-    vocab_size: int
-    seq_len: int          # the model's context length
-    norm_eps: float
-    rope_base: float
-    rope_dim: int         # leading dims of each head that rotate
-    rope_style: str       # "neox" (pairs i, i + rope_dim/2) or "interleaved" (pairs 2i, 2i+1)
-    attn_bias: bool       # Qwen2: q, k and v projections have biases
-    tied_embeddings: bool  # logits head is the token embedding
+class LlamaConfig(namedtuple("LlamaConfig", [
+    "dim",              # width of the residual stream
+    "hidden_dim",       # width of the FFN's inner layer
+    "n_layers",
+    "n_heads",          # query heads
+    "n_kv_heads",       # key/value heads (grouped-query attention when < n_heads)
+    "head_dim",
+    "vocab_size",
+    "seq_len",          # the model's context length
+    "norm_eps",
+    "rope_base",
+    "rope_dim",         # leading dims of each head that rotate
+    "rope_style",       # "neox" (pairs i, i + rope_dim/2) or "interleaved" (pairs 2i, 2i+1)
+    "attn_bias",        # Qwen2: q, k and v projections have biases
+    "tied_embeddings",  # logits head is the token embedding
+])):
+    """A named tuple, not a dataclass: `dataclasses` imports `inspect`, which a new process's
+    first token would wait for (models/api.py)."""
+    __slots__ = ()
 
     @property
     def kv_dim(self) -> int:

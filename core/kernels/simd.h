@@ -906,6 +906,70 @@ static inline double edge_sumsq_f64(const float *x, int n) {
     return total;
 }
 
+/* sum_i x_i and sum_i (x_i - mean)^2 in double (layernorm's statistics): like edge_sumsq_f64, four
+ * running sums of four lanes where AVX2 exists, four scalar sums otherwise. */
+static inline double edge_sum_f64(const float *x, int n) {
+    int i = 0;
+    double total = 0.0;
+#if defined(__AVX2__)
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    for (; i + 16 <= n; i += 16) {
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm_loadu_ps(x + i)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4)));
+        s2 = _mm256_add_pd(s2, _mm256_cvtps_pd(_mm_loadu_ps(x + i + 8)));
+        s3 = _mm256_add_pd(s3, _mm256_cvtps_pd(_mm_loadu_ps(x + i + 12)));
+    }
+    const __m256d s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    total = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#else
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (; i + 4 <= n; i += 4) {
+        s0 += x[i];
+        s1 += x[i + 1];
+        s2 += x[i + 2];
+        s3 += x[i + 3];
+    }
+    total = (s0 + s1) + (s2 + s3);
+#endif
+    for (; i < n; i++) total += x[i];
+    return total;
+}
+
+static inline double edge_sumsq_centered_f64(const float *x, int n, double mean) {
+    int i = 0;
+    double total = 0.0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256d m = _mm256_set1_pd(mean);
+    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
+    for (; i + 16 <= n; i += 16) {
+        const __m256d a = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i)), m);
+        const __m256d b = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 4)), m);
+        const __m256d c = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 8)), m);
+        const __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(x + i + 12)), m);
+        s0 = _mm256_fmadd_pd(a, a, s0);
+        s1 = _mm256_fmadd_pd(b, b, s1);
+        s2 = _mm256_fmadd_pd(c, c, s2);
+        s3 = _mm256_fmadd_pd(d, d, s3);
+    }
+    const __m256d s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
+    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
+    total = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+#else
+    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
+    for (; i + 4 <= n; i += 4) {
+        const double a = x[i] - mean, b = x[i + 1] - mean, c = x[i + 2] - mean, d = x[i + 3] - mean;
+        s0 += a * a;
+        s1 += b * b;
+        s2 += c * c;
+        s3 += d * d;
+    }
+    total = (s0 + s1) + (s2 + s3);
+#endif
+    for (; i < n; i++) total += (x[i] - mean) * (x[i] - mean);
+    return total;
+}
+
 /* Softmax of x[0..n) in place, in fp32: x = exp(x - max) / sum.  edge_exp_shifted_f32 is its first
  * half: x = exp(x - max), returning the sum and max (n >= 1); a long context's attention keeps
  * those per chunk of keys and combines the chunks later.  The exponential is the classic

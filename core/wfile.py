@@ -129,6 +129,10 @@ class WeightsFile:
         start = self._data_offset + info.offset
         return memoryview(self._mm)[start:start + info.nbytes]
 
+    def mapped(self) -> memoryview:
+        """The whole file as a read-only memoryview of its map."""
+        return memoryview(self._mm)
+
     @property
     def nbytes(self) -> int:
         return len(self._mm)

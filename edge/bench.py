@@ -1,7 +1,11 @@
 """`edge bench`: speed and memory of one model on this machine.
 
 Decoders: time to open the file, to the first token of a short prompt (open included), prefill
-tok/s for 128- and 512-token prompts, decode tok/s for 128 new tokens, peak RSS.
+tok/s for 128- and 512-token prompts, decode tok/s for 128 new tokens, peak RSS; and the read
+bandwidth that bounds decoding, measured right before each decode run (the kernels' threads sum
+the bytes of the mapped weights file, core.kernels._omp.sum_bytes), with decode's share of that
+bound (decode tok/s x bytes read per token / bandwidth, the median over the runs of each run's
+own ratio: on a shared machine the bandwidth moves by half from one minute to the next).
 Encoders: sentences/s for 128-token inputs at batch 1 and batch 32.
 Each figure is the median of --runs repetitions after one warm-up.  The text is real English
 (CPython's pydoc topics), so the tokenizer and the attention see realistic inputs.
@@ -32,7 +36,16 @@ def _median_time(fn, runs: int) -> float:
     return statistics.median(times)
 
 
+def decode_bytes_per_token(wf) -> int:
+    """Bytes of the weights file a decode step reads: every tensor but the tokenizer's tables, and
+    the token embedding only where it is also the logits head (tied; a lookup reads one row)."""
+    tied = wf.meta["config"].get("tied_embeddings", False)
+    return sum(info.nbytes for name, info in wf.tensors.items()
+               if name != "tokenizer.json" and (tied or not name.startswith("token_embd.")))
+
+
 def bench_decoder(model, runs: int) -> dict:
+    from core.kernels._omp import sum_bytes
     from models.api import SamplingParams
 
     ids = model.tokenize(real_text())
@@ -50,8 +63,23 @@ def bench_decoder(model, runs: int) -> dict:
             stamps.append(time.perf_counter())
         return (len(stamps) - 1) / (stamps[-1] - stamps[0])
 
+    weights = model.file.mapped()
+
+    def read_gbs():
+        t = time.perf_counter()
+        sum_bytes(weights)
+        return len(weights) / (time.perf_counter() - t) / 1e9
+
     decode()
-    out["decode_tok_s"] = statistics.median(decode() for _ in range(runs))
+    read_gbs()
+    rates, bandwidths = [], []
+    for _ in range(runs):
+        bandwidths.append(read_gbs())
+        rates.append(decode())
+    per_token = decode_bytes_per_token(model.file)
+    out["decode_tok_s"] = statistics.median(rates)
+    out["read_gbs"] = statistics.median(bandwidths)
+    out["decode_vs_bound"] = statistics.median(r * per_token / (b * 1e9) for r, b in zip(rates, bandwidths))
     return first, out
 
 

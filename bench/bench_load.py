@@ -4,8 +4,9 @@
                                          [--model NAME_OR_FILE]
 
 For each concurrency level C, C clients each stream (SSE) greedy completions of --tokens tokens
-(ignore_eos) from short prompts, one after the other, until 2 C requests are done or --max-seconds
-pass.  Reported per level: aggregate decode throughput (generated tokens / wall time), p50/p99 time
+(ignore_eos) from short prompts, one after the other, until max(2 C, 8) requests are done or
+--max-seconds pass (at least 8, so that the single stream, the base of every ratio, is not timed
+over 2 requests and a second).  Reported per level: aggregate decode throughput (generated tokens / wall time), p50/p99 time
 to first token, p50/p99 inter-token latency (gaps between streamed chunks).
 
 Interference: 8 streams decode; once they run, one 2,000-token prompt (CPython's documentation
@@ -42,6 +43,7 @@ ROOT = os.path.dirname(HERE)
 MODEL = "smollm2-135m-instruct"     # --model: a default model's name or a weights file
 NAME = MODEL                        # the name the API knows it by (a file: its name without .edge)
 BLOCK = 16
+MIN_REQUESTS = 8                    # per level: the single stream's figure, the ratios' base, is not 2 requests
 
 
 def free_port() -> int:
@@ -84,7 +86,7 @@ async def stream_one(session, url, prompt, max_tokens, marks=None) -> dict:
 
 async def level(url, concurrency, tokens, max_seconds) -> dict:
     import aiohttp
-    prompts = [f"Story {i}: once upon a time, in a faraway land," for i in range(2 * concurrency)]
+    prompts = [f"Story {i}: once upon a time, in a faraway land," for i in range(max(2 * concurrency, MIN_REQUESTS))]
     results = []
     deadline = time.perf_counter() + max_seconds
     queue = list(prompts)

@@ -24,7 +24,7 @@ from core.kernels._attention cimport attention_paged_rows, check_paged_rows, kv_
 from core.kernels._embedding cimport embed_f32_rows, embed_q8_rows
 from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8, _matmul_q8_shared
 from core.kernels._norms cimport rmsnorm_rows
-from core.kernels._rope cimport ROPE_MAX_DIM, rope_qk_rows
+from core.kernels._rope cimport ROPE_MAX_DIM, rope_angles, rope_qk_rows_at
 
 import array
 
@@ -131,7 +131,7 @@ cdef class LlamaNative:
     cdef const float *embd_f32
     cdef const float *output_norm
     cdef Proj head
-    cdef float *scratch[11]
+    cdef float *scratch[12]
     cdef float *x
     cdef float *xb
     cdef float *xb2
@@ -143,13 +143,14 @@ cdef class LlamaNative:
     cdef float *hb2
     cdef float *rows
     cdef float *logit_rows
+    cdef float *rope_cs
     cdef _Tensors tensors
     cdef object cache
 
     def __cinit__(self):
         self.layers = NULL
         cdef int i
-        for i in range(11):
+        for i in range(12):
             self.scratch[i] = NULL
 
     def __init__(self, cfg, wf, cache, int max_rows):
@@ -180,11 +181,12 @@ cdef class LlamaNative:
             self.embd_f32 = <const float *> t.address("token_embd.weight", "f32", (self.vocab, dim))
         self.output_norm = <const float *> t.address("output_norm.weight", "f32", (dim,))
         self.head = t.proj("token_embd" if cfg.tied_embeddings else "output", self.vocab, dim)
-        # scratch, as models.llama.RunState, plus the gathered rows and logits of the head
-        cdef size_t sizes[11]
-        sizes[:] = [dim, dim, dim, qd, kvd, kvd, qd, self.hidden, self.hidden, dim, self.vocab]
+        # scratch, as models.llama.RunState, plus the gathered rows and logits of the head and the
+        # step's rope angles (cosine, sine)
+        cdef size_t sizes[12]
+        sizes[:] = [dim, dim, dim, qd, kvd, kvd, qd, self.hidden, self.hidden, dim, self.vocab, self.rope_dim]
         cdef int i
-        for i in range(11):
+        for i in range(12):
             self.scratch[i] = <float *> calloc(<size_t> max_rows * sizes[i], sizeof(float))
             if self.scratch[i] == NULL:
                 raise MemoryError()
@@ -192,6 +194,7 @@ cdef class LlamaNative:
             self.scratch[3], self.scratch[4], self.scratch[5]
         self.att, self.hb, self.hb2, self.rows, self.logit_rows = self.scratch[6], self.scratch[7], \
             self.scratch[8], self.scratch[9], self.scratch[10]
+        self.rope_cs = self.scratch[11]     # the step's rope cosines and sines, for every layer
         if cache.dtype not in ("f16", "f32"):
             raise ValueError(f"native forward: a KV cache of {cache.dtype!r}")
         self.kv_f16 = cache.dtype == "f16"
@@ -220,7 +223,7 @@ cdef class LlamaNative:
     def __dealloc__(self):
         free(self.layers)
         cdef int i
-        for i in range(11):
+        for i in range(12):
             free(self.scratch[i])
 
     def __call__(self, batch):
@@ -300,6 +303,7 @@ cdef class LlamaNative:
             embed_q8_rows(self.x, tokens, self.embd_q, self.embd_scale, T, dim)
         else:
             embed_f32_rows(self.x, tokens, self.embd_f32, T, dim)
+        rope_angles(self.rope_cs, positions, T, self.rope_dim, self.rope_base)   # once for all layers
         for l in range(self.n_layers):
             L = &self.layers[l]
             # attention block
@@ -308,8 +312,8 @@ cdef class LlamaNative:
             outs[0], outs[1], outs[2] = self.q, self.k, self.v
             if _project(3, projs, outs, self.xb, T, dim):
                 return -1
-            rope_qk_rows(self.q, self.k, positions, T, self.n_heads, self.n_kv_heads, self.head_dim, self.rope_dim,
-                         self.rope_base, self.neox)
+            rope_qk_rows_at(self.q, self.k, self.rope_cs, T, self.n_heads, self.n_kv_heads, self.head_dim,
+                            self.rope_dim, self.neox)
             kv_write_rows(L.k_cache, L.v_cache, self.kv_f16, self.k, self.v, slots, T, kv_dim)
             if attention_paged_rows(self.att, self.q, L.k_cache, L.v_cache, self.kv_f16, tables, max_blocks, seq_ids,
                                     positions, T, max_pos, self.n_heads, self.n_kv_heads, self.head_dim,

@@ -34,10 +34,9 @@ cdef void rope_qk_rows(float *q, float *k, const int32_t *positions, int T, int 
     """rope on the rows of q (n_q_heads heads) and of k (n_k_heads heads; k may be NULL) at the same
     positions: each angle's cosine and sine are computed once for all heads of both, and the
     frequencies base^(-2i/rot_dim) once per call (rot_dim <= ROPE_MAX_DIM, checked by the callers)."""
-    cdef int t, i, half = rot_dim // 2
+    cdef int t, half = rot_dim // 2
     cdef double inv_freq[ROPE_MAX_PAIRS]
-    for i in range(half):
-        inv_freq[i] = pow(base, -2.0 * i / rot_dim)
+    rope_frequencies(inv_freq, rot_dim, base)
     if T == 1:                  # a decode step: no parallel region (even an inactive one costs ~0.5 us)
         rope_qk_row(q, k, positions[0], n_q_heads, n_k_heads, head_dim, half, inv_freq, neox)
     else:
@@ -45,6 +44,45 @@ cdef void rope_qk_rows(float *q, float *k, const int32_t *positions, int T, int 
             rope_qk_row(q + <size_t> t * n_q_heads * head_dim,
                         k + <size_t> t * n_k_heads * head_dim if k != NULL else NULL,
                         positions[t], n_q_heads, n_k_heads, head_dim, half, inv_freq, neox)
+
+
+cdef void rope_angles(float *cs, const int32_t *positions, int T, int rot_dim, double base) noexcept nogil:
+    """The cosines and sines of rows at the given positions, cs[t * rot_dim + 2 i] = cos(theta_i)
+    and cs[t * rot_dim + 2 i + 1] = sin(theta_i), for rope_qk_rows_at: a forward pass computes them
+    once per step for all its layers (the same floats that rope_qk_rows computes per call)."""
+    cdef int t, half = rot_dim // 2
+    cdef double inv_freq[ROPE_MAX_PAIRS]
+    rope_frequencies(inv_freq, rot_dim, base)
+    for t in range(T):
+        rope_angles_row(cs + <size_t> t * rot_dim, positions[t], half, inv_freq)
+
+
+cdef void rope_qk_rows_at(float *q, float *k, const float *cs, int T, int n_q_heads, int n_k_heads, int head_dim,
+                          int rot_dim, bint neox) noexcept nogil:
+    """rope_qk_rows with the angles' cosines and sines given (rope_angles): the same floats."""
+    cdef int t, half = rot_dim // 2
+    if T == 1:
+        rope_qk_row_at(q, k, cs, n_q_heads, n_k_heads, head_dim, half, neox)
+    else:
+        for t in prange(T, schedule="static"):
+            rope_qk_row_at(q + <size_t> t * n_q_heads * head_dim,
+                           k + <size_t> t * n_k_heads * head_dim if k != NULL else NULL,
+                           cs + <size_t> t * rot_dim, n_q_heads, n_k_heads, head_dim, half, neox)
+
+
+cdef inline void rope_frequencies(double *inv_freq, int rot_dim, double base) noexcept nogil:
+    cdef int i
+    for i in range(rot_dim // 2):
+        inv_freq[i] = pow(base, -2.0 * i / rot_dim)
+
+
+cdef inline void rope_angles_row(float *cs, int position, int half, const double *inv_freq) noexcept nogil:
+    cdef int i
+    cdef double angle
+    for i in range(half):
+        angle = position * inv_freq[i]
+        cs[2 * i] = <float> cos(angle)
+        cs[2 * i + 1] = <float> sin(angle)
 
 
 cdef inline void rope_qk_row(float *q, float *k, int position, int n_q_heads, int n_k_heads, int head_dim, int half,
@@ -59,6 +97,15 @@ cdef inline void rope_qk_row(float *q, float *k, int position, int n_q_heads, in
         rotate_pair(q, n_q_heads, head_dim, i, half, neox, c, s)
         if k != NULL:
             rotate_pair(k, n_k_heads, head_dim, i, half, neox, c, s)
+
+
+cdef inline void rope_qk_row_at(float *q, float *k, const float *cs, int n_q_heads, int n_k_heads, int head_dim,
+                                int half, bint neox) noexcept nogil:
+    cdef int i
+    for i in range(half):
+        rotate_pair(q, n_q_heads, head_dim, i, half, neox, cs[2 * i], cs[2 * i + 1])
+        if k != NULL:
+            rotate_pair(k, n_k_heads, head_dim, i, half, neox, cs[2 * i], cs[2 * i + 1])
 
 
 cdef inline void rotate_pair(float *row, int n_heads, int head_dim, int i, int half, bint neox, float c,

@@ -874,40 +874,19 @@ static inline uint64_t edge_sum_u8(const uint8_t *p, size_t n) {
     return total;
 }
 
-/* sum_i x_i^2 in double (rmsnorm's statistic): four running sums of four lanes each where AVX2
- * exists, four scalar sums otherwise, so that the additions are not one serial chain. */
-static inline double edge_sumsq_f64(const float *x, int n) {
-    int i = 0;
-    double total = 0.0;
-#if defined(__AVX2__) && defined(__FMA__)
-    __m256d s0 = _mm256_setzero_pd(), s1 = s0, s2 = s0, s3 = s0;
-    for (; i + 16 <= n; i += 16) {
-        const __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + i)), b = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 4));
-        const __m256d c = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 8)), d = _mm256_cvtps_pd(_mm_loadu_ps(x + i + 12));
-        s0 = _mm256_fmadd_pd(a, a, s0);
-        s1 = _mm256_fmadd_pd(b, b, s1);
-        s2 = _mm256_fmadd_pd(c, c, s2);
-        s3 = _mm256_fmadd_pd(d, d, s3);
-    }
+/* The sum of four vectors of four doubles: ((s0 + s1) + (s2 + s3)), then its lanes. */
+#if defined(__AVX2__)
+static inline double edge_hsum_4x4_pd(__m256d s0, __m256d s1, __m256d s2, __m256d s3) {
     const __m256d s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
     const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    total = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
-#else
-    double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
-    for (; i + 4 <= n; i += 4) {
-        s0 += (double)x[i] * x[i];
-        s1 += (double)x[i + 1] * x[i + 1];
-        s2 += (double)x[i + 2] * x[i + 2];
-        s3 += (double)x[i + 3] * x[i + 3];
-    }
-    total = (s0 + s1) + (s2 + s3);
-#endif
-    for (; i < n; i++) total += (double)x[i] * x[i];
-    return total;
+    return _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
 }
+#endif
 
-/* sum_i x_i and sum_i (x_i - mean)^2 in double (layernorm's statistics): like edge_sumsq_f64, four
- * running sums of four lanes where AVX2 exists, four scalar sums otherwise. */
+/* The statistics of the norms, in double: sum_i x_i, and sum_i (x_i - mean)^2 (with mean 0:
+ * rmsnorm's sum of squares; x - 0 is exact, so it is the plain sum of squares).  Four running sums
+ * of four lanes where AVX2 exists, four scalar sums otherwise, so that the additions are not one
+ * serial chain. */
 static inline double edge_sum_f64(const float *x, int n) {
     int i = 0;
     double total = 0.0;
@@ -919,9 +898,7 @@ static inline double edge_sum_f64(const float *x, int n) {
         s2 = _mm256_add_pd(s2, _mm256_cvtps_pd(_mm_loadu_ps(x + i + 8)));
         s3 = _mm256_add_pd(s3, _mm256_cvtps_pd(_mm_loadu_ps(x + i + 12)));
     }
-    const __m256d s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    total = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+    total = edge_hsum_4x4_pd(s0, s1, s2, s3);
 #else
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     for (; i + 4 <= n; i += 4) {
@@ -952,9 +929,7 @@ static inline double edge_sumsq_centered_f64(const float *x, int n, double mean)
         s2 = _mm256_fmadd_pd(c, c, s2);
         s3 = _mm256_fmadd_pd(d, d, s3);
     }
-    const __m256d s = _mm256_add_pd(_mm256_add_pd(s0, s1), _mm256_add_pd(s2, s3));
-    const __m128d h = _mm_add_pd(_mm256_castpd256_pd128(s), _mm256_extractf128_pd(s, 1));
-    total = _mm_cvtsd_f64(_mm_add_sd(h, _mm_unpackhi_pd(h, h)));
+    total = edge_hsum_4x4_pd(s0, s1, s2, s3);
 #else
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     for (; i + 4 <= n; i += 4) {
@@ -969,6 +944,8 @@ static inline double edge_sumsq_centered_f64(const float *x, int n, double mean)
     for (; i < n; i++) total += (x[i] - mean) * (x[i] - mean);
     return total;
 }
+
+static inline double edge_sumsq_f64(const float *x, int n) { return edge_sumsq_centered_f64(x, n, 0.0); }
 
 /* Softmax of x[0..n) in place, in fp32: x = exp(x - max) / sum.  edge_exp_shifted_f32 is its first
  * half: x = exp(x - max), returning the sum and max (n >= 1); a long context's attention keeps

@@ -33,7 +33,6 @@ from models.tokenizer import Tokenizer
 
 # The records of this module are named tuples and a plain class, not dataclasses: `dataclasses`
 # imports `inspect` (with `ast` and `dis`), 11-14 ms of a new process's 0.12 s to its first token.
-
 class Completion(namedtuple("Completion", "text token_ids prompt_ids finish_reason")):
     """text; token_ids: the generated ids (without the prompt); prompt_ids; finish_reason: "stop"
     (an end token or a stop string) or "length"."""

@@ -6,8 +6,9 @@
 For each concurrency level C, C clients each stream (SSE) greedy completions of --tokens tokens
 (ignore_eos) from short prompts, one after the other, until max(2 C, 8) requests are done or
 --max-seconds pass (at least 8, so that the single stream, the base of every ratio, is not timed
-over 2 requests and a second).  Reported per level: aggregate decode throughput (generated tokens / wall time), p50/p99 time
-to first token, p50/p99 inter-token latency (gaps between streamed chunks).
+over 2 requests and a second).  Reported per level: aggregate decode throughput (generated tokens /
+wall time), p50/p99 time to first token, p50/p99 inter-token latency (gaps between streamed
+chunks).
 
 Interference: 8 streams decode; once they run, one 2,000-token prompt (CPython's documentation
 text) arrives; the 8 streams' p99 inter-token latency while it is prefilled is compared with their

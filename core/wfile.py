@@ -52,6 +52,10 @@ DTYPES = {
 }
 ITEMSIZE = {name: int(spelling[-1]) for name, spelling in DTYPES.items()}
 
+TYPE_CHECKING = False   # typing.TYPE_CHECKING without importing typing (a cold start does not need it)
+if TYPE_CHECKING:
+    import numpy as np
+
 
 def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN

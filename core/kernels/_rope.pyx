@@ -87,16 +87,9 @@ cdef inline void rope_angles_row(float *cs, int position, int half, const double
 
 cdef inline void rope_qk_row(float *q, float *k, int position, int n_q_heads, int n_k_heads, int head_dim, int half,
                              const double *inv_freq, bint neox) noexcept nogil:
-    cdef int i
-    cdef double angle
-    cdef float c, s
-    for i in range(half):
-        angle = position * inv_freq[i]
-        c = <float> cos(angle)
-        s = <float> sin(angle)
-        rotate_pair(q, n_q_heads, head_dim, i, half, neox, c, s)
-        if k != NULL:
-            rotate_pair(k, n_k_heads, head_dim, i, half, neox, c, s)
+    cdef float cs[ROPE_MAX_DIM]            # this call's own (a thread's, under prange)
+    rope_angles_row(cs, position, half, inv_freq)
+    rope_qk_row_at(q, k, cs, n_q_heads, n_k_heads, head_dim, half, neox)
 
 
 cdef inline void rope_qk_row_at(float *q, float *k, const float *cs, int n_q_heads, int n_k_heads, int head_dim,

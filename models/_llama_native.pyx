@@ -28,6 +28,17 @@ from core.kernels._rope cimport ROPE_MAX_DIM, rope_angles, rope_qk_rows_at
 
 import array
 
+cdef extern from *:
+    """
+    static Py_ssize_t edge_item_refcount(PyObject *list, Py_ssize_t i) { return Py_REFCNT(PyList_GET_ITEM(list, i)); }
+    """
+    Py_ssize_t edge_item_refcount(list items, Py_ssize_t i)
+
+# Logits rows kept for reuse, at most this many bytes of them per forward: a fresh array('f') of a
+# 49152-word vocabulary is 192 KiB, which malloc takes from (and gives back to) the OS each time,
+# page faults and all; 16 of them per batched decode step cost 1.7 ms of a 24 ms step on Zen 4.
+LOGIT_POOL_BYTES = 8 << 20
+
 
 cdef struct Proj:                 # one linear layer: int8 (w, scale) or fp32 (wf), optional bias
     const int8_t *w
@@ -146,6 +157,7 @@ cdef class LlamaNative:
     cdef float *rope_cs
     cdef _Tensors tensors
     cdef object cache
+    cdef list logit_pool           # array('f', vocab) rows logits() made, reused once only the pool holds them
 
     def __cinit__(self):
         self.layers = NULL
@@ -162,6 +174,7 @@ cdef class LlamaNative:
         self.rope_dim, self.rope_base, self.neox = cfg.rope_dim, cfg.rope_base, cfg.rope_style == "neox"
         self.vocab, self.eps, self.attn_scale = cfg.vocab_size, cfg.norm_eps, cfg.head_dim ** -0.5
         self.max_rows, self.T = max_rows, 0
+        self.logit_pool = []
         if self.rope_dim <= 0 or self.rope_dim % 2 or self.rope_dim > min(self.head_dim, ROPE_MAX_DIM):
             raise ValueError(f"native forward: rope over {self.rope_dim} of {self.head_dim} dimensions per head "
                              f"(even, at most {ROPE_MAX_DIM})")
@@ -265,7 +278,9 @@ cdef class LlamaNative:
         return <float[:T, :self.dim]> self.xb
 
     def logits(self, rows):
-        """The logits of the given rows of the last call's output: a list of array('f', vocab)."""
+        """The logits of the given rows of the last call's output: a list of array('f', vocab).  The
+        arrays are recycled: one that nothing but this object references any more (its caller
+        dropped it, with every view of it) is refilled by a later call instead of allocating."""
         cdef int n = len(rows), i, r
         if not 0 < n <= self.max_rows:
             raise ValueError(f"native forward: {n} logits rows, expected 1..{self.max_rows}")
@@ -284,9 +299,20 @@ cdef class LlamaNative:
         if rc:
             raise MemoryError(f"native forward: no memory for the logits head's scratch ({n} rows)")
         cdef array.array template = array.array("f"), row
+        cdef list pool = self.logit_pool
+        cdef Py_ssize_t p = 0, pool_max = max(1, LOGIT_POOL_BYTES // (4 * self.vocab))
         out = []
         for i in range(n):
-            row = array.clone(template, self.vocab, False)
+            while p < len(pool) and edge_item_refcount(pool, p) > 1:     # held by someone: not free
+                p += 1
+            if p < len(pool):
+                row = pool[p]
+                p += 1
+            else:
+                row = array.clone(template, self.vocab, False)
+                if len(pool) < pool_max:
+                    pool.append(row)
+                    p += 1
             memcpy(row.data.as_floats, self.logit_rows + <size_t> i * self.vocab, self.vocab * sizeof(float))
             out.append(row)
         return out

@@ -454,6 +454,7 @@ class DecoderModel(Model):
             history = list(prompt_ids)
             for _ in range(params.max_tokens):
                 tok = sample(logits, params, rng, history, history[len(prompt_ids):])
+                logits = None           # the row goes back to the native forward's pool before its next call
                 yield tok
                 if tok in self.tokenizer.end_ids and not params.ignore_eos:
                     return

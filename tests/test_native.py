@@ -3,6 +3,8 @@ LlamaWeights.output: the same kernels in the same order, so hidden states, logit
 agree bit for bit, for prefill chunks, decode steps and batches that mix sequences; and bad batches
 are refused before any work."""
 
+import weakref
+
 import numpy as np
 import pytest
 
@@ -165,6 +167,30 @@ def test_bad_batches_are_refused(model):
             m._native.logits([0, 4])
         with pytest.raises(ValueError, match="logits rows"):
             m._native.logits([])
+    finally:
+        seq.release()
+
+
+def test_logits_rows_are_recycled_only_once_released(model):
+    """logits() refills an array it handed out only when nothing else references it: rows (and views
+    of them) that a caller keeps are never overwritten, dropped ones are reused."""
+    m = model
+    seq = m.cache.new_sequence()
+    try:
+        first = m._run(seq, [5, 6, 7], all_logits=True)           # 3 rows, kept
+        view = np.frombuffer(first[2], np.float32)                # a view keeps its array busy
+        kept = [np.frombuffer(r, np.float32).copy() for r in first]
+        refs = [weakref.ref(r) for r in first]
+        del first
+        assert all(r() is not None for r in refs)                 # the pool keeps them
+        second = m._run(seq, [8, 9], all_logits=True)             # only rows 0 and 1 came free
+        assert second[0] is refs[0]() and second[1] is refs[1]()
+        assert np.array_equal(view, kept[2])                      # the viewed row was not refilled
+        expected = m.logits([5, 6, 7, 8, 9])                      # a fresh sequence, its own rows
+        assert np.array_equal(np.stack([np.frombuffer(r, np.float32) for r in second]), expected[3:])
+        assert np.array_equal(np.stack([kept[0], kept[1], view]), expected[:3])
+        third = m._run(seq, [10], all_logits=True)                # second is still held: a new row
+        assert id(third[0]) not in {id(r) for r in second}
     finally:
         seq.release()
 

@@ -528,6 +528,21 @@ def test_sample_logits(V, ties, kw, seed):
         assert got == R.sample_logits(logits, history=history, generated=history[-7:], u=float(u), **kw)
 
 
+def test_sample_logits_threads_do_not_share_scratch():
+    """The kernel keeps one call's scratch for the next; calls in several threads at once (the
+    sampling runs without the GIL) must still each have their own."""
+    from concurrent.futures import ThreadPoolExecutor
+    rng = np.random.default_rng(3)
+    rows = [rand(rng, 49152, scale=4.0) for _ in range(4)]
+    kws = [dict(temperature=0.8, top_p=0.9), dict(temperature=1.0), dict(temperature=0.5, repetition_penalty=1.2),
+           dict(temperature=1.1, top_k=40)]
+    jobs = [(rows[i % 4], kws[i % 3 + (i // 12) % 2], float(u)) for i, u in enumerate(rng.random(96))]
+    expected = [R.sample_logits(r, history=[1, 2, 3], u=u, **kw) for r, kw, u in jobs]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda job: K.sample_logits(job[0], history=[1, 2, 3], u=job[2], **job[1]), jobs))
+    assert got == expected
+
+
 def test_sample_logits_distribution_and_errors():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05], np.float32))
     us = (np.arange(4000) + 0.5) / 4000                          # evenly spread draws

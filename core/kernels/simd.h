@@ -1014,6 +1014,40 @@ static inline void edge_softmax_f32(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
+/* e[i] = exp(z[i] / temperature - zmax) in double (sampling's weights; e may be z).  Where AVX2
+ * exists, four lanes at a time: x = k ln2 + r with |r| <= ln2 / 2 (r from one fused multiply-add
+ * each with ln2's leading and trailing doubles), exp(r) by its Taylor series to r^13 / 13! (the
+ * rest is below 5e-18 of it), times 2^k built in the exponent bits: within 2 ulp of libm.  A
+ * vector with a lane below -708 (a result near or below the smallest normal double), or not a
+ * number, goes through libm's exp. */
+static inline void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e) {
+    int i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256d vt = _mm256_set1_pd(temperature), vmax = _mm256_set1_pd(zmax), low = _mm256_set1_pd(-708.0);
+    for (; i + 4 <= n; i += 4) {
+        const __m256d x = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + i), vt), vmax);
+        if (_mm256_movemask_pd(_mm256_cmp_pd(x, low, _CMP_GE_OQ)) != 15) {
+            for (int j = i; j < i + 4; j++) e[j] = exp(z[j] / temperature - zmax);
+            continue;
+        }
+        const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.6931471805599453), x);
+        r = _mm256_fnmadd_pd(k, _mm256_set1_pd(2.3190468138462996e-17), r);
+        __m256d y = _mm256_set1_pd(1.0 / 6227020800.0);                     /* 1 / 13! */
+        static const double inv_factorial[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                                 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
+                                                 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+        for (int c = 0; c < 13; c++) y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(inv_factorial[c]));
+        const __m128i k32 = _mm256_cvtpd_epi32(k);
+        const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(k32), _mm256_set1_epi64x(1023)),
+                                               52);
+        _mm256_storeu_pd(e + i, _mm256_mul_pd(y, _mm256_castsi256_pd(bits)));
+    }
+#endif
+    for (; i < n; i++) e[i] = exp(z[i] / temperature - zmax);
+}
+
 /* x[i] = gelu(x[i]) = 0.5 x (1 + erf(x / sqrt 2)), in place.  erfc(z) for z >= 0 is Abramowitz &
  * Stegun 7.1.26, t (a1 + t (a2 + ... a5 t)) exp(-z^2) with t = 1 / (1 + p z), absolute error below
  * 1.5e-7; 1 + erf(-z) is taken as erfc(z) directly, so negative inputs lose nothing to

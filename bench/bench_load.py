@@ -1,12 +1,12 @@
 """Many users at once: a load generator on loopback against `edge serve` with the default decoder.
 
     .venv/bin/python bench/bench_load.py [--tokens 64] [--levels 1,4,16] [--max-seconds 120] [--json]
-                                         [--model NAME_OR_FILE]
+                                         [--model NAME_OR_FILE] [--temperature 0] [--top-p 1]
 
-For each concurrency level C, C clients each stream (SSE) greedy completions of --tokens tokens
-(ignore_eos) from short prompts, one after the other, until max(2 C, 8) requests are done or
---max-seconds pass (at least 8, so that the single stream, the base of every ratio, is not timed
-over 2 requests and a second).  Reported per level: aggregate decode throughput (generated tokens /
+For each concurrency level C, C clients each stream (SSE) completions of --tokens tokens
+(ignore_eos; greedy, or sampled with --temperature and --top-p) from short prompts, one after the
+other, until max(2 C, 8) requests are done or --max-seconds pass (at least 8, so that the single
+stream, the base of every ratio, is not timed over 2 requests and a second).  Reported per level: aggregate decode throughput (generated tokens /
 wall time), p50/p99 time to first token, p50/p99 inter-token latency (gaps between streamed
 chunks).
 
@@ -44,6 +44,7 @@ ROOT = os.path.dirname(HERE)
 MODEL = "smollm2-135m-instruct"     # --model: a default model's name or a weights file
 NAME = MODEL                        # the name the API knows it by (a file: its name without .edge)
 BLOCK = 16
+SAMPLING = {"temperature": 0.0}     # --temperature, --top-p
 MIN_REQUESTS = 8                    # per level: the single stream's figure, the ratios' base, is not 2 requests
 
 
@@ -62,7 +63,7 @@ def pct(xs, q) -> float:
 
 async def stream_one(session, url, prompt, max_tokens, marks=None) -> dict:
     """One streamed completion: time to first token, chunk arrival times, token counts."""
-    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+    body = {"model": NAME, "prompt": prompt, "max_tokens": max_tokens, **SAMPLING, "ignore_eos": True,
             "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     times, usage = [], None
@@ -192,7 +193,7 @@ def long_prompt_text(n_tokens: int) -> str:
 
 
 def main(argv=None) -> int:
-    global MODEL, NAME
+    global MODEL, NAME, SAMPLING
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--levels", default="1,4,16")
@@ -202,7 +203,10 @@ def main(argv=None) -> int:
     p.add_argument("--json", action="store_true")
     p.add_argument("--model", default=MODEL, help="a default decoder's name or a weights file (bench/bench_shapes.py "
                                                   "writes a SmolLM2-shaped one for machines without the real model)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
     args = p.parse_args(argv)
+    SAMPLING = {"temperature": args.temperature, "top_p": args.top_p}
     MODEL = args.model
     NAME = os.path.basename(MODEL).removesuffix(".edge") if os.path.exists(MODEL) else MODEL
     port = free_port()

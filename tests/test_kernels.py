@@ -528,6 +528,25 @@ def test_sample_logits(V, ties, kw, seed):
         assert got == R.sample_logits(logits, history=history, generated=history[-7:], u=float(u), **kw)
 
 
+@pytest.mark.parametrize("V", [1, 7, 8, 9, 300, 49152])
+def test_greedy_is_the_first_largest_skipping_nans(V):
+    """Greedy picks the first index of the largest logit (the vectorised search against a plain
+    loop); NaNs are never picked, unless the first logit is one."""
+    rng = np.random.default_rng(V)
+    for case in range(12):
+        x = np.round(rng.standard_normal(V) * 2).astype(np.float32)     # many ties
+        if case % 3 == 1:
+            x[rng.integers(0, V, max(1, V // 5))] = np.nan
+        if case % 4 == 2:
+            x[rng.integers(0, V)] = np.inf
+        best = 0
+        for i in range(1, V):
+            if x[i] > x[best]:
+                best = i
+        assert K.sample_logits(x) == best
+    assert K.sample_logits(np.array([np.nan, 1.0, 2.0], np.float32)) == 0
+
+
 def test_sample_logits_threads_do_not_share_scratch():
     """The kernel keeps one call's scratch for the next; calls in several threads at once (the
     sampling runs without the GIL) must still each have their own."""

@@ -21,6 +21,7 @@ from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memset
 
 cdef extern from "simd.h" nogil:
+    int edge_argmax_f32(const float *x, int n)
     void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e)
 
 
@@ -249,10 +250,7 @@ def sample_logits(const float[::1] logits, double temperature=0.0, int top_k=0, 
                            or ((frequency_penalty != 0.0 or presence_penalty != 0.0) and len(generated)))
     if temperature == 0.0 and not penalized:       # plain greedy (most decode steps): no copy of the row
         with nogil:
-            t = 0
-            for i in range(1, V):
-                if logits[i] > logits[t]:
-                    t = i
+            t = edge_argmax_f32(&logits[0], V)
         return t
     # scratch: z, then the candidates' two buffers (sampling only), then the penalties' counts
     cdef size_t z_bytes = edge_lines(V * sizeof(double)), c_bytes = edge_lines(V * sizeof(Cand))

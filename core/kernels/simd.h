@@ -1014,6 +1014,35 @@ static inline void edge_softmax_f32(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
+/* The first index of the largest of x[0..n) (n >= 1), NaNs skipped (0 when x[0] is one): the
+ * scalar loop `if (x[i] > x[best]) best = i`.  Where AVX2 exists, the maximum eight lanes at a
+ * time (a NaN lane never replaces the running maximum), then the first lane equal to it. */
+static inline int edge_argmax_f32(const float *x, int n) {
+    if (x[0] != x[0]) return 0;
+    int i = 0;
+    float mx = x[0];
+#if defined(__AVX2__)
+    __m256 m = _mm256_set1_ps(x[0]);
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(_mm256_loadu_ps(x + i), m);
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+    m4 = _mm_max_ps(_mm_movehl_ps(m4, m4), m4);
+    m4 = _mm_max_ss(_mm_movehdup_ps(m4), m4);
+    mx = _mm_cvtss_f32(m4);
+#endif
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    i = 0;
+#if defined(__AVX2__)
+    const __m256 vm = _mm256_set1_ps(mx);
+    for (; i + 8 <= n; i += 8) {
+        const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vm, _CMP_EQ_OQ));
+        if (hit) return i + __builtin_ctz(hit);
+    }
+#endif
+    for (; i < n; i++)
+        if (x[i] == mx) return i;
+    return 0;
+}
+
 /* e[i] = exp(z[i] / temperature - zmax) in double (sampling's weights; e may be z).  Where AVX2
  * exists, four lanes at a time: x = k ln2 + r with |r| <= ln2 / 2 (r from one fused multiply-add
  * each with ln2's leading and trailing doubles), exp(r) by its Taylor series to r^13 / 13! (the

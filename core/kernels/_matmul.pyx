@@ -17,7 +17,7 @@ from libc.stdint cimport int8_t, uint16_t
 from libc.stdlib cimport free
 
 cdef extern from "simd.h" nogil:
-    int edge_q8_padded(int K)
+    int edge_q8_row_bytes(int K)
     int edge_q8_pack_index(int k, int K)
     float edge_f16_to_f32(uint16_t h)
     void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
@@ -155,7 +155,7 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
     """out_i = quantize_q8(x) @ dequantize(w_i).T + bias_i for up to MAX_SHARED matrices that share x
     (q, k and v; gate and up): x is quantized once and one parallel region covers every tile.
     Returns 0, or -1 (having computed nothing) when its scratch memory cannot be had."""
-    cdef int Kp = edge_q8_padded(K)
+    cdef int Kp = edge_q8_row_bytes(K)      # a quantized activation row (values, VNNI compensation)
     cdef int G = (K + 31) // 32
     # A few rows (a decode step): every thread quantizes them itself, into its own buffer, and
     # starts on its tiles at once; no thread waits at a barrier for another's quantization.
@@ -391,7 +391,7 @@ def quantize_q8(const float[:, ::1] x):
     cdef int M = x.shape[0], K = x.shape[1]
     if K == 0:
         raise ValueError("x has no columns")
-    cdef int Kp = edge_q8_padded(K)
+    cdef int Kp = edge_q8_row_bytes(K)
     qp = np.zeros((M, Kp), dtype=np.int8)
     scales = np.zeros((M, (K + 31) // 32), dtype=np.float32)
     cdef int8_t[:, ::1] qv = qp

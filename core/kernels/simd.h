@@ -54,6 +54,44 @@ static inline const char *edge_simd_name(void) { return EDGE_SIMD_NAME; }
 /* K rounded up to a multiple of 32: the padded length of a quantized activation row. */
 static inline int edge_q8_padded(int K) { return (K + 31) & ~31; }
 
+/* The bytes of one quantized activation row: its values (edge_q8_padded), then, where the VNNI
+ * body runs, its compensation: for each block of the packed layout (below), eight int32 lanes
+ * of 128 times the sum of the values that lane sees (sum_j of vpdpbusd(0x80 bytes, a_j)).  The
+ * VNNI tile feeds the weights as the unsigned operand, w + 128 (w with its top bit flipped), so a
+ * lane sums (w + 128) a = w a + 128 a, and subtracts the row's compensation once per block. */
+static inline int edge_q8_n_blocks(int K) {
+    const int n_groups = K / 32;
+    return n_groups / 8 + ((n_groups & 4) != 0) + ((n_groups & 2) != 0) + ((n_groups & 1) != 0);
+}
+
+#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__) || defined(EDGE_EMULATE_VNNI)
+#define EDGE_VNNI 1
+/* acc + the 8 lanes of sum over 4 bytes of u8 a x s8 w (vpdpbusd: int32 sums, no saturation) */
+#if defined(EDGE_EMULATE_VNNI)      /* tests only: the VNNI body on an AVX2 CPU, exact and slow */
+static inline __m256i edge_dpbusd(__m256i acc, __m256i a, __m256i w) {
+    const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(a)),
+                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)));
+    const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(a, 1)),
+                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)));
+    /* lo: pair sums of bytes 0-15 (lanes 2l, 2l+1 -> 4-byte chunk l), hi: bytes 16-31 */
+    const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
+    return _mm256_add_epi32(acc, sums);
+}
+#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
+#define edge_dpbusd(acc, a, w) _mm256_dpbusd_epi32((acc), (a), (w))
+#else
+#define edge_dpbusd(acc, a, w) _mm256_dpbusd_avx_epi32((acc), (a), (w))
+#endif
+#endif
+
+static inline int edge_q8_row_bytes(int K) {
+#if defined(EDGE_VNNI)
+    return edge_q8_padded(K) + 32 * edge_q8_n_blocks(K);
+#else
+    return edge_q8_padded(K);
+#endif
+}
+
 /* IEEE half -> float. */
 static inline float edge_f16_to_f32(uint16_t h) {
 #if defined(__F16C__)
@@ -201,8 +239,8 @@ static inline void edge_q8_dequantize_row(const int8_t *packed, const uint16_t *
 }
 
 /* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|),
- * rounding half to even.  Writes q[0..Kp) in the packed layout (zero padded to a multiple of 32)
- * and s[0..ceil(K/32)). */
+ * rounding half to even.  Writes q[0..edge_q8_row_bytes(K)): the values in the packed layout (zero
+ * padded to a multiple of 32), then the compensation where the VNNI body runs; and s[0..ceil(K/32)). */
 static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s) {
     int g = 0, k0 = 0;
 #if defined(__AVX2__)
@@ -256,6 +294,17 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
         s[g] = amax / 127.0f;
     }
     for (int k = K; k < edge_q8_padded(K); k++) q[k] = 0;
+#if defined(EDGE_VNNI)
+    const __m256i flip = _mm256_set1_epi8((char)0x80);
+    int32_t *comp = (int32_t *)(q + edge_q8_padded(K));
+    for (int first = 0, b = 0, S; first < K / 32; first += S, b++) {
+        S = K / 32 - first >= 8 ? 8 : (K / 32 - first >= 4 ? 4 : (K / 32 - first >= 2 ? 2 : 1));
+        __m256i sum = _mm256_setzero_si256();
+        for (int j = 0; j < S; j++)
+            sum = edge_dpbusd(sum, flip, _mm256_loadu_si256((const __m256i *)(q + 32 * (first + j))));
+        _mm256_storeu_si256((__m256i *)(comp + 8 * b), sum);
+    }
+#endif
 }
 
 /* sum over group g of q_k * w_k for one group in natural order, the last one possibly partial. */
@@ -299,25 +348,6 @@ static inline __attribute__((always_inline)) __m256 edge_block_scales_f16(const 
 #endif
 }
 
-#if (defined(__AVX512VNNI__) && defined(__AVX512VL__)) || defined(__AVXVNNI__) || defined(EDGE_EMULATE_VNNI)
-#define EDGE_VNNI 1
-/* acc + the 8 lanes of sum over 4 bytes of u8 a x s8 w (vpdpbusd: int32 sums, no saturation) */
-#if defined(EDGE_EMULATE_VNNI)      /* tests only: the VNNI body on an AVX2 CPU, exact and slow */
-static inline __m256i edge_dpbusd(__m256i acc, __m256i a, __m256i w) {
-    const __m256i lo = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_castsi256_si128(a)),
-                                         _mm256_cvtepi8_epi16(_mm256_castsi256_si128(w)));
-    const __m256i hi = _mm256_madd_epi16(_mm256_cvtepu8_epi16(_mm256_extracti128_si256(a, 1)),
-                                         _mm256_cvtepi8_epi16(_mm256_extracti128_si256(w, 1)));
-    /* lo: pair sums of bytes 0-15 (lanes 2l, 2l+1 -> 4-byte chunk l), hi: bytes 16-31 */
-    const __m256i sums = _mm256_permute4x64_epi64(_mm256_hadd_epi32(lo, hi), 0xd8);
-    return _mm256_add_epi32(acc, sums);
-}
-#elif defined(__AVX512VNNI__) && defined(__AVX512VL__)
-#define edge_dpbusd(acc, a, w) _mm256_dpbusd_epi32((acc), (a), (w))
-#else
-#define edge_dpbusd(acc, a, w) _mm256_dpbusd_avx_epi32((acc), (a), (w))
-#endif
-#endif
 
 #if !defined(EDGE_VNNI) && defined(__x86_64__) && defined(__GNUC__) && !defined(EDGE_NO_ASM)
 #define EDGE_ASM_TILE 1
@@ -383,36 +413,35 @@ edge_q8_sums_4x2_asm(const int8_t *q, size_t q_stride, const int8_t *w0, const i
 }
 #endif
 
-/* One block of S groups (S vectors of 32 bytes from value k, first group g) of an R x C tile:
- * int32 sums over the block, then acc[r][c] += sums * (xs_r * ws_c) by lane. */
+/* One block of S groups (S vectors of 32 bytes from value k, first group g; its compensation at
+ * byte comp_at of each activation row) of an R x C tile: int32 sums over the block, then
+ * acc[r][c] += sums * (xs_r * ws_c) by lane. */
 static inline __attribute__((always_inline)) void
 edge_q8_tile_block(const int S, const int R, const int C, const int8_t *q, size_t q_stride, const float *xs,
-                   size_t xs_stride, const int8_t *const *w, const uint16_t *const *ws, int k, int g,
+                   size_t xs_stride, const int8_t *const *w, const uint16_t *const *ws, int k, int g, int comp_at,
                    __m256 acc[EDGE_TILE_R][EDGE_TILE_C]) {
     __m256i isum[EDGE_TILE_R][EDGE_TILE_C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) isum[r][c] = _mm256_setzero_si256();
 #if defined(EDGE_VNNI)
-    /* u8 x s8 without the sign trick: (a + 128) . w - 128 . w, where a + 128 is a with its top
-     * bit flipped and 128 . w (the compensation) is summed once per weight vector for all R
-     * rows: one vpdpbusd per row and weight vector instead of a vpsignb and a vpdpbusd */
+    /* u8 x s8 without the sign trick: (w + 128) . a - 128 . a, where w + 128 is w with its top
+     * bit flipped and 128 . a is the activation row's compensation, summed when it was quantized
+     * (edge_q8_row_bytes): one vpdpbusd per row and weight vector, and a flip per weight vector */
     const __m256i flip = _mm256_set1_epi8((char)0x80);
-    __m256i comp[EDGE_TILE_C];
-    for (int c = 0; c < C; c++) comp[c] = _mm256_setzero_si256();
     for (int j = 0; j < S; j++) {
-        __m256i wv[EDGE_TILE_C];
-        for (int c = 0; c < C; c++) {
-            wv[c] = _mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j));
-            comp[c] = edge_dpbusd(comp[c], flip, wv[c]);
-        }
+        __m256i uw[EDGE_TILE_C];
+        for (int c = 0; c < C; c++)
+            uw[c] = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(w[c] + k + 32 * j)), flip);
         for (int r = 0; r < R; r++) {
-            const __m256i ua = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j)),
-                                                flip);
-            for (int c = 0; c < C; c++) isum[r][c] = edge_dpbusd(isum[r][c], ua, wv[c]);
+            __m256i av = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + k + 32 * j));
+            __asm__("" : "+x"(av));     /* loaded once for the C weight rows, not folded into each vpdpbusd */
+            for (int c = 0; c < C; c++) isum[r][c] = edge_dpbusd(isum[r][c], uw[c], av);
         }
     }
-    for (int r = 0; r < R; r++)
-        for (int c = 0; c < C; c++) isum[r][c] = _mm256_sub_epi32(isum[r][c], comp[c]);
+    for (int r = 0; r < R; r++) {
+        const __m256i comp = _mm256_loadu_si256((const __m256i *)(q + r * q_stride + comp_at));
+        for (int c = 0; c < C; c++) isum[r][c] = _mm256_sub_epi32(isum[r][c], comp);
+    }
 #else
     /* |a| (u8) x sign(a) w (s8): pairs sum to at most 2 * 127 * 127, no saturation */
 #if defined(EDGE_ASM_TILE)
@@ -574,10 +603,18 @@ edge_dot_q8_tile(const int R, const int C, const int8_t *q, size_t q_stride, con
     __m256 acc[EDGE_TILE_R][EDGE_TILE_C];
     for (int r = 0; r < R; r++)
         for (int c = 0; c < C; c++) acc[r][c] = _mm256_setzero_ps();
-    for (; g < full; g += 8) edge_q8_tile_block(8, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc);
-    if (n_groups & 4) { edge_q8_tile_block(4, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 4; }
-    if (n_groups & 2) { edge_q8_tile_block(2, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 2; }
-    if (n_groups & 1) { edge_q8_tile_block(1, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, acc); g += 1; }
+    int comp_at = edge_q8_padded(K);        /* the block's compensation in an activation row (VNNI) */
+#define EDGE_TILE_BLOCK(S) \
+    do { \
+        edge_q8_tile_block(S, R, C, q, q_stride, xs, xs_stride, w, ws, 32 * g, g, comp_at, acc); \
+        g += S; \
+        comp_at += 32; \
+    } while (0)
+    while (g < full) EDGE_TILE_BLOCK(8);
+    if (n_groups & 4) EDGE_TILE_BLOCK(4);
+    if (n_groups & 2) EDGE_TILE_BLOCK(2);
+    if (n_groups & 1) EDGE_TILE_BLOCK(1);
+#undef EDGE_TILE_BLOCK
     if (R * C == 8) {       /* eight horizontal sums as one transposing hadd tree */
         const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(acc[0][0], acc[0][1]), _mm256_hadd_ps(acc[1][0], acc[1][1]));
         const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(acc[2][0], acc[2][1]), _mm256_hadd_ps(acc[3][0], acc[3][1]));

@@ -107,7 +107,7 @@ int main(void) {
         float *x = malloc(K * sizeof(float)), *y = malloc(K * sizeof(float));
         float *xs = malloc(G * sizeof(float)), *ws = malloc(G * sizeof(float));
         uint16_t *wsh = malloc(G * sizeof(uint16_t)), *ws2h = malloc(G * sizeof(uint16_t));   /* as the file: fp16 */
-        int8_t *q = malloc(edge_q8_padded(K)), *w = malloc(K);
+        int8_t *q = malloc(edge_q8_row_bytes(K)), *w = malloc(K);
         for (int k = 0; k < K; k++) {
             x[k] = uniform() * 3.0f;
             y[k] = uniform();
@@ -117,7 +117,7 @@ int main(void) {
             wsh[g] = (uint16_t)(0x2000 + (37 * g) % 2048);
             ws[g] = edge_f16_to_f32(wsh[g]);
         }
-        int8_t *qn = malloc(edge_q8_padded(K)), *wp = malloc(K);   /* q unpacked, w packed */
+        int8_t *qn = malloc(edge_q8_row_bytes(K)), *wp = malloc(K);   /* q unpacked, w packed */
         edge_quantize_row_q8(x, K, q, xs);
         for (int k = K; k < edge_q8_padded(K); k++)
             if (q[k] != 0) {
@@ -143,7 +143,7 @@ int main(void) {
             return 1;
         }
         /* the 4 x 2 block: rows of four quantized activations against two weight rows */
-        const int Kp = edge_q8_padded(K);
+        const int Kp = edge_q8_row_bytes(K);   /* an activation row's stride */
         int8_t *q4 = malloc(4 * Kp), *q4n = malloc(4 * Kp), *w2 = malloc(2 * K), *w2p = malloc(2 * K);
         float *xs4 = malloc(4 * G * sizeof(float)), *ws2 = malloc(G * sizeof(float)), block[8], pair[2];
         float strided[4 * 5], biased[4 * 5], pair_biased[2];

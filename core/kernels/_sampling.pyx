@@ -22,6 +22,8 @@ from libc.string cimport memcpy, memset
 
 cdef extern from "simd.h" nogil:
     int edge_argmax_f32(const float *x, int n)
+    double edge_max_f64(const double *x, int n)
+    int edge_indices_at_least_f64(const double *x, int n, double tau, int32_t *idx)
     void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e)
 
 
@@ -114,33 +116,50 @@ cdef void _rank_all(Cand *c, int n, Cand *tmp) noexcept nogil:
         memcpy(c, src, n * sizeof(Cand))
 
 
-cdef bint _rank_head(Cand *c, int n, double target, Cand *tmp) noexcept nogil:
-    """Put in c[0..m), ranked (key descending, index ascending), the candidates whose key is at
-    least tau, for the largest tau of 1e-3, 1e-6, 1e-12 (of the largest key, 1) with which their
-    running sum in that order reaches target; False (c unchanged) if none does.  Those candidates
-    are exactly the head of the whole ranking, so the nucleus cut from it is the same; ranking a
-    few hundred candidates instead of all of them is most of the cost of top_p.  c in index order."""
+cdef int _rank_head(const double *e, int n, double target, Cand *c) noexcept nogil:
+    """Put in c[0..m), ranked (weight descending, index ascending), the candidates whose weight
+    e[i] is at least tau, for the largest tau of 1e-3, 1e-6, 1e-12 (of the largest weight, 1) with
+    which their running sum in that order reaches target, and return m; 0 (c unchanged) if none
+    does.  Those candidates are exactly the head of the whole ranking, so the nucleus cut from it
+    is the same; ranking a few hundred candidates instead of all of them is most of the cost of
+    top_p.  e: every candidate's weight, in index order; the indices are gathered into the end of
+    c (c holds n)."""
     cdef double tau, acc
     cdef int i, m
+    cdef int32_t *hits = <int32_t *> (c + n) - n            # the last 4 n bytes of c
     for tau in (1e-3, 1e-6, 1e-12):
-        m = 0
+        m = edge_indices_at_least_f64(e, n, tau, hits)
+        if m > n // 4:              # the head would overrun the hits: rank everything instead
+            return 0
         acc = 0.0
-        for i in range(n):
-            if c[i].key >= tau:
-                tmp[m] = c[i]
-                m += 1
-                acc += c[i].key
+        for i in range(m):          # in index order, as the whole ranking's first pass adds them
+            acc += e[hits[i]]
         if acc < target * (1.0 - 1e-9):        # (a margin for the order of the sums)
             continue
-        qsort(tmp, m, sizeof(Cand), _by_key_desc)
+        for i in range(m):
+            c[i].key = e[hits[i]]
+            c[i].id = hits[i]
+        qsort(c, m, sizeof(Cand), _by_key_desc)
         acc = 0.0
         for i in range(m):
-            acc += tmp[i].key
+            acc += c[i].key
             if acc >= target:
-                memcpy(c, tmp, m * sizeof(Cand))
-                return True
-        return False
-    return False
+                return m
+        return 0
+    return 0
+
+
+cdef int _first_above(const double *cum, int n, double target) noexcept nogil:
+    """The first i with cum[i] > target in running sums cum[0..n) (non-decreasing: the weights are
+    >= 0), else n - 1: what walking them in order finds, without the walk."""
+    cdef int lo = 0, hi = n - 1, mid
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cum[mid] > target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
@@ -148,6 +167,7 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
     """The sampling steps after the penalties (z holds the penalised logits); c and best hold V."""
     cdef int i, n, keep
     cdef double zmax, total, acc, target
+    cdef double *cum
     if temperature == 0.0:
         n = 0
         for i in range(1, V):
@@ -170,21 +190,27 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
         for i in range(n):
             c[i].key = exp(c[i].key - zmax)
             total += c[i].key
-    else:                                       # every candidate, in index order
-        zmax = z[0]
-        for i in range(1, V):
-            if z[i] > zmax:
-                zmax = z[i]
+    else:                                       # every candidate, in index order: z becomes e
+        zmax = edge_max_f64(z, V)
         edge_exp_keys_f64(z, V, temperature, zmax / temperature, z)  # (max z) / t = max(z / t): rounding is monotonic
+        if top_p >= 1.0:    # no nucleus: draw straight from e, by bisection of its running sums
+            cum = <double *> best
+            for i in range(V):
+                total += z[i]
+                cum[i] = total
+            return _first_above(cum, V, u * total)
         for i in range(V):
-            c[i].key = z[i]
-            c[i].id = i
             total += z[i]
+        n = _rank_head(z, V, top_p * total, c)  # the head of the ranking,
+        if n == 0:                              # or all of it for a wide nucleus
+            for i in range(V):
+                c[i].key = z[i]
+                c[i].id = i
+            _rank_all(c, V, best)
+            n = V
     if top_p < 1.0:
         if 0 < top_k < V:                       # ranked by z: rank by e (equal when exp rounds alike)
             qsort(c, n, sizeof(Cand), _by_key_desc)
-        elif not _rank_head(c, n, top_p * total, best):   # c is in index order: rank its head,
-            _rank_all(c, n, best)                            # or all of it for a wide nucleus
         acc = 0.0
         keep = n
         for i in range(n):

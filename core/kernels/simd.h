@@ -1080,35 +1080,80 @@ static inline int edge_argmax_f32(const float *x, int n) {
     return 0;
 }
 
+/* The largest of x[0..n) (n >= 1) as the loop `if (x[i] > m) m = x[i]` from m = x[0] finds it (a
+ * NaN never replaces m; NaN if x[0] is one): four lanes at a time where AVX2 exists. */
+static inline double edge_max_f64(const double *x, int n) {
+    int i = 0;
+    double m = x[0];
+#if defined(__AVX2__)
+    if (n >= 4) {
+        __m256d v = _mm256_set1_pd(x[0]);
+        for (; i + 4 <= n; i += 4) v = _mm256_max_pd(_mm256_loadu_pd(x + i), v);   /* a NaN lane keeps v */
+        double lanes[4];
+        _mm256_storeu_pd(lanes, v);
+        for (int l = 0; l < 4; l++) m = lanes[l] > m ? lanes[l] : m;
+    }
+#endif
+    for (; i < n; i++) m = x[i] > m ? x[i] : m;
+    return m;
+}
+
+/* The indices i (ascending) with x[i] >= tau, into idx; returns how many. */
+static inline int edge_indices_at_least_f64(const double *x, int n, double tau, int32_t *idx) {
+    int i = 0, m = 0;
+#if defined(__AVX2__)
+    const __m256d t = _mm256_set1_pd(tau);
+    for (; i + 4 <= n; i += 4) {
+        int hit = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x + i), t, _CMP_GE_OQ));
+        while (hit) {
+            idx[m++] = i + __builtin_ctz(hit);
+            hit &= hit - 1;
+        }
+    }
+#endif
+    for (; i < n; i++)
+        if (x[i] >= tau) idx[m++] = i;
+    return m;
+}
+
 /* e[i] = exp(z[i] / temperature - zmax) in double (sampling's weights; e may be z).  Where AVX2
  * exists, four lanes at a time: x = k ln2 + r with |r| <= ln2 / 2 (r from one fused multiply-add
  * each with ln2's leading and trailing doubles), exp(r) by its Taylor series to r^13 / 13! (the
  * rest is below 5e-18 of it), times 2^k built in the exponent bits: within 2 ulp of libm.  A
  * vector with a lane below -708 (a result near or below the smallest normal double), or not a
  * number, goes through libm's exp. */
+#if defined(__AVX2__) && defined(__FMA__)
+static inline __attribute__((always_inline)) __m256d edge_exp_pd(__m256d x) {     /* x >= -708 */
+    const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
+                                      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.6931471805599453), x);
+    r = _mm256_fnmadd_pd(k, _mm256_set1_pd(2.3190468138462996e-17), r);
+    __m256d y = _mm256_set1_pd(1.0 / 6227020800.0);                     /* 1 / 13! */
+    static const double inv_factorial[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
+                                             1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
+                                             1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
+    for (int c = 0; c < 13; c++) y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(inv_factorial[c]));
+    const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)),
+                                                            _mm256_set1_epi64x(1023)), 52);
+    return _mm256_mul_pd(y, _mm256_castsi256_pd(bits));
+}
+#endif
+
 static inline void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e) {
     int i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     const __m256d vt = _mm256_set1_pd(temperature), vmax = _mm256_set1_pd(zmax), low = _mm256_set1_pd(-708.0);
-    for (; i + 4 <= n; i += 4) {
-        const __m256d x = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + i), vt), vmax);
-        if (_mm256_movemask_pd(_mm256_cmp_pd(x, low, _CMP_GE_OQ)) != 15) {
-            for (int j = i; j < i + 4; j++) e[j] = exp(z[j] / temperature - zmax);
+    for (; i + 8 <= n; i += 8) {        /* two vectors at a time: two chains of fused multiply-adds in flight */
+        const __m256d x0 = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + i), vt), vmax);
+        const __m256d x1 = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + i + 4), vt), vmax);
+        if ((_mm256_movemask_pd(_mm256_cmp_pd(x0, low, _CMP_GE_OQ)) &
+             _mm256_movemask_pd(_mm256_cmp_pd(x1, low, _CMP_GE_OQ))) != 15) {
+            for (int j = i; j < i + 8; j++) e[j] = exp(z[j] / temperature - zmax);
             continue;
         }
-        const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.6931471805599453), x);
-        r = _mm256_fnmadd_pd(k, _mm256_set1_pd(2.3190468138462996e-17), r);
-        __m256d y = _mm256_set1_pd(1.0 / 6227020800.0);                     /* 1 / 13! */
-        static const double inv_factorial[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-                                                 1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
-                                                 1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
-        for (int c = 0; c < 13; c++) y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(inv_factorial[c]));
-        const __m128i k32 = _mm256_cvtpd_epi32(k);
-        const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(k32), _mm256_set1_epi64x(1023)),
-                                               52);
-        _mm256_storeu_pd(e + i, _mm256_mul_pd(y, _mm256_castsi256_pd(bits)));
+        const __m256d e0 = edge_exp_pd(x0), e1 = edge_exp_pd(x1);
+        _mm256_storeu_pd(e + i, e0);
+        _mm256_storeu_pd(e + i + 4, e1);
     }
 #endif
     for (; i < n; i++) e[i] = exp(z[i] / temperature - zmax);

@@ -419,22 +419,34 @@ def test_attention_varlen_grouping_does_not_change_results():
         _attention._set_rows_per_task(16)
 
 
-def test_attention_paged_over_halves_equals_floats_holding_them():
+@pytest.mark.parametrize("hd,chunk_blocks", [(64, 16), (64, 1), (24, 16), (40, 2), (96, 1)])
+def test_attention_paged_over_halves_equals_floats_holding_them(hd, chunk_blocks):
     """A float16 cache gives bit for bit the output of a float32 cache holding the same values
-    widened: the halves change what is stored, never how attention computes."""
+    widened: the halves change what is stored, never how attention computes; whether a block's
+    halves are widened into a buffer (runs of several rows) or in register as they are loaded
+    (one-row runs: decode steps) does not change a bit either."""
+    from core.kernels import _attention
     rng = np.random.default_rng(5)
-    n_kv, group, hd, block_size = 3, 3, 64, 16
+    n_kv, group, block_size = 3, 3, 16
     k16 = rand(rng, 6 * block_size, n_kv * hd).astype(np.float16)
     v16 = rand(rng, 6 * block_size, n_kv * hd).astype(np.float16)
-    tables = np.array([[4, 1, 5], [0, 2, 3]], np.int32)
-    seq_ids = np.array([0] * 40 + [1] * 3, np.int32)
-    positions = np.array(list(range(40)) + [7, 8, 47], np.int32)
+    tables = np.array([[4, 1, 5], [0, 2, 3], [3, 5, 0]], np.int32)
+    seq_ids = np.array([0] * 40 + [1] * 3 + [2] * 2, np.int32)
+    positions = np.array(list(range(40)) + [7, 8, 47, 21, 30], np.int32)      # runs of 40, 2, 1, 1, 1
     q = rand(rng, len(seq_ids), n_kv * group * hd)
-    out16, out32 = np.empty_like(q), np.empty_like(q)
-    K.attention_paged(out16, q, k16, v16, tables, seq_ids, positions, n_kv * group, n_kv, block_size, 0.125)
-    K.attention_paged(out32, q, k16.astype(np.float32), v16.astype(np.float32), tables, seq_ids, positions,
-                      n_kv * group, n_kv, block_size, 0.125)
-    np.testing.assert_array_equal(out16, out32)
+    outs = {}
+    _attention._set_chunk_blocks(chunk_blocks)
+    try:
+        for name, k, v, in_place in [("f16", k16, v16, 1), ("f16 widened", k16, v16, 0),
+                                     ("f32", k16.astype(np.float32), v16.astype(np.float32), 1)]:
+            _attention._set_f16_in_place(in_place)
+            outs[name] = np.empty_like(q)
+            K.attention_paged(outs[name], q, k, v, tables, seq_ids, positions, n_kv * group, n_kv, block_size, 0.125)
+    finally:
+        _attention._set_f16_in_place(1)
+        _attention._set_chunk_blocks(16)
+    np.testing.assert_array_equal(outs["f16"], outs["f32"])
+    np.testing.assert_array_equal(outs["f16 widened"], outs["f32"])
 
 
 def test_attention_paged_refuses_caches_of_other_dtypes_or_shapes():

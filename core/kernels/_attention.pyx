@@ -34,6 +34,11 @@ cdef extern from "simd.h" nogil:
                                  int hd, float scale, float *scores, size_t scores_stride)
     void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
                                        const float *v, size_t stride, int n, int hd)
+    void edge_scores_f16_queries(const float *q, int nq, size_t q_stride, const uint16_t *k, size_t stride, int n,
+                                 int hd, float scale, float *scores, size_t scores_stride)
+    void edge_weighted_sum_f16_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
+                                       const uint16_t *v, size_t stride, int n, int hd)
+    int EDGE_KV_ROW_MAX
     void edge_f32_to_f16_row(const float *x, uint16_t *h, int n)
     void edge_f16_to_f32_row(const uint16_t *h, float *x, int n)
     void edge_prefetch(const void *p, size_t nbytes)
@@ -312,10 +317,19 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
     cdef int b, j, n, r, g, d, first = b0 * block_size, seen
     cdef const float *kb
     cdef const float *vb
+    cdef const uint16_t *vh
     cdef float *o
     cdef int chunk_keys = chunk_blocks * block_size       # a row with no more keys is never split
+    cdef bint in_place = f16 and n_rows == 1 and hd <= EDGE_KV_ROW_MAX and _f16_in_place
     for b in range(b0, b1):
         j = b * block_size
+        if in_place:        # one row: each half is used once, so widen it in register as it is loaded
+            _prefetch_next(k_cache, table, b, end, block_size, kv_width, kvh * hd, hd, 2)
+            n = positions[t0] + 1 - j
+            edge_scores_f16_queries(q + <size_t> t0 * width + kvh * group * hd, group, hd,
+                                    <const uint16_t *> k_cache + <size_t> table[b] * block_size * kv_width + kvh * hd,
+                                    kv_width, min(n, block_size), hd, scale, scores + j, stride)
+            continue
         kb = _head_block(k_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):
             n = positions[t0 + r] + 1 - j
@@ -342,6 +356,18 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
                 o[d] = 0.0
     for b in range(b0, b1):
         j = b * block_size
+        if in_place:
+            _prefetch_next(v_cache, table, b, end, block_size, kv_width, kvh * hd, hd, 2)
+            n = positions[t0] + 1 - j
+            vh = <const uint16_t *> v_cache + <size_t> table[b] * block_size * kv_width + kvh * hd
+            if parts == NULL or positions[t0] + 1 <= chunk_keys:
+                edge_weighted_sum_f16_queries(out + <size_t> t0 * width + kvh * group * hd, group, hd, scores + j,
+                                              stride, vh, kv_width, min(n, block_size), hd)
+            else:
+                edge_weighted_sum_f16_queries(parts + (<size_t> kvh * group * n_chunks + c) * (hd + 2), group,
+                                              <size_t> n_chunks * (hd + 2), scores + j, stride, vh, kv_width,
+                                              min(n, block_size), hd)
+            continue
         vb = _head_block(v_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):
             n = positions[t0 + r] + 1 - j
@@ -376,6 +402,28 @@ cdef void _combine_chunks(float *o, const float *parts, int n_chunks, int hd) no
         w = <float> (exp(<double> (parts[<size_t> c * (hd + 2) + hd] - m)) / total)
         for d in range(hd):
             o[d] += w * parts[<size_t> c * (hd + 2) + d]
+
+
+cdef bint _f16_in_place = True
+
+
+def _set_f16_in_place(int on):
+    """Benchmark knob: a one-row task reads float16 K and V in place, widening in register (else
+    through the widened block; the same bits)."""
+    global _f16_in_place
+    _f16_in_place = on != 0
+
+
+cdef inline void _prefetch_next(const void *cache, const int32_t *table, int b, int end, int block_size,
+                                int kv_width, int col, int hd, size_t size) noexcept nogil:
+    """Ask for block b + 1's rows, columns col..col+hd-1 (keys up to end): the next block of a
+    sequence is anywhere in the pool, where the hardware prefetcher cannot guess it."""
+    cdef int i, j = (b + 1) * block_size
+    cdef size_t slot
+    if j < end:
+        slot = <size_t> table[b + 1] * block_size
+        for i in range(min(end - j, block_size)):
+            edge_prefetch(<const char *> cache + ((slot + i) * kv_width + col) * size, hd * size)
 
 
 cdef inline const float *_head_block(const void *cache, bint f16, float *widened, const int32_t *table, int b,

@@ -753,6 +753,7 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
  * into four scores by a transposing hadd tree.  The last n % 4 keys go through edge_dot_f32.  A
  * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how queries
  * are grouped. */
+#define EDGE_KV_ROW_MAX 512         /* the longest head edge_scores_f16_queries takes */
 #if defined(__AVX2__) && defined(__FMA__)
 /* Keep a loaded vector in a register: without this gcc folds the load into every FMA that uses it,
  * and a K or V row shared by three queries is read from cache three times. */
@@ -763,11 +764,19 @@ static inline __attribute__((always_inline)) __m128 edge_fold4_ps(__m256 a0, __m
     return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
+/* Eight K or V values from p + i: floats, or halves widened in register (H16, where F16C exists). */
+static inline __attribute__((always_inline)) __m256 edge_load8_kv(const void *p, size_t i, const int H16) {
+#if defined(__F16C__)
+    if (H16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
+#endif
+    return _mm256_loadu_ps((const float *)p + i);
+}
+
 static inline __attribute__((always_inline)) void
-edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, const float *k, size_t stride,
-                  int j, int hd, __m128 vscale, float *scores, size_t scores_stride) {
-    const float *kc[8];
-    for (int c = 0; c < NK; c++) kc[c] = k + (size_t)(j + c) * stride;
+edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, const void *k, size_t stride,
+                  int j, int hd, __m128 vscale, float *scores, size_t scores_stride, const int H16) {
+    const char *kc[8];
+    for (int c = 0; c < NK; c++) kc[c] = (const char *)k + (size_t)(j + c) * stride * (H16 ? 2 : 4);
     __m256 acc[3][8];               /* NQ x NK <= 12 sums, with the NQ query vectors and one key in registers */
     for (int g = 0; g < NQ; g++)
         for (int c = 0; c < NK; c++) acc[g][c] = _mm256_setzero_ps();
@@ -778,7 +787,7 @@ edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, c
             EDGE_IN_REGISTER(qv[g]);
         }
         for (int c = 0; c < NK; c++) {
-            __m256 kv = _mm256_loadu_ps(kc[c] + d);
+            __m256 kv = edge_load8_kv(kc[c], d, H16);
             EDGE_IN_REGISTER(kv);
             for (int g = 0; g < NQ; g++) acc[g][c] = _mm256_fmadd_ps(qv[g], kv, acc[g][c]);
         }
@@ -790,8 +799,9 @@ edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, c
 }
 #endif
 
-static inline void edge_scores_f32_queries(const float *q, int nq, size_t q_stride, const float *k, size_t stride,
-                                         int n, int hd, float scale, float *scores, size_t scores_stride) {
+static inline __attribute__((always_inline)) void
+edge_scores_queries(const float *q, int nq, size_t q_stride, const void *k, size_t stride, int n, int hd, float scale,
+                    float *scores, size_t scores_stride, const int H16) {
     int j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
     if (hd % 8 == 0) {
@@ -799,7 +809,7 @@ static inline void edge_scores_f32_queries(const float *q, int nq, size_t q_stri
         int g = 0;
 #define EDGE_SCORES_FIXED(NQ, NK) \
         edge_scores_fixed(NQ, NK, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
-                          scores_stride)
+                          scores_stride, H16)
         for (; g + 3 <= nq; g += 3)
             for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(3, 4);
         if (nq - g == 2)
@@ -812,9 +822,27 @@ static inline void edge_scores_f32_queries(const float *q, int nq, size_t q_stri
         j = n - n % 4;
     }
 #endif
-    for (; j < n; j++)
-        for (int g = 0; g < nq; g++)
-            scores[g * scores_stride + j] = edge_dot_f32(q + g * q_stride, k + (size_t)j * stride, hd) * scale;
+    for (; j < n; j++) {
+        const float *kj = (const float *)k + (size_t)j * stride;
+        float row[EDGE_KV_ROW_MAX];             /* H16: the key widened (hd <= EDGE_KV_ROW_MAX) */
+        if (H16) {
+            edge_f16_to_f32_row((const uint16_t *)k + (size_t)j * stride, row, hd);
+            kj = row;
+        }
+        for (int g = 0; g < nq; g++) scores[g * scores_stride + j] = edge_dot_f32(q + g * q_stride, kj, hd) * scale;
+    }
+}
+
+static inline void edge_scores_f32_queries(const float *q, int nq, size_t q_stride, const float *k, size_t stride,
+                                         int n, int hd, float scale, float *scores, size_t scores_stride) {
+    edge_scores_queries(q, nq, q_stride, k, stride, n, hd, scale, scores, scores_stride, 0);
+}
+
+/* The same over keys stored as halves (rows of stride halves), widened in register as they are
+ * loaded: the same scores as widening the rows first (every half is a float).  hd <= EDGE_KV_ROW_MAX. */
+static inline void edge_scores_f16_queries(const float *q, int nq, size_t q_stride, const uint16_t *k, size_t stride,
+                                         int n, int hd, float scale, float *scores, size_t scores_stride) {
+    edge_scores_queries(q, nq, q_stride, k, stride, n, hd, scale, scores, scores_stride, 1);
 }
 
 /* one query head: scores[j] = scale * dot(q, k_j) */
@@ -830,16 +858,16 @@ static inline void edge_scores_f32(const float *q, const float *k, size_t stride
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void
 edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, const float *p, size_t p_stride,
-                        const float *v, size_t stride, int n) {
+                        const void *v, size_t stride, int n, const int H16) {
     __m256 acc[3][8];               /* NQ heads x NC vectors of 8 columns, NQ x NC <= 12 */
     for (int g = 0; g < NQ; g++)
         for (int c = 0; c < NC; c++) acc[g][c] = _mm256_loadu_ps(o + g * o_stride + 8 * c);
     for (int j = 0; j < n; j++) {
-        const float *vj = v + (size_t)j * stride;
+        const char *vj = (const char *)v + (size_t)j * stride * (H16 ? 2 : 4);
         __m256 pj[3];
         for (int g = 0; g < NQ; g++) pj[g] = _mm256_broadcast_ss(p + g * p_stride + j);
         for (int c = 0; c < NC; c++) {
-            __m256 vv = _mm256_loadu_ps(vj + 8 * c);
+            __m256 vv = edge_load8_kv(vj, 8 * c, H16);
             EDGE_IN_REGISTER(vv);
             for (int g = 0; g < NQ; g++) acc[g][c] = _mm256_fmadd_ps(pj[g], vv, acc[g][c]);
         }
@@ -849,27 +877,28 @@ edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, c
 }
 #endif
 
-static inline void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
-                                               const float *v, size_t stride, int n, int hd) {
+static inline __attribute__((always_inline)) void
+edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride, const void *v,
+                          size_t stride, int n, int hd, const int H16) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (hd % 32 == 0) {
         int g = 0;
         for (; g + 3 <= nq; g += 3)
             for (int d = 0; d < hd; d += 32)
-                edge_weighted_sum_fixed(3, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
-                                        stride, n);
+                edge_weighted_sum_fixed(3, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                                        (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
         if (nq - g == 2)
             for (int d = 0; d < hd; d += 32)
-                edge_weighted_sum_fixed(2, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
-                                        stride, n);
+                edge_weighted_sum_fixed(2, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                                        (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
         if (nq - g == 1) {          /* one head: 64 columns at a time where they fit, eight sums in flight */
             int d = 0;
             for (; d + 64 <= hd; d += 64)
-                edge_weighted_sum_fixed(1, 8, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
-                                        stride, n);
+                edge_weighted_sum_fixed(1, 8, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                                        (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
             if (d < hd)
-                edge_weighted_sum_fixed(1, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, v + d,
-                                        stride, n);
+                edge_weighted_sum_fixed(1, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                                        (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
         }
         return;
     }
@@ -877,9 +906,21 @@ static inline void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stri
     for (int g = 0; g < nq; g++)
         for (int j = 0; j < n; j++) {
             const float pj = p[g * p_stride + j];
-            const float *vj = v + (size_t)j * stride;
-            for (int d = 0; d < hd; d++) o[g * o_stride + d] += pj * vj[d];
+            for (int d = 0; d < hd; d++)
+                o[g * o_stride + d] += pj * (H16 ? edge_f16_to_f32(((const uint16_t *)v)[(size_t)j * stride + d])
+                                                 : ((const float *)v)[(size_t)j * stride + d]);
         }
+}
+
+static inline void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
+                                               const float *v, size_t stride, int n, int hd) {
+    edge_weighted_sum_queries(o, nq, o_stride, p, p_stride, v, stride, n, hd, 0);
+}
+
+/* The same over values stored as halves, widened in register as they are loaded (the same sums). */
+static inline void edge_weighted_sum_f16_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
+                                               const uint16_t *v, size_t stride, int n, int hd) {
+    edge_weighted_sum_queries(o, nq, o_stride, p, p_stride, v, stride, n, hd, 1);
 }
 
 /* one query head: o[0..hd) += sum_j p[j] * v_j */

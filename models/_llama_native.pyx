@@ -129,7 +129,8 @@ cdef class LlamaNative:
 
         native(batch)        runs models.llama.forward on batch (a models.api.Batch), returns the
                              final normed hidden rows (T, dim) as a float32 memoryview of scratch
-        native.logits(rows)  the logits head on some of those rows: one array('f') copy each
+        native.logits(rows)  the logits head on some of those rows: one array('f') copy each (an
+                             array its caller has released is refilled, not allocated anew)
     """
     cdef Layer *layers
     cdef int n_layers, dim, hidden, n_heads, n_kv_heads, head_dim, rope_dim, vocab, max_rows, n_slots

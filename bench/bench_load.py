@@ -5,10 +5,11 @@
 
 For each concurrency level C, C clients each stream (SSE) completions of --tokens tokens
 (ignore_eos; greedy, or sampled with --temperature and --top-p) from short prompts, one after the
-other, until max(2 C, 8) requests are done or --max-seconds pass (at least 8, so that the single
-stream, the base of every ratio, is not timed over 2 requests and a second).  Reported per level: aggregate decode throughput (generated tokens /
-wall time), p50/p99 time to first token, p50/p99 inter-token latency (gaps between streamed
-chunks).
+other, until max(4 C, 16) requests are done or --max-seconds pass: each level is timed over 6-7 s
+of decoding on two cores, so that a few slow seconds of a shared machine move its figure less
+(with max(2 C, 8) requests, about 3 s a level, 16 streams made 3.57-5.27x one in eight runs of
+one evening).  Reported per level: aggregate decode throughput (generated tokens / wall time),
+p50/p99 time to first token, p50/p99 inter-token latency (gaps between streamed chunks).
 
 Interference: 8 streams decode; once they run, one 2,000-token prompt (CPython's documentation
 text) arrives; the 8 streams' p99 inter-token latency while it is prefilled is compared with their
@@ -45,7 +46,7 @@ MODEL = "smollm2-135m-instruct"     # --model: a default model's name or a weigh
 NAME = MODEL                        # the name the API knows it by (a file: its name without .edge)
 BLOCK = 16
 SAMPLING = {"temperature": 0.0}     # --temperature, --top-p
-MIN_REQUESTS = 8                    # per level: the single stream's figure, the ratios' base, is not 2 requests
+MIN_REQUESTS = 16                   # per level (and 4 per stream): each level is timed over several seconds
 
 
 def free_port() -> int:
@@ -88,7 +89,7 @@ async def stream_one(session, url, prompt, max_tokens, marks=None) -> dict:
 
 async def level(url, concurrency, tokens, max_seconds) -> dict:
     import aiohttp
-    prompts = [f"Story {i}: once upon a time, in a faraway land," for i in range(max(2 * concurrency, MIN_REQUESTS))]
+    prompts = [f"Story {i}: once upon a time, in a faraway land," for i in range(max(4 * concurrency, MIN_REQUESTS))]
     results = []
     deadline = time.perf_counter() + max_seconds
     queue = list(prompts)

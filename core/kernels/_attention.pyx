@@ -429,14 +429,10 @@ cdef inline void _prefetch_next(const void *cache, const int32_t *table, int b, 
 cdef inline const float *_head_block(const void *cache, bint f16, float *widened, const int32_t *table, int b,
                                      int end, int block_size, int kv_width, int col, int hd) noexcept nogil:
     """Block b of a sequence (keys b * block_size up to end), columns col..col+hd-1, as fp32 rows
-    (_block_rows), after asking for block b + 1's rows: the next block of a sequence is anywhere in
-    the pool, where the hardware prefetcher cannot guess it."""
-    cdef int i, j = b * block_size
-    cdef size_t size = 2 if f16 else 4, slot
-    if j + block_size < end:
-        slot = <size_t> table[b + 1] * block_size
-        for i in range(min(end - j - block_size, block_size)):
-            edge_prefetch(<const char *> cache + ((slot + i) * kv_width + col) * size, hd * size)
+    (_block_rows), after asking for block b + 1's rows (_prefetch_next)."""
+    cdef int j = b * block_size
+    cdef size_t size = 2 if f16 else 4
+    _prefetch_next(cache, table, b, end, block_size, kv_width, col, hd, size)
     return _block_rows(cache, f16, widened, <size_t> table[b] * block_size, kv_width, col, hd,
                        min(end - j, block_size))
 

@@ -1,6 +1,7 @@
 """Every instruction-set body of core/kernels/simd.h against plain C (tests/native/simd_check.c):
 the host's baseline (scalar) and native builds (on x86-64 with and without the 4 x 2 tile's inline
-assembly, which simd_check compares bit for bit with the intrinsics of the 1 x 2 and 1 x 1 tiles), aarch64 NEON with and without the dot-product
+assembly, which simd_check compares bit for bit with the intrinsics of the 1 x 2 and 1 x 1 tiles),
+AVX2 without F16C (halves widened in plain C), aarch64 NEON with and without the dot-product
 extension under qemu, the VNNI body with vpdpbusd emulated in AVX2, and a compile check of the real
 AVX-512 VNNI body, which this machine cannot run.
 Native builds refuse variable-length arrays: a tile's sums in one live on the stack, not in
@@ -29,7 +30,8 @@ def build_and_run(tmp_path, cc, flags, runner=()):
 
 
 @pytest.mark.parametrize("flags,expected", [([], "scalar"), (["-march=native", "-Werror=vla"], None),
-                                            (["-march=native", "-Werror=vla", "-DEDGE_NO_ASM"], None)])
+                                            (["-march=native", "-Werror=vla", "-DEDGE_NO_ASM"], None),
+                                            (["-mavx2", "-mfma", "-Werror=vla"], "avx2")])     # no F16C
 def test_host(tmp_path, flags, expected):
     name = build_and_run(tmp_path, "gcc", flags)
     assert expected is None or name == expected

@@ -39,6 +39,7 @@ cdef extern from "simd.h" nogil:
     void edge_weighted_sum_f16_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
                                        const uint16_t *v, size_t stride, int n, int hd)
     int EDGE_KV_ROW_MAX
+    int EDGE_F16C
     void edge_f32_to_f16_row(const float *x, uint16_t *h, int n)
     void edge_f16_to_f32_row(const uint16_t *h, float *x, int n)
     void edge_prefetch(const void *p, size_t nbytes)
@@ -320,7 +321,7 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
     cdef const uint16_t *vh
     cdef float *o
     cdef int chunk_keys = chunk_blocks * block_size       # a row with no more keys is never split
-    cdef bint in_place = f16 and n_rows == 1 and hd <= EDGE_KV_ROW_MAX and _f16_in_place
+    cdef bint in_place = f16 and n_rows == 1 and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place
     for b in range(b0, b1):
         j = b * block_size
         if in_place:        # one row: each half is used once, so widen it in register as it is loaded

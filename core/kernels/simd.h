@@ -348,7 +348,6 @@ static inline __attribute__((always_inline)) __m256 edge_block_scales_f16(const 
 #endif
 }
 
-
 #if !defined(EDGE_VNNI) && defined(__x86_64__) && defined(__GNUC__) && !defined(EDGE_NO_ASM)
 #define EDGE_ASM_TILE 1
 /* The int32 sums of a 4 x 2 tile over S vectors of 32 bytes (the AVX2 body of edge_q8_tile_block,
@@ -754,6 +753,11 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
  * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how queries
  * are grouped. */
 #define EDGE_KV_ROW_MAX 512         /* the longest head edge_scores_f16_queries takes */
+#if defined(__F16C__)
+#define EDGE_F16C 1
+#else
+#define EDGE_F16C 0
+#endif
 #if defined(__AVX2__) && defined(__FMA__)
 /* Keep a loaded vector in a register: without this gcc folds the load into every FMA that uses it,
  * and a K or V row shared by three queries is read from cache three times. */
@@ -764,7 +768,9 @@ static inline __attribute__((always_inline)) __m128 edge_fold4_ps(__m256 a0, __m
     return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
 }
 
-/* Eight K or V values from p + i: floats, or halves widened in register (H16, where F16C exists). */
+/* Eight K or V values from p + i: floats, or halves widened in register (H16: only where F16C
+ * exists, EDGE_F16C; the callers take their plain loops for halves otherwise, whose sums are not
+ * in the vector loops' order, so attention widens blocks first there). */
 static inline __attribute__((always_inline)) __m256 edge_load8_kv(const void *p, size_t i, const int H16) {
 #if defined(__F16C__)
     if (H16) return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)));
@@ -804,7 +810,7 @@ edge_scores_queries(const float *q, int nq, size_t q_stride, const void *k, size
                     float *scores, size_t scores_stride, const int H16) {
     int j = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    if (hd % 8 == 0) {
+    if (hd % 8 == 0 && (!H16 || EDGE_F16C)) {
         const __m128 vscale = _mm_set1_ps(scale);
         int g = 0;
 #define EDGE_SCORES_FIXED(NQ, NK) \
@@ -881,7 +887,7 @@ static inline __attribute__((always_inline)) void
 edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride, const void *v,
                           size_t stride, int n, int hd, const int H16) {
 #if defined(__AVX2__) && defined(__FMA__)
-    if (hd % 32 == 0) {
+    if (hd % 32 == 0 && (!H16 || EDGE_F16C)) {
         int g = 0;
         for (; g + 3 <= nq; g += 3)
             for (int d = 0; d < hd; d += 32)

@@ -245,6 +245,39 @@ int main(void) {
                     printf("weighted_sum hd=%d n=%d d=%d: %.7g vs %.7g\n", hd, n, d, o[d], want_o[d]);
                     return 1;
                 }
+            /* the same over rows stored as halves, three queries: bit for bit the float loops
+             * over the rows widened, where the halves are widened in register (F16C) or both run
+             * in plain C; with AVX2 but no F16C the halves take the plain loops (attention then
+             * widens blocks first), so there only close */
+            uint16_t *halves = malloc((size_t)n * stride * sizeof(uint16_t));
+            float *widened = malloc((size_t)n * stride * sizeof(float)), *q3 = malloc(3 * hd * sizeof(float));
+            float *sc16 = malloc(3 * (size_t)n * sizeof(float)), *sc32 = malloc(3 * (size_t)n * sizeof(float));
+            float *o16 = malloc(3 * hd * sizeof(float)), *o32 = malloc(3 * hd * sizeof(float));
+            edge_f32_to_f16_row(rows, halves, n * (int)stride);
+            edge_f16_to_f32_row(halves, widened, n * (int)stride);
+            for (int d = 0; d < 3 * hd; d++) { q3[d] = uniform(); o16[d] = o32[d] = uniform(); }
+            edge_scores_f16_queries(q3, 3, hd, halves, stride, n, hd, 0.125f, sc16, n);
+            edge_scores_f32_queries(q3, 3, hd, widened, stride, n, hd, 0.125f, sc32, n);
+            edge_weighted_sum_f16_queries(o16, 3, hd, sc32, n, halves, stride, n, hd);
+            edge_weighted_sum_f32_queries(o32, 3, hd, sc32, n, widened, stride, n, hd);
+#if defined(__AVX2__) && defined(__FMA__) && !EDGE_F16C
+            for (int e = 0; e < 3 * n; e++)
+                if (fabsf(sc16[e] - sc32[e]) > 1e-5f * (fabsf(sc32[e]) + 1.0f)) {
+                    printf("scores over halves hd=%d n=%d: %.7g vs %.7g\n", hd, n, sc16[e], sc32[e]);
+                    return 1;
+                }
+            for (int d = 0; d < 3 * hd; d++)
+                if (fabsf(o16[d] - o32[d]) > 1e-5f * (fabsf(o32[d]) + n)) {
+                    printf("weighted sum over halves hd=%d n=%d: %.7g vs %.7g\n", hd, n, o16[d], o32[d]);
+                    return 1;
+                }
+#else
+            if (memcmp(sc16, sc32, 3 * (size_t)n * sizeof(float)) || memcmp(o16, o32, 3 * hd * sizeof(float))) {
+                printf("attention over halves hd=%d n=%d: not the float loops' bits\n", hd, n);
+                return 1;
+            }
+#endif
+            free(halves); free(widened); free(q3); free(sc16); free(sc32); free(o16); free(o32);
             free(rows); free(qv); free(sc); free(o); free(want_o);
         }
         /* softmax over scores spread like attention logits */

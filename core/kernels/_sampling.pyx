@@ -20,6 +20,9 @@ from libc.stdint cimport int32_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memset
 
+cdef extern from "parallel.h" nogil:
+    size_t edge_lines(size_t n)
+
 cdef extern from "simd.h" nogil:
     int edge_argmax_f32(const float *x, int n)
     double edge_max_f64(const double *x, int n)
@@ -229,10 +232,6 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
         if acc > target:
             return c[i].id
     return c[n - 1].id
-
-
-cdef inline size_t edge_lines(size_t n) noexcept nogil:
-    return (n + 63) & ~(<size_t> 63)
 
 
 # One call's scratch (2.2 MB for a vocabulary of 49152) is kept for the next: allocated afresh, a

@@ -298,7 +298,7 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
     const __m256i flip = _mm256_set1_epi8((char)0x80);
     int32_t *comp = (int32_t *)(q + edge_q8_padded(K));
     for (int first = 0, b = 0, S; first < K / 32; first += S, b++) {
-        S = K / 32 - first >= 8 ? 8 : (K / 32 - first >= 4 ? 4 : (K / 32 - first >= 2 ? 2 : 1));
+        edge_q8_block_of(first, K / 32, &first, &S);
         __m256i sum = _mm256_setzero_si256();
         for (int j = 0; j < S; j++)
             sum = edge_dpbusd(sum, flip, _mm256_loadu_si256((const __m256i *)(q + 32 * (first + j))));

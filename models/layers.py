@@ -79,9 +79,13 @@ class Norm:
         self.bias = wf.tensor(f"{name}.bias") if f"{name}.bias" in wf else None
         self.eps = eps
 
-    def __call__(self, out: np.ndarray, x: np.ndarray) -> np.ndarray:
+    def __call__(self, out: np.ndarray, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
+        """out = norm(x), or with a residual (LayerNorm only) x += residual, then out = norm(x):
+        one parallel pass for a post-norm block's add and norm (out may be the residual)."""
         if self.bias is None:
+            if residual is not None:
+                raise ValueError("an RMSNorm takes no residual")
             K.rmsnorm(out, x, self.weight, self.eps)
         else:
-            K.layernorm(out, x, self.weight, self.bias, self.eps)
+            K.layernorm(out, x, self.weight, self.bias, self.eps, residual)
         return out

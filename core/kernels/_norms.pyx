@@ -1,7 +1,9 @@
 """Row normalisations in fp32 (statistics accumulated in double).
 
 rmsnorm:   out = x / sqrt(mean(x^2) + eps) * weight                 (Llama)
-layernorm: out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias  (GPT-2, BERT)
+layernorm: out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias  (GPT-2, BERT); with a
+           residual, x += residual first (in place, in fp32), as a post-norm block's
+           x = layernorm(f(x) + x) needs
 """
 from cython.parallel cimport prange
 from libc.math cimport sqrt
@@ -40,17 +42,24 @@ cdef inline void rmsnorm_row(float *out, const float *row, const float *weight, 
 
 
 def layernorm(float[:, ::1] out,          # OUT (T, dim)
-              const float[:, ::1] x,      # IN  (T, dim)
+              float[:, ::1] x,            # IN  (T, dim); with a residual, IN/OUT: x + residual
               const float[::1] weight,    # IN  (dim,)
               const float[::1] bias,      # IN  (dim,)
-              float eps):
+              float eps,
+              const float[:, ::1] residual=None):   # IN (T, dim) or None; may be out
     if (x.shape[1] != weight.shape[0] or x.shape[1] != bias.shape[0]
             or out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]):
         raise ValueError("layernorm: shapes of out, x, weight and bias disagree")
-    cdef Py_ssize_t t, T = x.shape[0], dim = x.shape[1]
+    if residual is not None and (residual.shape[0] != x.shape[0] or residual.shape[1] != x.shape[1]):
+        raise ValueError("layernorm: the residual's shape is not x's")
+    cdef Py_ssize_t t, j, T = x.shape[0], dim = x.shape[1]
+    cdef bint add = residual is not None
     if T and dim:
         with nogil:
             for t in prange(T, schedule="static"):
+                if add:         # the row's sum first, then its norm (out may be the residual)
+                    for j in range(dim):
+                        x[t, j] = x[t, j] + residual[t, j]
                 layernorm_row(&out[t, 0], &x[t, 0], &weight[0], &bias[0], dim, eps)
 
 

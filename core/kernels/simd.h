@@ -245,6 +245,30 @@ static inline void edge_q8_dequantize_row(const int8_t *packed, const uint16_t *
     for (int k = 32 * n_groups; k < K; k++) out[k] = (float)packed[k] * edge_f16_to_f32(scale[n_groups]);
 }
 
+#if defined(__AVX2__)
+/* dst[32 c + 4 j .. +4) = chunk c (bytes 4c..4c+3) of r[j], for j, c < 8: an 8 x 8 transpose of
+ * 4-byte chunks, stored as 8 vectors. */
+static inline void edge_store_transposed_8x8(int8_t *dst, const __m256i r[8]) {
+    __m256i t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_epi32(r[2 * i], r[2 * i + 1]);       /* c0 c0 c1 c1 | c4 c4 c5 c5 */
+        t[2 * i + 1] = _mm256_unpackhi_epi32(r[2 * i], r[2 * i + 1]);   /* c2 c2 c3 c3 | c6 c6 c7 c7 */
+    }
+    for (int h = 0; h < 2; h++) {       /* rows 0-3, then 4-7 */
+        __m256i *const v = u + 4 * h;
+        const __m256i *const w = t + 4 * h;
+        v[0] = _mm256_unpacklo_epi64(w[0], w[2]);       /* c0 of 4 rows | c4 */
+        v[1] = _mm256_unpackhi_epi64(w[0], w[2]);       /* c1 | c5 */
+        v[2] = _mm256_unpacklo_epi64(w[1], w[3]);       /* c2 | c6 */
+        v[3] = _mm256_unpackhi_epi64(w[1], w[3]);       /* c3 | c7 */
+    }
+    for (int c = 0; c < 4; c++) {
+        _mm256_storeu_si256((__m256i *)(dst + 32 * c), _mm256_permute2x128_si256(u[c], u[4 + c], 0x20));
+        _mm256_storeu_si256((__m256i *)(dst + 32 * (c + 4)), _mm256_permute2x128_si256(u[c], u[4 + c], 0x31));
+    }
+}
+#endif
+
 /* Quantize x[0..K) to int8 with one scale per group of 32: s = max|x| / 127, q = rint(x * 127/max|x|),
  * rounding half to even.  Writes q[0..edge_q8_row_bytes(K)): the values in the packed layout (zero
  * padded to a multiple of 32), then the compensation where the VNNI body runs; and s[0..ceil(K/32)). */
@@ -254,6 +278,7 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
     const int n_groups = K / EDGE_Q8_GROUP;
     const __m256 sign = _mm256_set1_ps(-0.0f);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    __m256i block[8];
     for (; k0 + EDGE_Q8_GROUP <= K; k0 += EDGE_Q8_GROUP, g++) {
         const __m256 v0 = _mm256_loadu_ps(x + k0), v1 = _mm256_loadu_ps(x + k0 + 8);
         const __m256 v2 = _mm256_loadu_ps(x + k0 + 16), v3 = _mm256_loadu_ps(x + k0 + 24);
@@ -275,6 +300,9 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
         edge_q8_block_of(g, n_groups, &first, &S);
         if (S == 1) {
             _mm256_storeu_si256((__m256i *)(q + k0), bytes);
+        } else if (S == 8) {    /* a block's 8 groups kept, then stored transposed: vector c, lane j = chunk c of group j */
+            block[g - first] = bytes;
+            if (g - first == 7) edge_store_transposed_8x8(q + 32 * first, block);
         } else {   /* chunk c to vector c / per, lane (c % per) S + (g - first) */
             int32_t chunks[8];
             _mm256_storeu_si256((__m256i *)chunks, bytes);

@@ -80,8 +80,8 @@ class Norm:
         self.eps = eps
 
     def __call__(self, out: np.ndarray, x: np.ndarray, residual: np.ndarray | None = None) -> np.ndarray:
-        """out = norm(x), or with a residual (LayerNorm only) x += residual, then out = norm(x):
-        one parallel pass for a post-norm block's add and norm (out may be the residual)."""
+        """out = norm(x), or with a residual (LayerNorm only) norm(x + residual): one parallel
+        pass for a post-norm block's add and norm (out may be the residual)."""
         if self.bias is None:
             if residual is not None:
                 raise ValueError("an RMSNorm takes no residual")

@@ -172,18 +172,18 @@ def test_norms(T, dim, seed):
 @settings(max_examples=40, deadline=None)
 @given(T=rows, dim=dims, seed=seeds, into_residual=st.booleans())
 def test_layernorm_adds_a_residual_first(T, dim, seed, into_residual):
-    """x += residual (in place, fp32, as numpy adds), then out = layernorm(x); out may be the
-    residual itself (a post-norm block's x = norm(f(x) + x))."""
+    """out = layernorm(x + residual), the sum in fp32 (as numpy adds); out may be the residual
+    itself (a post-norm block's x = norm(f(x) + x)); x is left as it was."""
     rng = np.random.default_rng(seed)
     h, r, w, b = rand(rng, T, dim, scale=3), rand(rng, T, dim, scale=3), rand(rng, dim), rand(rng, dim)
-    h_ref, ref = h.copy(), np.empty(h.shape, np.float64)
-    R.layernorm(ref, h_ref, w, b, 1e-12, residual=r)
-    out = r if into_residual else np.empty_like(h)
-    K.layernorm(out, h, w, b, 1e-12, r.copy() if not into_residual else r)
-    np.testing.assert_array_equal(h, h_ref)             # the sum, bit for bit
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+    h0, summed, ref = h.copy(), h + r, np.empty(h.shape, np.float64)
+    R.layernorm(ref, h, w, b, 1e-12, residual=r)
     plain = np.empty_like(h)
-    K.layernorm(plain, h, w, b, 1e-12)                  # the norm of that sum, as without a residual
+    K.layernorm(plain, summed, w, b, 1e-12)             # the norm of the sum, as without a residual
+    out = r if into_residual else np.empty_like(h)
+    K.layernorm(out, h, w, b, 1e-12, r)
+    np.testing.assert_array_equal(h, h0)
+    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(out, plain)
 
 

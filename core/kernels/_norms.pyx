@@ -2,7 +2,7 @@
 
 rmsnorm:   out = x / sqrt(mean(x^2) + eps) * weight                 (Llama)
 layernorm: out = (x - mean(x)) / sqrt(var(x) + eps) * weight + bias  (GPT-2, BERT); with a
-           residual, x += residual first (in place, in fp32), as a post-norm block's
+           residual, of x + residual (summed in fp32 into out first), as a post-norm block's
            x = layernorm(f(x) + x) needs
 """
 from cython.parallel cimport prange
@@ -42,11 +42,11 @@ cdef inline void rmsnorm_row(float *out, const float *row, const float *weight, 
 
 
 def layernorm(float[:, ::1] out,          # OUT (T, dim)
-              float[:, ::1] x,            # IN  (T, dim); with a residual, IN/OUT: x + residual
+              const float[:, ::1] x,      # IN  (T, dim)
               const float[::1] weight,    # IN  (dim,)
               const float[::1] bias,      # IN  (dim,)
               float eps,
-              const float[:, ::1] residual=None):   # IN (T, dim) or None; may be out
+              const float[:, ::1] residual=None):   # IN (T, dim) or None; out may be it (or x)
     if (x.shape[1] != weight.shape[0] or x.shape[1] != bias.shape[0]
             or out.shape[0] != x.shape[0] or out.shape[1] != x.shape[1]):
         raise ValueError("layernorm: shapes of out, x, weight and bias disagree")
@@ -57,15 +57,18 @@ def layernorm(float[:, ::1] out,          # OUT (T, dim)
     if T and dim:
         with nogil:
             for t in prange(T, schedule="static"):
-                if add:         # the row's sum first, then its norm (out may be the residual)
+                if add:         # the row's sum into out, then its norm in place
                     for j in range(dim):
-                        x[t, j] = x[t, j] + residual[t, j]
-                layernorm_row(&out[t, 0], &x[t, 0], &weight[0], &bias[0], dim, eps)
+                        out[t, j] = x[t, j] + residual[t, j]
+                    layernorm_row(&out[t, 0], &out[t, 0], &weight[0], &bias[0], dim, eps)
+                else:
+                    layernorm_row(&out[t, 0], &x[t, 0], &weight[0], &bias[0], dim, eps)
 
 
 cdef inline void layernorm_row(float *out, const float *row, const float *weight, const float *bias, int dim,
                                float eps) noexcept nogil:
-    """The mean and the variance about it in double, summed four lanes by four (edge_sum_f64)."""
+    """The mean and the variance about it in double, summed four lanes by four (edge_sum_f64).
+    out may be row: each out[j] is written after the row's statistics, from row[j] alone."""
     cdef int j
     cdef double mean = edge_sum_f64(row, dim) / dim
     cdef float inv = <float> (1.0 / sqrt(edge_sumsq_centered_f64(row, dim, mean) / dim + eps))

@@ -140,7 +140,7 @@ def rmsnorm(out, x, weight, eps):
 
 def layernorm(out, x, weight, bias, eps, residual=None):
     if residual is not None:
-        x += residual                   # float32, in place, as the kernel
+        x = x + residual                # summed in float32, as the kernel
     x64 = x.astype(np.float64)
     mu = x64.mean(axis=1, keepdims=True)
     var = ((x64 - mu) ** 2).mean(axis=1, keepdims=True)

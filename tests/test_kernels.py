@@ -467,6 +467,38 @@ def test_attention_paged_over_halves_equals_floats_holding_them(hd, chunk_blocks
     np.testing.assert_array_equal(outs["f16 widened"], outs["f32"])
 
 
+@pytest.mark.parametrize("hd,chunk_blocks", [(64, 16), (64, 1), (32, 2)])
+def test_attention_paged_decode_step_in_sequence_tasks_equals_head_tasks(hd, chunk_blocks):
+    """A batched decode step (one row per sequence, float16 cache) whose tasks each take all KV
+    heads of a sequence gives bit for bit the output of one task per KV head, and both match the
+    numpy twin; long contexts split into chunks (chunk_blocks 1 and 2) included."""
+    from core.kernels import _attention
+    rng = np.random.default_rng(13)
+    n_kv, group, block_size, n_seqs = 3, 3, 16, 9
+    n_blocks = 6 * n_seqs
+    k16 = rand(rng, n_blocks * block_size, n_kv * hd).astype(np.float16)
+    v16 = rand(rng, n_blocks * block_size, n_kv * hd).astype(np.float16)
+    tables = rng.permutation(n_blocks).astype(np.int32).reshape(n_seqs, 6)
+    seq_ids = np.arange(n_seqs, dtype=np.int32)
+    positions = np.array([0, 15, 16, 40, 95, 3, 77, 50, 64], np.int32)
+    q = rand(rng, n_seqs, n_kv * group * hd)
+    args = (tables, seq_ids, positions, n_kv * group, n_kv, block_size, 1 / np.sqrt(hd))
+    outs = {}
+    _attention._set_chunk_blocks(chunk_blocks)
+    try:
+        for on in (1, 0):
+            _attention._set_sequence_tasks(on, 1)     # on: 9 runs are enough for any thread count here
+            outs[on] = np.empty_like(q)
+            K.attention_paged(outs[on], q, k16, v16, *args)
+    finally:
+        _attention._set_sequence_tasks(1)
+        _attention._set_chunk_blocks(16)
+    np.testing.assert_array_equal(outs[1], outs[0])
+    want = np.empty_like(q)
+    R.attention_paged(want, q, k16, v16, *args)
+    np.testing.assert_allclose(outs[1], want, rtol=1e-4, atol=1e-5)
+
+
 def test_attention_paged_refuses_caches_of_other_dtypes_or_shapes():
     q, tables, ids = np.zeros((1, 4), np.float32), np.zeros((1, 1), np.int32), np.zeros(1, np.int32)
     k32, k16 = np.zeros((4, 4), np.float32), np.zeros((4, 4), np.float16)

@@ -11,8 +11,8 @@ attention_paged: causal attention of new query rows over a paged KV cache.  The 
 attention_varlen: bidirectional attention over packed sequences held contiguously (an encoder's
   batch without padding): row t sees the key rows key_start[t] <= j < key_end[t].
 
-attention_paged: one task is a run of consecutive rows of one sequence and one KV head (see
-attention_paged_rows); attention_varlen: one task is one head of a run of rows that see the same keys.
+attention_paged: one task is a run of consecutive rows of one sequence and one KV head, or all its
+KV heads in a batched decode step (see attention_paged_rows); attention_varlen: one task is one head of a run of rows that see the same keys.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, uint16_t
@@ -198,6 +198,17 @@ cdef int longest_run(const int32_t *starts, int n_runs) noexcept nogil:
 
 
 cdef int _chunk_blocks = 16     # KV blocks per task of a long context: keys in chunks of 16 x 16
+cdef int _sequence_tasks = 1    # one-row runs take every KV head of their sequence in one task
+cdef int _sequence_tasks_min = 2     # ... where there are at least this many runs per thread
+
+
+def _set_sequence_tasks(int on, int min_runs_per_thread=2):
+    """Benchmark knob: a batched decode step's one-row runs each take all KV heads of their
+    sequence in one task (on, with at least min_runs_per_thread runs per thread), or one task per
+    KV head (off).  The same bits either way."""
+    global _sequence_tasks, _sequence_tasks_min
+    _sequence_tasks = on != 0
+    _sequence_tasks_min = max(1, min_runs_per_thread)
 
 
 def _set_chunk_blocks(int n):
@@ -220,7 +231,9 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     _rows_per_task rows, a batched decode step runs of one), one KV head with the n_heads /
     n_kv_heads query heads that share it, and one chunk of _chunk_blocks KV blocks: the task walks
     its blocks once, and every query row of the task takes its scores (then its weighted sum) from
-    a block while the block is in L1 (widened to fp32 first where the cache holds halves).  A row
+    a block while the block is in L1 (widened to fp32 first where the cache holds halves).  In a
+    batched decode step with at least _sequence_tasks_min one-row runs per thread, a task takes all
+    KV heads of its run instead, and reads each block's rows whole.  A row
     whose keys fit in the first chunk is normalised in its task (softmax, then the weighted sum).  A
     row with more keys (a long context: few rows but many keys, which one task per KV head would
     spread over only n_kv_heads threads) leaves, per chunk, the chunk's max score, sum of
@@ -230,6 +243,7 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     nor on the thread count."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
     cdef int max_rows = _rows_per_task, chunk_blocks = _chunk_blocks
+    cdef int n_max = edge_team_max()
     # the runs (at most T): where each starts, its first task, and its first partial result (chunks
     # of a split run, hd + 2 floats each)
     cdef size_t ints = edge_lines((T + 1) * sizeof(int32_t))
@@ -241,18 +255,25 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     cdef size_t *part_start = <size_t *> (runs + 2 * ints)
     cdef int n_runs = split_runs(seq_ids, positions, 1, T, max_rows, starts)
     cdef int longest = longest_run(starts, n_runs)
+    # KV heads per task: all of a sequence's in a batched decode step with runs enough to keep
+    # every thread busy, so that a task reads each block's rows whole (16 x kv_width, contiguous)
+    # rather than a head's columns of them (hd of every kv_width values: the per-head tasks of a
+    # 16-sequence step read their KV at about a third of the machine's bandwidth)
+    cdef int heads = 1
+    if (_sequence_tasks and longest == 1 and n_runs >= _sequence_tasks_min * n_max and f16
+            and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place):
+        heads = n_kv_heads
     cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
     cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h
     task_start[0], part_start[0] = 0, 0
     for run in range(n_runs):
         n_rows = starts[run + 1] - starts[run]
         n_chunks = _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
-        task_start[run + 1] = task_start[run] + n_kv_heads * n_chunks
+        task_start[run + 1] = task_start[run] + n_kv_heads // heads * n_chunks
         part_start[run + 1] = part_start[run] + (<size_t> n_rows * n_heads * n_chunks if n_chunks > 1 else 0)
     # every thread's scores and one block of one head widened to fp32, then the partial results
-    cdef size_t scores_bytes = edge_lines(<size_t> longest * group * stride * sizeof(float))
+    cdef size_t scores_bytes = edge_lines(<size_t> longest * heads * group * stride * sizeof(float))
     cdef size_t thread_bytes = scores_bytes + edge_lines(<size_t> block_size * hd * sizeof(float))
-    cdef int n_max = edge_team_max()
     cdef char *work = <char *> edge_scratch(n_max * thread_bytes + part_start[n_runs] * (hd + 2) * sizeof(float))
     if work == NULL:
         free(runs)
@@ -265,11 +286,11 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
         widened = <float *> (work + edge_thread_id() * thread_bytes + scores_bytes)
         for i in prange(task_start[n_runs], schedule="guided"):
             run = _run_of(task_start, n_runs, i)
-            n_chunks = (task_start[run + 1] - task_start[run]) // n_kv_heads
-            kvh = (i - task_start[run]) // n_chunks
+            n_chunks = (task_start[run + 1] - task_start[run]) // (n_kv_heads // heads)
+            kvh = (i - task_start[run]) // n_chunks * heads
             c = (i - task_start[run]) % n_chunks
             _paged_task(out, q, k_cache, v_cache, f16, block_tables + <size_t> seq_ids[starts[run]] * max_blocks,
-                        positions, starts[run], starts[run + 1] - starts[run], kvh, c, n_chunks, chunk_blocks,
+                        positions, starts[run], starts[run + 1] - starts[run], kvh, heads, c, n_chunks, chunk_blocks,
                         parts + part_start[run] * (hd + 2) if n_chunks > 1 else NULL,
                         n_heads, group, hd, width, kv_width, block_size, scale, scores, stride, widened)
     if parts != NULL:              # combine the chunks of split runs, one (row, head) per task
@@ -277,7 +298,7 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
             t0 = i // n_heads
             h = i % n_heads
             run = _run_of(starts, n_runs, t0)     # the run holding row t0
-            n_chunks = (task_start[run + 1] - task_start[run]) // n_kv_heads
+            n_chunks = (task_start[run + 1] - task_start[run]) // (n_kv_heads // heads)
             if n_chunks > 1 and positions[t0] + 1 > chunk_blocks * block_size:
                 rg = (t0 - starts[run]) * n_heads + h
                 _combine_chunks(out + <size_t> t0 * width + h * hd,
@@ -305,31 +326,37 @@ cdef inline int _run_of(const int32_t *first, int n_runs, int i) noexcept nogil:
 
 
 cdef void _paged_task(float *out, const float *q, const void *k_cache, const void *v_cache, bint f16,
-                      const int32_t *table, const int32_t *positions, int t0, int n_rows, int kvh, int c,
+                      const int32_t *table, const int32_t *positions, int t0, int n_rows, int kvh, int heads, int c,
                       int n_chunks, int chunk_blocks, float *parts, int n_heads, int group, int hd, int width,
                       int kv_width,
                       int block_size, float scale, float *scores, size_t stride, float *widened) noexcept nogil:
-    """Chunk c (blocks c * chunk_blocks ...) of one run and one KV head (see attention_paged_rows).
-    parts: the run's partial results where it is split (n_chunks > 1), else NULL."""
+    """Chunk c (blocks c * chunk_blocks ...) of one run and KV heads kvh..kvh+heads-1 (see
+    attention_paged_rows; several heads only for a one-row run, read in place).  parts: the run's
+    partial results where it is split (n_chunks > 1), else NULL.  Scores of row r, query head
+    kvh * group + hg of the task: scores + (r * heads * group + hg) * stride."""
     cdef int n_keys = positions[t0 + n_rows - 1] + 1          # the run's last row sees the most keys
     cdef int b0 = c * chunk_blocks
     cdef int b1 = min(b0 + chunk_blocks, (n_keys + block_size - 1) // block_size)
     cdef int end = min(b1 * block_size, n_keys)                # one past the chunk's last key
-    cdef int b, j, n, r, g, d, first = b0 * block_size, seen
+    cdef int b, j, n, r, hg, h, e, d, first = b0 * block_size, seen
     cdef const float *kb
     cdef const float *vb
-    cdef const uint16_t *vh
+    cdef const uint16_t *rows
     cdef float *o
     cdef int chunk_keys = chunk_blocks * block_size       # a row with no more keys is never split
     cdef bint in_place = f16 and n_rows == 1 and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place
     for b in range(b0, b1):
         j = b * block_size
         if in_place:        # one row: each half is used once, so widen it in register as it is loaded
-            _prefetch_next(k_cache, table, b, end, block_size, kv_width, kvh * hd, hd, 2)
             n = positions[t0] + 1 - j
-            edge_scores_f16_queries(q + <size_t> t0 * width + kvh * group * hd, group, hd,
-                                    <const uint16_t *> k_cache + <size_t> table[b] * block_size * kv_width + kvh * hd,
-                                    kv_width, min(n, block_size), hd, scale, scores + j, stride)
+            rows = <const uint16_t *> k_cache + <size_t> table[b] * block_size * kv_width
+            for e in range(heads):      # the next block's columns of a head before each head: a
+                # whole block's lines at once (16 x kv_width halves) are more than the core can have
+                # in flight, and the prefetches would stall it
+                _prefetch_next(k_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
+                edge_scores_f16_queries(q + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
+                                        rows + (kvh + e) * hd, kv_width, min(n, block_size), hd, scale,
+                                        scores + e * group * stride + j, stride)
             continue
         kb = _head_block(k_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):
@@ -340,34 +367,37 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
                                         scores + r * group * stride + j, stride)
     for r in range(n_rows):
         seen = min(positions[t0 + r] + 1, end) - first             # this row's keys in the chunk
-        for g in range(group):
+        for hg in range(heads * group):
+            h = kvh * group + hg
             if parts == NULL or positions[t0 + r] + 1 <= chunk_keys:     # the row's keys all in this chunk
                 if seen <= 0:
                     continue
-                edge_softmax_f32(scores + (r * group + g) * stride, positions[t0 + r] + 1)
-                o = out + <size_t> (t0 + r) * width + (kvh * group + g) * hd
+                edge_softmax_f32(scores + (r * heads * group + hg) * stride, positions[t0 + r] + 1)
+                o = out + <size_t> (t0 + r) * width + h * hd
             else:        # the chunk's max score and sum of exp(score - max), after its weighted sum
-                o = parts + ((<size_t> r * n_heads + kvh * group + g) * n_chunks + c) * (hd + 2)
+                o = parts + ((<size_t> r * n_heads + h) * n_chunks + c) * (hd + 2)
                 o[hd] = -1e30
                 o[hd + 1] = 0.0
                 if seen > 0:
-                    o[hd + 1] = <float> edge_exp_shifted_f32(scores + (r * group + g) * stride + first, seen,
-                                                            &o[hd])
+                    o[hd + 1] = <float> edge_exp_shifted_f32(scores + (r * heads * group + hg) * stride + first,
+                                                            seen, &o[hd])
             for d in range(hd):
                 o[d] = 0.0
     for b in range(b0, b1):
         j = b * block_size
         if in_place:
-            _prefetch_next(v_cache, table, b, end, block_size, kv_width, kvh * hd, hd, 2)
             n = positions[t0] + 1 - j
-            vh = <const uint16_t *> v_cache + <size_t> table[b] * block_size * kv_width + kvh * hd
-            if parts == NULL or positions[t0] + 1 <= chunk_keys:
-                edge_weighted_sum_f16_queries(out + <size_t> t0 * width + kvh * group * hd, group, hd, scores + j,
-                                              stride, vh, kv_width, min(n, block_size), hd)
-            else:
-                edge_weighted_sum_f16_queries(parts + (<size_t> kvh * group * n_chunks + c) * (hd + 2), group,
-                                              <size_t> n_chunks * (hd + 2), scores + j, stride, vh, kv_width,
-                                              min(n, block_size), hd)
+            rows = <const uint16_t *> v_cache + <size_t> table[b] * block_size * kv_width
+            for e in range(heads):
+                _prefetch_next(v_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
+                if parts == NULL or positions[t0] + 1 <= chunk_keys:
+                    edge_weighted_sum_f16_queries(out + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
+                                                  scores + e * group * stride + j, stride, rows + (kvh + e) * hd,
+                                                  kv_width, min(n, block_size), hd)
+                else:
+                    edge_weighted_sum_f16_queries(parts + (<size_t> (kvh + e) * group * n_chunks + c) * (hd + 2),
+                                                  group, <size_t> n_chunks * (hd + 2), scores + e * group * stride + j,
+                                                  stride, rows + (kvh + e) * hd, kv_width, min(n, block_size), hd)
             continue
         vb = _head_block(v_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):

@@ -471,17 +471,18 @@ def test_attention_paged_over_halves_equals_floats_holding_them(hd, chunk_blocks
 def test_attention_paged_decode_step_in_sequence_tasks_equals_head_tasks(hd, chunk_blocks):
     """A batched decode step (one row per sequence, float16 cache) whose tasks each take all KV
     heads of a sequence gives bit for bit the output of one task per KV head, and both match the
-    numpy twin; long contexts split into chunks (chunk_blocks 1 and 2) included."""
+    numpy twin; long contexts split into chunks (chunk_blocks 1 and 2) and a prompt's chunk of rows
+    fed in the same call (per-head tasks) included."""
     from core.kernels import _attention
     rng = np.random.default_rng(13)
-    n_kv, group, block_size, n_seqs = 3, 3, 16, 9
+    n_kv, group, block_size, n_seqs = 3, 3, 16, 10
     n_blocks = 6 * n_seqs
     k16 = rand(rng, n_blocks * block_size, n_kv * hd).astype(np.float16)
     v16 = rand(rng, n_blocks * block_size, n_kv * hd).astype(np.float16)
     tables = rng.permutation(n_blocks).astype(np.int32).reshape(n_seqs, 6)
-    seq_ids = np.arange(n_seqs, dtype=np.int32)
-    positions = np.array([0, 15, 16, 40, 95, 3, 77, 50, 64], np.int32)
-    q = rand(rng, n_seqs, n_kv * group * hd)
+    seq_ids = np.array(list(range(9)) + [9] * 5, np.int32)
+    positions = np.array([0, 15, 16, 40, 95, 3, 77, 50, 64] + list(range(30, 35)), np.int32)
+    q = rand(rng, len(seq_ids), n_kv * group * hd)
     args = (tables, seq_ids, positions, n_kv * group, n_kv, block_size, 1 / np.sqrt(hd))
     outs = {}
     _attention._set_chunk_blocks(chunk_blocks)

@@ -203,9 +203,9 @@ cdef int _sequence_tasks_min = 2     # ... where there are at least this many ru
 
 
 def _set_sequence_tasks(int on, int min_runs_per_thread=2):
-    """Benchmark knob: a batched decode step's one-row runs each take all KV heads of their
-    sequence in one task (on, with at least min_runs_per_thread runs per thread), or one task per
-    KV head (off).  The same bits either way."""
+    """Benchmark knob: in a call with at least min_runs_per_thread runs per thread, one-row runs
+    each take all KV heads of their sequence in one task (on), or one task per KV head (off).  The
+    same bits either way."""
     global _sequence_tasks, _sequence_tasks_min
     _sequence_tasks = on != 0
     _sequence_tasks_min = max(1, min_runs_per_thread)
@@ -232,8 +232,8 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     n_kv_heads query heads that share it, and one chunk of _chunk_blocks KV blocks: the task walks
     its blocks once, and every query row of the task takes its scores (then its weighted sum) from
     a block while the block is in L1 (widened to fp32 first where the cache holds halves).  In a
-    batched decode step with at least _sequence_tasks_min one-row runs per thread, a task takes all
-    KV heads of its run instead, and reads each block's rows whole.  A row
+    call with at least _sequence_tasks_min runs per thread (a batched decode step), a one-row run's
+    task takes all KV heads of its sequence instead, and reads each block's rows whole.  A row
     whose keys fit in the first chunk is normalised in its task (softmax, then the weighted sum).  A
     row with more keys (a long context: few rows but many keys, which one task per KV head would
     spread over only n_kv_heads threads) leaves, per chunk, the chunk's max score, sum of
@@ -255,24 +255,24 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     cdef size_t *part_start = <size_t *> (runs + 2 * ints)
     cdef int n_runs = split_runs(seq_ids, positions, 1, T, max_rows, starts)
     cdef int longest = longest_run(starts, n_runs)
-    # KV heads per task: all of a sequence's in a batched decode step with runs enough to keep
-    # every thread busy, so that a task reads each block's rows whole (16 x kv_width, contiguous)
-    # rather than a head's columns of them (hd of every kv_width values: the per-head tasks of a
-    # 16-sequence step read their KV at about a third of the machine's bandwidth)
-    cdef int heads = 1
-    if (_sequence_tasks and longest == 1 and n_runs >= _sequence_tasks_min * n_max and f16
-            and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place):
-        heads = n_kv_heads
+    # KV heads per task: a one-row run (a decoding sequence) of a call with runs enough to keep
+    # every thread busy takes all of its sequence's (whole), so that the task reads each block's
+    # rows whole (16 x kv_width halves, contiguous) rather than a head's columns of them (hd of
+    # every kv_width: the per-head tasks of a 16-sequence step read their KV at about a third of
+    # the machine's bandwidth); other runs take one KV head
+    cdef bint whole = (_sequence_tasks and n_runs >= _sequence_tasks_min * n_max and f16
+                       and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place)
     cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
-    cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h
+    cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h, heads
     task_start[0], part_start[0] = 0, 0
     for run in range(n_runs):
         n_rows = starts[run + 1] - starts[run]
         n_chunks = _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
-        task_start[run + 1] = task_start[run] + n_kv_heads // heads * n_chunks
+        task_start[run + 1] = task_start[run] + n_kv_heads // _heads_of(whole, n_rows, n_kv_heads) * n_chunks
         part_start[run + 1] = part_start[run] + (<size_t> n_rows * n_heads * n_chunks if n_chunks > 1 else 0)
     # every thread's scores and one block of one head widened to fp32, then the partial results
-    cdef size_t scores_bytes = edge_lines(<size_t> longest * heads * group * stride * sizeof(float))
+    cdef size_t scores_bytes = edge_lines(<size_t> max(longest, n_kv_heads if whole else 1) * group * stride
+                                          * sizeof(float))
     cdef size_t thread_bytes = scores_bytes + edge_lines(<size_t> block_size * hd * sizeof(float))
     cdef char *work = <char *> edge_scratch(n_max * thread_bytes + part_start[n_runs] * (hd + 2) * sizeof(float))
     if work == NULL:
@@ -286,6 +286,7 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
         widened = <float *> (work + edge_thread_id() * thread_bytes + scores_bytes)
         for i in prange(task_start[n_runs], schedule="guided"):
             run = _run_of(task_start, n_runs, i)
+            heads = _heads_of(whole, starts[run + 1] - starts[run], n_kv_heads)
             n_chunks = (task_start[run + 1] - task_start[run]) // (n_kv_heads // heads)
             kvh = (i - task_start[run]) // n_chunks * heads
             c = (i - task_start[run]) % n_chunks
@@ -298,6 +299,7 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
             t0 = i // n_heads
             h = i % n_heads
             run = _run_of(starts, n_runs, t0)     # the run holding row t0
+            heads = _heads_of(whole, starts[run + 1] - starts[run], n_kv_heads)
             n_chunks = (task_start[run + 1] - task_start[run]) // (n_kv_heads // heads)
             if n_chunks > 1 and positions[t0] + 1 > chunk_blocks * block_size:
                 rg = (t0 - starts[run]) * n_heads + h
@@ -306,6 +308,11 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     free(work)
     free(runs)
     return 0
+
+
+cdef inline int _heads_of(bint whole, int n_rows, int n_kv_heads) noexcept nogil:
+    """KV heads per task of a run of n_rows rows (see attention_paged_rows)."""
+    return n_kv_heads if whole and n_rows == 1 else 1
 
 
 cdef inline int _chunks_of(int n_keys, int block_size, int chunk_blocks) noexcept nogil:

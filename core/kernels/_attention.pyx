@@ -12,7 +12,8 @@ attention_varlen: bidirectional attention over packed sequences held contiguousl
   batch without padding): row t sees the key rows key_start[t] <= j < key_end[t].
 
 attention_paged: one task is a run of consecutive rows of one sequence and one KV head, or all its
-KV heads in a batched decode step (see attention_paged_rows); attention_varlen: one task is one head of a run of rows that see the same keys.
+KV heads in a batched decode step (see attention_paged_rows); attention_varlen: one task is one
+head of a run of rows that see the same keys.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, uint16_t

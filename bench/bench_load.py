@@ -10,9 +10,11 @@ decoding on two cores.  The levels run in turn, --rounds times (1, 4, 16, 1, 4, 
 level's throughput is the median of its rounds': this machine's speed drifts by up to 20% from
 minute to minute, and with one round a level, a slow minute during one level moved the 16-stream
 ratio from 4.1-5.4x down to 3.57x in one run of twelve.  Reported per level: aggregate decode
-throughput (generated tokens / wall time, the median of the rounds, each round's too), p50/p99
-time to first token and p50/p99 inter-token latency (gaps between streamed chunks) over every
-round's samples.
+throughput (generated tokens / wall time, the median of the rounds, each round's too), its ratio to
+the single stream's (x single: of the medians; paired: the median over rounds of each round's
+ratio to the single-stream round run seconds before it, which a drift between minutes moves
+less), p50/p99 time to first token and p50/p99 inter-token latency (gaps between streamed chunks)
+over every round's samples.
 
 Interference: 8 streams decode; once they run, one 2,000-token prompt (CPython's documentation
 text) arrives; the 8 streams' p99 inter-token latency while it is prefilled is compared with their
@@ -262,12 +264,15 @@ def main(argv=None) -> int:
         server.terminate()
         server.wait(30)
     single = levels[0]["tok_s"]
-    print(f"{'streams':>8}{'tok/s':>9}{'x single':>10}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}{'ITL p99':>9}"
-          f"{'KV waste':>10}{'errors':>8}   tok/s of each round")
+    for r in levels:        # each round's rate over the same round's single-stream rate, seconds apart
+        r["x_single_paired"] = statistics.median(a / b for a, b in zip(r["tok_s_rounds"], levels[0]["tok_s_rounds"]))
+    print(f"{'streams':>8}{'tok/s':>9}{'x single':>10}{'paired':>8}{'TTFT p50':>10}{'TTFT p99':>10}{'ITL p50':>9}"
+          f"{'ITL p99':>9}{'KV waste':>10}{'errors':>8}   tok/s of each round")
     for r in levels:
-        print(f"{r['concurrency']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / single:>9.2f}x{r['ttft_p50_s']:>9.3f}s"
-              f"{r['ttft_p99_s']:>9.3f}s{r['itl_p50_s'] * 1e3:>7.1f}ms{r['itl_p99_s'] * 1e3:>7.1f}ms"
-              f"{r['kv_waste']:>9.2%}{r['errors']:>8}   {' / '.join(f'{x:.1f}' for x in r['tok_s_rounds'])}")
+        print(f"{r['concurrency']:>8}{r['tok_s']:>9.1f}{r['tok_s'] / single:>9.2f}x{r['x_single_paired']:>7.2f}x"
+              f"{r['ttft_p50_s']:>9.3f}s{r['ttft_p99_s']:>9.3f}s{r['itl_p50_s'] * 1e3:>7.1f}ms"
+              f"{r['itl_p99_s'] * 1e3:>7.1f}ms{r['kv_waste']:>9.2%}{r['errors']:>8}   "
+              f"{' / '.join(f'{x:.1f}' for x in r['tok_s_rounds'])}")
     print(f"\na {inter['long_prompt_tokens']}-token prompt arriving while 8 streams decode: prefilled in "
           f"{inter['prefill_s']:.2f} s; the streams' p99 inter-token latency {inter['itl_p99_during_s'] * 1e3:.1f} ms "
           f"vs {inter['itl_p99_alone_s'] * 1e3:.1f} ms alone ({inter['ratio']:.2f}x)")

@@ -81,7 +81,9 @@ async def auth_middleware(request: web.Request, handler):
 def load_models(settings: Settings, state: ModelState, metrics: Metrics) -> None:
     """Load every configured model into state (blocking; the HTTP app runs it on a worker thread
     at start-up, the RPC server and the Lambda adapter reuse it)."""
-    from core.threads import set_num_threads
+    from core.threads import serving_spin, set_num_threads
+
+    serving_spin()              # before anything loads the kernels' libgomp, which reads it once
     from edge.registry import DEFAULT_MODELS, canonical_name, resolve
     from models.api import load_model
 

@@ -421,3 +421,39 @@ def test_out_of_memory_is_a_503_with_retry_after():
     assert err["code"] == "out_of_memory" and err["type"] == "server_error" and "retry" in err["message"]
     assert "Traceback" not in text and "scratch" not in text
     assert rpc_error(MemoryError())[0] == "out_of_memory"
+
+
+SPIN_PROBE = """
+import os
+from edge.app import load_models
+from edge.keys import ModelState
+from edge.metrics import Metrics
+from edge.settings import Settings
+def libgomp_loaded():
+    with open("/proc/self/maps") as f:
+        return "libgomp" in f.read()
+assert not libgomp_loaded(), "importing the app loaded the kernels' OpenMP runtime"
+import core.threads
+real_spin = core.threads.serving_spin
+def spin_spy(*args):
+    assert not libgomp_loaded(), "serving_spin ran after the OpenMP runtime was loaded"
+    print("spin set before libgomp")
+    return real_spin(*args)
+core.threads.serving_spin = spin_spy
+load_models(Settings(models=[os.environ["PROBE_MODEL"]]), ModelState(), Metrics())
+assert libgomp_loaded()
+print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"))
+"""
+
+
+@pytest.mark.parametrize("given,expected", [({}, "5000 None"), ({"GOMP_SPINCOUNT": "123"}, "123 None"),
+                                            ({"OMP_WAIT_POLICY": "active"}, "None active")])
+def test_a_server_sets_a_short_openmp_spin_before_the_kernels_load(converted, given, expected):
+    """A serving process makes libgomp's idle threads spin briefly (core.threads.serving_spin)
+    before loading any model, where libgomp reads it; a user's setting stays."""
+    env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    env.update(given, PROBE_MODEL=converted("minilm", "int8"), PYTHONPATH=str(ROOT))
+    r = subprocess.run([sys.executable, "-c", SPIN_PROBE], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split("\n")[-3:-1] == ["spin set before libgomp", expected]

@@ -53,12 +53,12 @@ def set_num_threads(n: int | None = None) -> int:
 
 
 # How many times an idle OpenMP thread of a serving process polls for work before it sleeps
-# (libgomp's GOMP_SPINCOUNT; its default is 300000, about a millisecond).  In a server the
-# kernels' team shares the cores with the event loop, the engine thread's Python and, on a small
-# box, the clients; a worker thread spinning through those gaps takes a core from them, and the
-# step then waits for whichever thread they preempted.  SmolLM2 served to 16 streams on 2 cores
-# (bench/bench_load.py, runs alternating with the default): 843 against 713 tok/s (medians of 9
-# and 7 runs), one stream unchanged; spin counts of 2000-10000 did alike, 20000-50000 less.
+# (libgomp's GOMP_SPINCOUNT; its default is 300000).  In a server the kernels' team shares the
+# cores with the event loop, the engine thread's Python and, on a small box, the clients; a worker
+# thread spinning through those gaps takes a core from them, and the step then waits for whichever
+# thread they preempted.  SmolLM2 served to 16 streams on 2 cores (bench/bench_load.py, runs
+# alternating with the default): 843 against 713 tok/s (medians of 9 and 7 runs), one stream
+# unchanged; spin counts of 2000-10000 did alike, 20000-50000 less.
 SERVING_SPINCOUNT = "5000"
 
 

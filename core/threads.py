@@ -57,16 +57,14 @@ def set_num_threads(n: int | None = None) -> int:
 # cores with the event loop, the engine thread's Python and, on a small box, the clients; a worker
 # thread spinning through those gaps takes a core from them, and the step then waits for whichever
 # thread they preempted.  SmolLM2 served to 16 streams on 2 cores (bench/bench_load.py, runs
-# alternating with the default): 843 against 713 tok/s (medians of 9 and 7 runs), one stream
-# unchanged; spin counts of 2000-10000 did alike, 20000-50000 less.
+# alternating): 843 tok/s with spin counts of 2000-10000 against 713 with the default (medians of
+# 9 and 7 runs), one stream unchanged; 20000-50000 gained less.
 SERVING_SPINCOUNT = "5000"
 
 
-def serving_spin(environ=os.environ) -> bool:
+def serving_spin() -> None:
     """For a serving process, before the kernels are first imported (libgomp reads its environment
     once, when it is loaded): idle kernel threads spin SERVING_SPINCOUNT times, then sleep.  A
-    GOMP_SPINCOUNT or OMP_WAIT_POLICY already set is left alone.  Returns whether it set it."""
-    if "GOMP_SPINCOUNT" in environ or "OMP_WAIT_POLICY" in environ:
-        return False
-    environ["GOMP_SPINCOUNT"] = SERVING_SPINCOUNT
-    return True
+    GOMP_SPINCOUNT or OMP_WAIT_POLICY already set is left alone."""
+    if "GOMP_SPINCOUNT" not in os.environ and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = SERVING_SPINCOUNT

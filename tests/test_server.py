@@ -435,10 +435,10 @@ def libgomp_loaded():
 assert not libgomp_loaded(), "importing the app loaded the kernels' OpenMP runtime"
 import core.threads
 real_spin = core.threads.serving_spin
-def spin_spy(*args):
+def spin_spy():
     assert not libgomp_loaded(), "serving_spin ran after the OpenMP runtime was loaded"
     print("spin set before libgomp")
-    return real_spin(*args)
+    real_spin()
 core.threads.serving_spin = spin_spy
 load_models(Settings(models=[os.environ["PROBE_MODEL"]]), ModelState(), Metrics())
 assert libgomp_loaded()

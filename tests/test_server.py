@@ -15,6 +15,7 @@ import urllib.request
 import pytest
 
 from conftest import ROOT, stop_process
+from core.threads import SERVING_SPINCOUNT
 
 KV_TOKENS = 512
 
@@ -446,7 +447,8 @@ print(os.environ.get("GOMP_SPINCOUNT"), os.environ.get("OMP_WAIT_POLICY"))
 """
 
 
-@pytest.mark.parametrize("given,expected", [({}, "5000 None"), ({"GOMP_SPINCOUNT": "123"}, "123 None"),
+@pytest.mark.parametrize("given,expected", [({}, f"{SERVING_SPINCOUNT} None"),
+                                            ({"GOMP_SPINCOUNT": "123"}, "123 None"),
                                             ({"OMP_WAIT_POLICY": "active"}, "None active")])
 def test_a_server_sets_a_short_openmp_spin_before_the_kernels_load(converted, given, expected):
     """A serving process makes libgomp's idle threads spin briefly (core.threads.serving_spin)

@@ -404,7 +404,17 @@ def test_attention_paged_grouping_does_not_change_results(hd, chunk_blocks):
         _attention._set_chunk_blocks(0)
 
 
-def test_attention_varlen_grouping_does_not_change_results():
+@pytest.fixture(params=[1, 0], ids=["rows-in-lanes", "horizontal-sums"])
+def varlen_path(request):
+    """attention_varlen with a run's rows in SIMD lanes (where the build has them) and with a
+    horizontal sum per score (the path of builds without AVX2)."""
+    from core.kernels import _attention
+    _attention._set_rows_in_lanes(request.param)
+    yield request.param
+    _attention._set_rows_in_lanes(1)
+
+
+def test_attention_varlen_grouping_does_not_change_results(varlen_path):
     """An encoder row's output is bit for bit the same in runs of any length and with its sentence
     alone or packed with others."""
     from core.kernels import _attention
@@ -422,7 +432,7 @@ def test_attention_varlen_grouping_does_not_change_results():
 
     try:
         outs = []
-        for rows in (1, 3, 4, 16):
+        for rows in (1, 3, 4, 9, 16):
             _attention._set_rows_per_task(rows)
             outs.append(attend(q, k, v, starts, ends))
         for other in outs[1:]:
@@ -530,7 +540,10 @@ def test_attention_paged_rejects_bad_tables():
 @settings(max_examples=40, deadline=None)
 @given(n_kv=st.integers(1, 3), group=st.integers(1, 3), hd=st.sampled_from([1, 8, 24, 32, 64, 128]),
        lens=st.lists(st.integers(1, 30), min_size=1, max_size=4), seed=seeds)
-def test_attention_varlen(n_kv, group, hd, lens, seed):
+@pytest.mark.parametrize("rows_in_lanes", [1, 0])
+def test_attention_varlen(n_kv, group, hd, lens, seed, rows_in_lanes):
+    from core.kernels import _attention
+    _attention._set_rows_in_lanes(rows_in_lanes)
     rng = np.random.default_rng(seed)
     n_heads, T = n_kv * group, sum(lens)
     starts = np.repeat(np.cumsum([0] + lens[:-1]), lens).astype(np.int32)
@@ -538,6 +551,7 @@ def test_attention_varlen(n_kv, group, hd, lens, seed):
     q, k, v = rand(rng, T, n_heads * hd), rand(rng, T, n_kv * hd), rand(rng, T, n_kv * hd)
     out, ref = np.empty_like(q), np.empty(q.shape, np.float64)
     K.attention_varlen(out, q, k, v, starts, ends, n_heads, n_kv, 0.3)
+    _attention._set_rows_in_lanes(1)
     R.attention_varlen(ref, q, k, v, starts, ends, n_heads, n_kv, 0.3)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 

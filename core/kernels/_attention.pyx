@@ -39,6 +39,13 @@ cdef extern from "simd.h" nogil:
                                  int hd, float scale, float *scores, size_t scores_stride)
     void edge_weighted_sum_f16_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
                                        const uint16_t *v, size_t stride, int n, int hd)
+    void edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
+                                   size_t p_jstride, const void *v, size_t stride, int n, int hd, int H16)
+    int EDGE_ROWS_IN_LANES
+    int edge_lanes_rows(int n_rows)
+    void edge_transpose_queries(const float *q, size_t q_stride, int n_rows, int hd, float *qt, int RP)
+    void edge_attention_probs_lanes(const float *qt, int RP, const float *k, size_t k_stride, int n, int hd,
+                                    float scale, float *p)
     int EDGE_KV_ROW_MAX
     int EDGE_F16C
     void edge_f32_to_f16_row(const float *x, uint16_t *h, int n)
@@ -519,29 +526,49 @@ def attention_varlen(float[:, ::1] out,          # OUT (T, n_heads * head_dim)
         raise MemoryError(f"attention: no memory for the scratch of {T} rows")
 
 
+cdef bint _rows_in_lanes = EDGE_ROWS_IN_LANES
+
+
+def _set_rows_in_lanes(int on):
+    """Benchmark knob: attention_varlen puts a run's rows in SIMD lanes (on, where simd.h has
+    EDGE_ROWS_IN_LANES) or takes a horizontal sum per score (off).  Results differ in rounding."""
+    global _rows_in_lanes
+    _rows_in_lanes = on != 0 and EDGE_ROWS_IN_LANES
+
+
 cdef int attention_varlen_rows(float *out, const float *q, const float *k, const float *v,
                                const int32_t *key_start, const int32_t *key_end, int T, int max_len, int n_heads,
                                int n_kv_heads, int hd, float scale) noexcept nogil:
-    """attention_varlen on raw rows (spans already checked); 0, or -1 when its scratch cannot be had.  One task is one head of a run of up to
-    _rows_per_task consecutive rows that see the same keys (rows of one sentence): their queries
-    share every K and V row loaded into a register."""
+    """attention_varlen on raw rows (spans already checked); 0, or -1 when its scratch cannot be had.
+    One task is one head of a run of up to _rows_per_task consecutive rows that see the same keys
+    (rows of one sentence): their queries share every K and V row loaded into a register.  Where
+    simd.h has EDGE_ROWS_IN_LANES (AVX2), the run's rows sit in SIMD lanes: its queries transposed,
+    scores and softmax a row per lane (edge_attention_probs_lanes), probabilities kept transposed for
+    the weighted sum."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
     cdef int max_rows = _rows_per_task
     cdef int32_t *starts = <int32_t *> edge_scratch((T + 1) * sizeof(int32_t))
     if starts == NULL:
         return -1
     cdef int n_runs = split_runs(key_start, key_end, 0, T, max_rows, starts)
-    cdef int i, run, h, kvh, t0, n_rows, r, d, j0, n
+    cdef int i, run, h, kvh, t0, n_rows, r, d, j0, n, RP
     cdef int longest = longest_run(starts, n_runs)
-    cdef size_t thread_bytes = edge_lines(<size_t> longest * max_len * sizeof(float))
+    cdef bint lanes = _rows_in_lanes
+    # every thread's scores (a run's rows by its keys), then, in lanes, its queries transposed
+    cdef size_t scores_bytes = edge_lines(<size_t> (edge_lanes_rows(longest) if lanes else longest) * max_len
+                                          * sizeof(float))
+    cdef size_t thread_bytes = scores_bytes + (edge_lines(<size_t> edge_lanes_rows(longest) * hd * sizeof(float))
+                                               if lanes else 0)
     cdef char *work = <char *> edge_scratch(edge_team_max() * thread_bytes)
     if work == NULL:
         free(starts)
         return -1
     cdef float *scores
+    cdef float *qt
     cdef float *o
     with parallel():
         scores = <float *> (work + edge_thread_id() * thread_bytes)
+        qt = <float *> (work + edge_thread_id() * thread_bytes + scores_bytes)
         for i in prange(n_runs * n_heads, schedule="static"):
             run = i // n_heads
             h = i % n_heads
@@ -550,13 +577,22 @@ cdef int attention_varlen_rows(float *out, const float *q, const float *k, const
             n_rows = starts[run + 1] - t0
             j0 = key_start[t0]
             n = key_end[t0] - j0
+            for r in range(n_rows):
+                o = out + <size_t> (t0 + r) * width + h * hd
+                for d in range(hd):
+                    o[d] = 0.0
+            if lanes:
+                RP = edge_lanes_rows(n_rows)
+                edge_transpose_queries(q + <size_t> t0 * width + h * hd, width, n_rows, hd, qt, RP)
+                edge_attention_probs_lanes(qt, RP, k + <size_t> j0 * kv_width + kvh * hd, kv_width, n, hd, scale,
+                                           scores)
+                edge_weighted_sum_queries(out + <size_t> t0 * width + h * hd, n_rows, width, scores, 1, RP,
+                                          v + <size_t> j0 * kv_width + kvh * hd, kv_width, n, hd, 0)
+                continue
             edge_scores_f32_queries(q + <size_t> t0 * width + h * hd, n_rows, width,
                                     k + <size_t> j0 * kv_width + kvh * hd, kv_width, n, hd, scale, scores, n)
             for r in range(n_rows):
                 edge_softmax_f32(scores + r * n, n)
-                o = out + <size_t> (t0 + r) * width + h * hd
-                for d in range(hd):
-                    o[d] = 0.0
             edge_weighted_sum_f32_queries(out + <size_t> t0 * width + h * hd, n_rows, width, scores, n,
                                           v + <size_t> j0 * kv_width + kvh * hd, kv_width, n, hd)
     free(work)

@@ -893,20 +893,20 @@ static inline void edge_scores_f32(const float *q, const float *k, size_t stride
 }
 
 /* edge_weighted_sum_f32_queries: o_g[0..hd) += sum_j p_g[j] * v_j, with o_g = o + g * o_stride and
- * p_g = p + g * p_stride.  Where AVX2 exists and head_dim is a multiple of 32, the outputs of up to
+ * p_g[j] = p[g * p_stride + j] (edge_weighted_sum_queries: p[g * p_stride + j * p_jstride]).  Where AVX2 exists and head_dim is a multiple of 32, the outputs of up to
  * three queries over 32 columns stay in registers across all n rows; each element's sum runs over j
  * in order whatever the grouping, so the result does not depend on nq. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void
 edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, const float *p, size_t p_stride,
-                        const void *v, size_t stride, int n, const int H16) {
-    __m256 acc[3][8];               /* NQ heads x NC vectors of 8 columns, NQ x NC <= 12 */
+                        size_t p_jstride, const void *v, size_t stride, int n, const int H16) {
+    __m256 acc[6][8];               /* NQ heads x NC vectors of 8 columns, NQ x NC <= 12 (24 with AVX-512VL) */
     for (int g = 0; g < NQ; g++)
         for (int c = 0; c < NC; c++) acc[g][c] = _mm256_loadu_ps(o + g * o_stride + 8 * c);
     for (int j = 0; j < n; j++) {
         const char *vj = (const char *)v + (size_t)j * stride * (H16 ? 2 : 4);
-        __m256 pj[3];
-        for (int g = 0; g < NQ; g++) pj[g] = _mm256_broadcast_ss(p + g * p_stride + j);
+        __m256 pj[6];
+        for (int g = 0; g < NQ; g++) pj[g] = _mm256_broadcast_ss(p + g * p_stride + j * p_jstride);
         for (int c = 0; c < NC; c++) {
             __m256 vv = edge_load8_kv(vj, 8 * c, H16);
             EDGE_IN_REGISTER(vv);
@@ -919,26 +919,32 @@ edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, c
 #endif
 
 static inline __attribute__((always_inline)) void
-edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride, const void *v,
-                          size_t stride, int n, int hd, const int H16) {
+edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride, size_t p_jstride,
+                          const void *v, size_t stride, int n, int hd, const int H16) {
 #if defined(__AVX2__) && defined(__FMA__)
     if (hd % 32 == 0 && (!H16 || EDGE_F16C)) {
         int g = 0;
+#if defined(__AVX512VL__)
+        for (; g + 6 <= nq; g += 6)     /* 24 sums in AVX-512's 32 registers */
+            for (int d = 0; d < hd; d += 32)
+                edge_weighted_sum_fixed(6, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, p_jstride,
+                                        (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
+#endif
         for (; g + 3 <= nq; g += 3)
             for (int d = 0; d < hd; d += 32)
-                edge_weighted_sum_fixed(3, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                edge_weighted_sum_fixed(3, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, p_jstride,
                                         (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
         if (nq - g == 2)
             for (int d = 0; d < hd; d += 32)
-                edge_weighted_sum_fixed(2, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                edge_weighted_sum_fixed(2, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, p_jstride,
                                         (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
         if (nq - g == 1) {          /* one head: 64 columns at a time where they fit, eight sums in flight */
             int d = 0;
             for (; d + 64 <= hd; d += 64)
-                edge_weighted_sum_fixed(1, 8, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                edge_weighted_sum_fixed(1, 8, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, p_jstride,
                                         (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
             if (d < hd)
-                edge_weighted_sum_fixed(1, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride,
+                edge_weighted_sum_fixed(1, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, p_jstride,
                                         (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
         }
         return;
@@ -946,7 +952,7 @@ edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, siz
 #endif
     for (int g = 0; g < nq; g++)
         for (int j = 0; j < n; j++) {
-            const float pj = p[g * p_stride + j];
+            const float pj = p[g * p_stride + j * p_jstride];
             for (int d = 0; d < hd; d++)
                 o[g * o_stride + d] += pj * (H16 ? edge_f16_to_f32(((const uint16_t *)v)[(size_t)j * stride + d])
                                                  : ((const float *)v)[(size_t)j * stride + d]);
@@ -955,13 +961,13 @@ edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, siz
 
 static inline void edge_weighted_sum_f32_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
                                                const float *v, size_t stride, int n, int hd) {
-    edge_weighted_sum_queries(o, nq, o_stride, p, p_stride, v, stride, n, hd, 0);
+    edge_weighted_sum_queries(o, nq, o_stride, p, p_stride, 1, v, stride, n, hd, 0);
 }
 
 /* The same over values stored as halves, widened in register as they are loaded (the same sums). */
 static inline void edge_weighted_sum_f16_queries(float *o, int nq, size_t o_stride, const float *p, size_t p_stride,
                                                const uint16_t *v, size_t stride, int n, int hd) {
-    edge_weighted_sum_queries(o, nq, o_stride, p, p_stride, v, stride, n, hd, 1);
+    edge_weighted_sum_queries(o, nq, o_stride, p, p_stride, 1, v, stride, n, hd, 1);
 }
 
 /* one query head: o[0..hd) += sum_j p[j] * v_j */
@@ -1132,6 +1138,135 @@ static inline void edge_softmax_f32(float *x, int n) {
     const float inv = (float)(1.0 / edge_exp_shifted_f32(x, n, &mx));
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
+
+/* Encoder attention with a run's query rows in SIMD lanes (AVX2 with FMA): the rows of a run see
+ * the same keys, so a key's element d, broadcast, multiplies element d of eight rows at once, and a
+ * score needs no horizontal sum (edge_scores_queries folds eight partial sums per score, which at
+ * an encoder's head_dim of 32 costs as much as the products).  The run's queries are first
+ * transposed, qt[d * RP + r] (RP: the rows rounded up to a multiple of 8, the padding rows zero),
+ * and the probabilities stay transposed, p[j * RP + r].  Each score is one chain of fused
+ * multiply-adds over d in order, each row's softmax runs over j in order, in its own lane: a row's
+ * result depends neither on the run it is in nor on its place in it. */
+static inline int edge_lanes_rows(int n_rows) { return (n_rows + 7) & ~7; }
+
+/* qt[d * RP + r] = q[r * q_stride + d] for r < n_rows, 0 for n_rows <= r < RP (RP a multiple of 8). */
+static inline void edge_transpose_queries(const float *q, size_t q_stride, int n_rows, int hd, float *qt, int RP) {
+#if defined(__AVX2__)
+    if (hd % 8 == 0) {          /* 8 x 8 blocks, transposed in register */
+        for (int r0 = 0; r0 < RP; r0 += 8)
+            for (int d0 = 0; d0 < hd; d0 += 8) {
+                __m256 a[8], b[8];
+                for (int i = 0; i < 8; i++)
+                    a[i] = r0 + i < n_rows ? _mm256_loadu_ps(q + (size_t)(r0 + i) * q_stride + d0) : _mm256_setzero_ps();
+                for (int i = 0; i < 8; i += 2) {
+                    b[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);          /* rows i, i+1 interleaved */
+                    b[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
+                }
+                for (int i = 0; i < 8; i += 4) {
+                    a[i] = _mm256_shuffle_ps(b[i], b[i + 2], 0x44);       /* column 4i' of rows i..i+3 */
+                    a[i + 1] = _mm256_shuffle_ps(b[i], b[i + 2], 0xee);
+                    a[i + 2] = _mm256_shuffle_ps(b[i + 1], b[i + 3], 0x44);
+                    a[i + 3] = _mm256_shuffle_ps(b[i + 1], b[i + 3], 0xee);
+                }
+                for (int i = 0; i < 4; i++) {       /* a[i]: columns i and i + 4 of rows 0-3; a[i + 4]: of rows 4-7 */
+                    _mm256_storeu_ps(qt + (size_t)(d0 + i) * RP + r0, _mm256_permute2f128_ps(a[i], a[i + 4], 0x20));
+                    _mm256_storeu_ps(qt + (size_t)(d0 + i + 4) * RP + r0, _mm256_permute2f128_ps(a[i], a[i + 4], 0x31));
+                }
+            }
+        return;
+    }
+#endif
+    for (int d = 0; d < hd; d++) {
+        float *row = qt + (size_t)d * RP;
+        for (int r = 0; r < n_rows; r++) row[r] = q[r * q_stride + d];
+        for (int r = n_rows; r < RP; r++) row[r] = 0.0f;
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+#define EDGE_ROWS_IN_LANES 1
+#if defined(__AVX512VL__)
+#define EDGE_LANE_KEYS 12       /* keys per tile: 12 x 2 sums, with 32 vector registers */
+#else
+#define EDGE_LANE_KEYS 6        /* 6 x 2 sums and 3 operands in AVX2's 16 registers */
+#endif
+
+/* Keys j..j+NK-1 against V vectors of 8 rows (from row vector r8): p[(j + c) * RP + 8 (r8 + v) + lane]
+ * = scale * sum_d qt[d][row] k_{j+c}[d], the sum a chain of fmas over d in order. */
+static inline __attribute__((always_inline)) void
+edge_scores_lanes_fixed(const int V, const int NK, const float *qt, int RP, int r8, const float *k, size_t k_stride,
+                        int j, int hd, __m256 vscale, float *p) {
+    __m256 acc[EDGE_LANE_KEYS][2];
+    for (int c = 0; c < NK; c++)
+        for (int v = 0; v < V; v++) acc[c][v] = _mm256_setzero_ps();
+    const float *kj = k + (size_t)j * k_stride;
+    for (int d = 0; d < hd; d++) {
+        __m256 qv[2];
+        for (int v = 0; v < V; v++) {
+            qv[v] = _mm256_loadu_ps(qt + (size_t)d * RP + 8 * (r8 + v));
+            EDGE_IN_REGISTER(qv[v]);
+        }
+        for (int c = 0; c < NK; c++) {
+            const __m256 kv = _mm256_broadcast_ss(kj + c * k_stride + d);
+            for (int v = 0; v < V; v++) acc[c][v] = _mm256_fmadd_ps(qv[v], kv, acc[c][v]);
+        }
+    }
+    for (int c = 0; c < NK; c++)
+        for (int v = 0; v < V; v++)
+            _mm256_storeu_ps(p + (size_t)(j + c) * RP + 8 * (r8 + v), _mm256_mul_ps(acc[c][v], vscale));
+}
+
+/* p[j * RP + r] = softmax over j < n of scale * q_r . k_j, for the RP rows of qt (edge_transpose_queries):
+ * each row's max, exponentials and their sum (in order over j) in its own lane, then 1 / sum. */
+static inline void edge_attention_probs_lanes(const float *qt, int RP, const float *k, size_t k_stride, int n,
+                                              int hd, float scale, float *p) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    for (int r8 = 0; r8 < RP / 8; r8 += 2) {
+        int j = 0;
+        if (RP / 8 - r8 >= 2) {
+            for (; j + EDGE_LANE_KEYS <= n; j += EDGE_LANE_KEYS)
+                edge_scores_lanes_fixed(2, EDGE_LANE_KEYS, qt, RP, r8, k, k_stride, j, hd, vscale, p);
+            for (; j < n; j++) edge_scores_lanes_fixed(2, 1, qt, RP, r8, k, k_stride, j, hd, vscale, p);
+        } else {
+            for (; j + EDGE_LANE_KEYS <= n; j += EDGE_LANE_KEYS)
+                edge_scores_lanes_fixed(1, EDGE_LANE_KEYS, qt, RP, r8, k, k_stride, j, hd, vscale, p);
+            for (; j < n; j++) edge_scores_lanes_fixed(1, 1, qt, RP, r8, k, k_stride, j, hd, vscale, p);
+        }
+    }
+    for (int r = 0; r < RP; r += 8) {
+        __m256 mx = _mm256_loadu_ps(p + r);
+        for (int j = 1; j < n; j++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(p + (size_t)j * RP + r));
+        __m256 sum = _mm256_setzero_ps();
+        for (int j = 0; j < n; j++) {
+            const __m256 e = edge_exp_ps(_mm256_sub_ps(_mm256_loadu_ps(p + (size_t)j * RP + r), mx));
+            _mm256_storeu_ps(p + (size_t)j * RP + r, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
+        for (int j = 0; j < n; j++)
+            _mm256_storeu_ps(p + (size_t)j * RP + r, _mm256_mul_ps(_mm256_loadu_ps(p + (size_t)j * RP + r), inv));
+    }
+}
+#else
+#define EDGE_ROWS_IN_LANES 0    /* attention_varlen takes edge_scores_f32_queries; this is its plain twin */
+static inline void edge_attention_probs_lanes(const float *qt, int RP, const float *k, size_t k_stride, int n,
+                                              int hd, float scale, float *p) {
+    for (int r = 0; r < RP; r++) {
+        float mx = -INFINITY, sum = 0.0f;
+        for (int j = 0; j < n; j++) {
+            float s = 0.0f;
+            for (int d = 0; d < hd; d++) s = fmaf(qt[(size_t)d * RP + r], k[(size_t)j * k_stride + d], s);
+            p[(size_t)j * RP + r] = s * scale;
+            mx = p[(size_t)j * RP + r] > mx ? p[(size_t)j * RP + r] : mx;
+        }
+        for (int j = 0; j < n; j++) {
+            p[(size_t)j * RP + r] = expf(p[(size_t)j * RP + r] - mx);
+            sum += p[(size_t)j * RP + r];
+        }
+        for (int j = 0; j < n; j++) p[(size_t)j * RP + r] *= 1.0f / sum;
+    }
+}
+#endif
 
 /* The first index of the largest of x[0..n) (n >= 1), NaNs skipped (0 when x[0] is one): the
  * scalar loop `if (x[i] > x[best]) best = i`.  Where AVX2 exists, the maximum eight lanes at a

@@ -277,6 +277,54 @@ int main(void) {
                 return 1;
             }
 #endif
+            /* an encoder run's rows in lanes (edge_attention_probs_lanes): the softmax of each row's
+             * scores, against doubles, and a row's bits the same alone as in a run of 17 */
+            {
+                const int R = 17, RP = edge_lanes_rows(R);
+                float *qr = malloc((size_t)R * stride * sizeof(float)), *qt = malloc((size_t)hd * RP * sizeof(float));
+                float *pr = malloc((size_t)n * RP * sizeof(float)), *p1 = malloc((size_t)n * 8 * sizeof(float));
+                double *want_p = malloc(n * sizeof(double));
+                for (size_t e = 0; e < (size_t)R * stride; e++) qr[e] = uniform();
+                edge_transpose_queries(qr, stride, R, hd, qt, RP);
+                for (int d = 0; d < hd; d++)
+                    for (int r = 0; r < RP; r++)
+                        if (qt[(size_t)d * RP + r] != (r < R ? qr[r * stride + d] : 0.0f)) {
+                            printf("transpose_queries hd=%d d=%d r=%d\n", hd, d, r);
+                            return 1;
+                        }
+                edge_attention_probs_lanes(qt, RP, rows, stride, n, hd, 0.125f, pr);
+                for (int r = 0; r < R; r++) {
+                    double mx = -1e300, sum = 0.0, mag = 0.0;
+                    for (int j = 0; j < n; j++) {
+                        double s = 0.0, m = 0.0;
+                        for (int d = 0; d < hd; d++) {
+                            s += (double)qr[r * stride + d] * rows[j * stride + d];
+                            m += fabs((double)qr[r * stride + d] * rows[j * stride + d]);
+                        }
+                        want_p[j] = 0.125 * s;
+                        mx = want_p[j] > mx ? want_p[j] : mx;
+                        mag = m > mag ? m : mag;
+                    }
+                    for (int j = 0; j < n; j++) sum += exp(want_p[j] - mx);
+                    for (int j = 0; j < n; j++) {
+                        const double want = exp(want_p[j] - mx) / sum, got = pr[(size_t)j * RP + r];
+                        if (fabs(got - want) > (4e-6 + 1e-6 * mag) * want + 1e-30) {
+                            printf("probs_lanes hd=%d n=%d r=%d j=%d: %.9g vs %.9g\n", hd, n, r, j, got, want);
+                            return 1;
+                        }
+                    }
+                    edge_transpose_queries(qr + r * stride, stride, 1, hd, qt, 8);
+                    edge_attention_probs_lanes(qt, 8, rows, stride, n, hd, 0.125f, p1);
+                    for (int j = 0; j < n; j++)
+                        if (p1[(size_t)j * 8] != pr[(size_t)j * RP + r]) {
+                            printf("probs_lanes hd=%d n=%d r=%d j=%d: alone %.9g, in a run %.9g\n", hd, n, r, j,
+                                   p1[(size_t)j * 8], pr[(size_t)j * RP + r]);
+                            return 1;
+                        }
+                    edge_transpose_queries(qr, stride, R, hd, qt, RP);
+                }
+                free(qr); free(qt); free(pr); free(p1); free(want_p);
+            }
             free(halves); free(widened); free(q3); free(sc16); free(sc32); free(o16); free(o32);
             free(rows); free(qv); free(sc); free(o); free(want_o);
         }

@@ -207,16 +207,17 @@ cdef int longest_run(const int32_t *starts, int n_runs) noexcept nogil:
 
 cdef int _chunk_blocks = 16     # KV blocks per task of a long context: keys in chunks of 16 x 16
 cdef int _sequence_tasks = 1    # one-row runs take every KV head of their sequence in one task
-cdef int _sequence_tasks_min = 2     # ... where there are at least this many runs per thread
+cdef int _sequence_tasks_min = 2     # ... where that gives at least this many tasks per thread
 
 
-def _set_sequence_tasks(int on, int min_runs_per_thread=2):
-    """Benchmark knob: in a call with at least min_runs_per_thread runs per thread, one-row runs
-    each take all KV heads of their sequence in one task (on), or one task per KV head (off).  The
-    same bits either way."""
+def _set_sequence_tasks(int on, int min_tasks_per_thread=2):
+    """Benchmark knob: in a call that would have at least min_tasks_per_thread tasks per thread
+    with every KV head in one task (a task per run and chunk of keys), one-row runs each take all
+    KV heads of their sequence in one task (on), or one task per KV head (off).  The same bits
+    either way."""
     global _sequence_tasks, _sequence_tasks_min
     _sequence_tasks = on != 0
-    _sequence_tasks_min = max(1, min_runs_per_thread)
+    _sequence_tasks_min = max(1, min_tasks_per_thread)
 
 
 def _set_chunk_blocks(int n):
@@ -240,8 +241,9 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     n_kv_heads query heads that share it, and one chunk of _chunk_blocks KV blocks: the task walks
     its blocks once, and every query row of the task takes its scores (then its weighted sum) from
     a block while the block is in L1 (widened to fp32 first where the cache holds halves).  In a
-    call with at least _sequence_tasks_min runs per thread (a batched decode step), a one-row run's
-    task takes all KV heads of its sequence instead, and reads each block's rows whole.  A row
+    call that would still have _sequence_tasks_min tasks per thread (a batched decode step, or one
+    sequence deep into a long context), a one-row run's task takes all KV heads of its sequence
+    instead, and reads each block's rows whole.  A row
     whose keys fit in the first chunk is normalised in its task (softmax, then the weighted sum).  A
     row with more keys (a long context: few rows but many keys, which one task per KV head would
     spread over only n_kv_heads threads) leaves, per chunk, the chunk's max score, sum of
@@ -263,15 +265,19 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     cdef size_t *part_start = <size_t *> (runs + 2 * ints)
     cdef int n_runs = split_runs(seq_ids, positions, 1, T, max_rows, starts)
     cdef int longest = longest_run(starts, n_runs)
-    # KV heads per task: a one-row run (a decoding sequence) of a call with runs enough to keep
-    # every thread busy takes all of its sequence's (whole), so that the task reads each block's
-    # rows whole (16 x kv_width halves, contiguous) rather than a head's columns of them (hd of
-    # every kv_width: the per-head tasks of a 16-sequence step read their KV at about a third of
-    # the machine's bandwidth); other runs take one KV head
-    cdef bint whole = (_sequence_tasks and n_runs >= _sequence_tasks_min * n_max and f16
-                       and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place)
     cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
     cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h, heads
+    # KV heads per task: a one-row run (a decoding sequence) of a call with tasks enough to keep
+    # every thread busy when each takes all KV heads of a chunk of keys (many sequences, or one
+    # with a long context) takes all of its sequence's (whole), so that the task reads each
+    # block's rows whole (KEY_RUN x kv_width halves at a time, contiguous) rather than a head's
+    # columns of them (hd of every kv_width, which memory serves at a fraction of its bandwidth);
+    # other runs take one KV head
+    cdef int whole_tasks = 0
+    for run in range(n_runs):
+        whole_tasks += _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
+    cdef bint whole = (_sequence_tasks and whole_tasks >= _sequence_tasks_min * n_max and f16
+                       and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place)
     task_start[0], part_start[0] = 0, 0
     for run in range(n_runs):
         n_rows = starts[run + 1] - starts[run]

@@ -378,8 +378,6 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
             kc = 0
             while kc < nk:
                 ck = min(run, nk - kc)
-                if heads > 1:
-                    _prefetch_next_rows(k_cache, table, b, end, block_size, kv_width, kc, ck)
                 for e in range(heads):
                     if heads == 1:  # the next block's columns of the head: a whole block's lines at
                         # once (16 x kv_width halves) are more than the core can have in flight,
@@ -425,8 +423,6 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
             kc = 0
             while kc < nk:
                 ck = min(run, nk - kc)
-                if heads > 1:
-                    _prefetch_next_rows(v_cache, table, b, end, block_size, kv_width, kc, ck)
                 for e in range(heads):
                     if heads == 1:
                         _prefetch_next(v_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
@@ -500,23 +496,15 @@ cdef inline void _prefetch_next(const void *cache, const int32_t *table, int b, 
 
 
 # A one-row task over every KV head (a batched decode step) reads a block's K and V rows in order,
-# KEY_RUN rows at a time, each run for all heads before the next, asking for the same rows of the
-# next block as it goes; head by head, the block's rows are read a head's columns at a time (128 of
-# every 384 bytes for SmolLM2), which memory serves worse: a 16-sequence step's attention over 30
-# layers from memory 1.07-1.51x faster (160 and 600 keys), 16 sequences served 1.09x (64 keys) and
-# 1.27x (500 keys).  A multiple of 4, so that the same keys go through the same code (scores take
-# keys in fours, the last n % 4 one by one): the same bits as whole blocks.
+# KEY_RUN rows at a time, each run for all heads before the next; head by head, the block's rows
+# are read a head's columns at a time (128 of every 384 bytes for SmolLM2), which memory serves
+# worse: a 16-sequence step's attention over 30 layers from memory 1.07-1.51x faster (160 and 600
+# keys), 16 sequences through the engine 1.09x (64 keys) and 1.27x (500 keys).  The hardware
+# prefetcher follows the rows: asking for the next block's rows as well changed nothing (0.98-1.02x
+# for 0 to 3 blocks ahead).  A multiple of 4, so that the same keys go through the same code
+# (scores take keys in fours, the last n % 4 one by one): the same bits as whole blocks.
 cdef enum:
     KEY_RUN = 4
-
-
-cdef inline void _prefetch_next_rows(const void *cache, const int32_t *table, int b, int end, int block_size,
-                                     int kv_width, int r0, int n) noexcept nogil:
-    """Ask for rows r0..r0+n-1 of block b + 1 (halves), whole (every KV head's columns)."""
-    cdef int j = (b + 1) * block_size + r0
-    if j < end:
-        edge_prefetch(<const uint16_t *> cache + (<size_t> table[b + 1] * block_size + r0) * kv_width,
-                      <size_t> min(n, end - j) * kv_width * 2)
 
 
 cdef inline const float *_head_block(const void *cache, bint f16, float *widened, const int32_t *table, int b,

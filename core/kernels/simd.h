@@ -796,7 +796,11 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
 #if defined(__AVX2__) && defined(__FMA__)
 /* Keep a loaded vector in a register: without this gcc folds the load into every FMA that uses it,
  * and a K or V row shared by three queries is read from cache three times. */
+#if defined(__AVX512VL__)
+#define EDGE_IN_REGISTER(v) __asm__("" : "+v"(v))     /* any of the 32 vector registers */
+#else
 #define EDGE_IN_REGISTER(v) __asm__("" : "+x"(v))
+#endif
 
 static inline __attribute__((always_inline)) __m128 edge_fold4_ps(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
     const __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));

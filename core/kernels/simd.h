@@ -783,8 +783,9 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
  * V row loaded into a register serves all nq queries.
  *
  * edge_scores_f32_queries: scores_g[j] = scale * dot(q_g, k_j).  Where AVX2 exists and head_dim is a
- * multiple of 8, keys go four at a time: each (head, key) pair keeps eight running sums, folded
- * into four scores by a transposing hadd tree.  The last n % 4 keys go through edge_dot_f32.  A
+ * multiple of 8, keys go four at a time (eight for three queries where AVX-512's 32 registers hold
+ * the 24 sums): each (head, key) pair keeps eight running sums, folded into four scores by a
+ * transposing hadd tree.  The last n % 4 keys go through edge_dot_f32.  A
  * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how queries
  * are grouped. */
 #define EDGE_KV_ROW_MAX 512         /* the longest head edge_scores_f16_queries takes */
@@ -855,8 +856,13 @@ edge_scores_queries(const float *q, int nq, size_t q_stride, const void *k, size
 #define EDGE_SCORES_FIXED(NQ, NK) \
         edge_scores_fixed(NQ, NK, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
                           scores_stride, H16)
-        for (; g + 3 <= nq; g += 3)
-            for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(3, 4);
+        for (; g + 3 <= nq; g += 3) {
+            j = 0;
+#if defined(__AVX512VL__)
+            for (; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(3, 8);     /* 24 sums in 32 registers */
+#endif
+            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(3, 4);
+        }
         if (nq - g == 2)
             for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(2, 4);
         if (nq - g == 1) {          /* one head: eight keys at a time, so that eight sums are in flight */

@@ -418,24 +418,17 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
         if in_place:
             n = positions[t0] + 1 - j
             rows = <const uint16_t *> v_cache + <size_t> table[b] * block_size * kv_width
-            run = KEY_RUN if heads > 1 else block_size
-            nk = min(n, block_size)
-            kc = 0
-            while kc < nk:
-                ck = min(run, nk - kc)
-                for e in range(heads):
-                    if heads == 1:
-                        _prefetch_next(v_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
-                    if parts == NULL or positions[t0] + 1 <= chunk_keys:
-                        edge_weighted_sum_f16_queries(out + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
-                                                      scores + e * group * stride + j + kc, stride,
-                                                      rows + <size_t> kc * kv_width + (kvh + e) * hd, kv_width, ck, hd)
-                    else:
-                        edge_weighted_sum_f16_queries(parts + (<size_t> (kvh + e) * group * n_chunks + c) * (hd + 2),
-                                                      group, <size_t> n_chunks * (hd + 2),
-                                                      scores + e * group * stride + j + kc, stride,
-                                                      rows + <size_t> kc * kv_width + (kvh + e) * hd, kv_width, ck, hd)
-                kc = kc + ck
+            for e in range(heads):      # whole blocks a head at a time (each row's weighted sums stay
+                # in registers across the block; KEY_RUN rows at a time: the step 0.84-1.01x)
+                _prefetch_next(v_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
+                if parts == NULL or positions[t0] + 1 <= chunk_keys:
+                    edge_weighted_sum_f16_queries(out + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
+                                                  scores + e * group * stride + j, stride, rows + (kvh + e) * hd,
+                                                  kv_width, min(n, block_size), hd)
+                else:
+                    edge_weighted_sum_f16_queries(parts + (<size_t> (kvh + e) * group * n_chunks + c) * (hd + 2),
+                                                  group, <size_t> n_chunks * (hd + 2), scores + e * group * stride + j,
+                                                  stride, rows + (kvh + e) * hd, kv_width, min(n, block_size), hd)
             continue
         vb = _head_block(v_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):
@@ -495,14 +488,16 @@ cdef inline void _prefetch_next(const void *cache, const int32_t *table, int b, 
             edge_prefetch(<const char *> cache + ((slot + i) * kv_width + col) * size, hd * size)
 
 
-# A one-row task over every KV head (a batched decode step) reads a block's K and V rows in order,
-# KEY_RUN rows at a time, each run for all heads before the next; head by head, the block's rows
-# are read a head's columns at a time (128 of every 384 bytes for SmolLM2), which memory serves
+# A one-row task over every KV head (a batched decode step) reads a block's K rows in order,
+# KEY_RUN rows at a time, each run's scores for all heads before the next; head by head, the block's
+# rows are read a head's columns at a time (128 of every 384 bytes for SmolLM2), which memory serves
 # worse: a 16-sequence step's attention over 30 layers from memory 1.07-1.51x faster (160 and 600
-# keys), 16 sequences through the engine 1.09x (64 keys) and 1.27x (500 keys).  The hardware
+# keys), 16 sequences through the engine 1.00-1.04x (64 keys) and 1.24x (500 keys).  The hardware
 # prefetcher follows the rows: asking for the next block's rows as well changed nothing (0.98-1.02x
-# for 0 to 3 blocks ahead).  A multiple of 4, so that the same keys go through the same code
-# (scores take keys in fours, the last n % 4 one by one): the same bits as whole blocks.
+# for 0 to 3 blocks ahead).  V stays head by head: a weighted sum reloads its sums from memory at
+# every call, and calls of KEY_RUN rows made the whole step 0.84-1.01x.  A multiple of 4, so that
+# the same keys go through the same code (scores take keys in fours, the last n % 4 one by one):
+# the same bits as whole blocks.
 cdef enum:
     KEY_RUN = 4
 

@@ -480,9 +480,8 @@ def test_attention_paged_over_halves_equals_floats_holding_them(hd, chunk_blocks
 @pytest.mark.parametrize("hd,chunk_blocks,group", [(64, 16, 3), (64, 1, 3), (32, 2, 3), (64, 16, 4), (24, 1, 1)])
 def test_attention_paged_decode_step_in_sequence_tasks_equals_head_tasks(hd, chunk_blocks, group):
     """A batched decode step (one row per sequence, float16 cache) whose tasks each take all KV
-    heads of a sequence (reading a block's K rows a few at a time for every head) gives bit for bit
-    the output of one task per KV head (a head's rows of the whole block at once), and both match
-    the numpy twin; long contexts split into chunks (chunk_blocks 1 and 2), query heads in groups
+    heads of a sequence gives bit for bit the output of one task per KV head, and both match the
+    numpy twin; long contexts split into chunks (chunk_blocks 1 and 2), query heads in groups
     of 3, 4 (3 + 1) and 1, and a prompt's chunk of rows fed in the same call (per-head tasks)
     included."""
     from core.kernels import _attention

@@ -243,7 +243,7 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     a block while the block is in L1 (widened to fp32 first where the cache holds halves).  In a
     call that would still have _sequence_tasks_min tasks per thread (a batched decode step, or one
     sequence deep into a long context), a one-row run's task takes all KV heads of its sequence
-    instead, and reads each block's rows whole.  A row
+    instead (each block read a head's columns at a time).  A row
     whose keys fit in the first chunk is normalised in its task (softmax, then the weighted sum).  A
     row with more keys (a long context: few rows but many keys, which one task per KV head would
     spread over only n_kv_heads threads) leaves, per chunk, the chunk's max score, sum of
@@ -269,10 +269,9 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h, heads
     # KV heads per task: a one-row run (a decoding sequence) of a call with tasks enough to keep
     # every thread busy when each takes all KV heads of a chunk of keys (many sequences, or one
-    # with a long context) takes all of its sequence's (whole), so that the task reads each
-    # block's rows whole (KEY_RUN x kv_width halves at a time, contiguous) rather than a head's
-    # columns of them (hd of every kv_width, which memory serves at a fraction of its bandwidth);
-    # other runs take one KV head
+    # with a long context) takes all of its sequence's (whole), so that one task reads each of its
+    # blocks (a head's columns at a time) instead of one task per KV head each reading a third of
+    # every row; other runs take one KV head
     cdef int whole_tasks = 0
     for run in range(n_runs):
         whole_tasks += _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
@@ -359,7 +358,7 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
     cdef int b0 = c * chunk_blocks
     cdef int b1 = min(b0 + chunk_blocks, (n_keys + block_size - 1) // block_size)
     cdef int end = min(b1 * block_size, n_keys)                # one past the chunk's last key
-    cdef int b, j, n, r, hg, h, e, d, first = b0 * block_size, seen, nk, kc, ck, run
+    cdef int b, j, n, r, hg, h, e, d, first = b0 * block_size, seen
     cdef const float *kb
     cdef const float *vb
     cdef const uint16_t *rows
@@ -371,22 +370,13 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
         if in_place:        # one row: each half is used once, so widen it in register as it is loaded
             n = positions[t0] + 1 - j
             rows = <const uint16_t *> k_cache + <size_t> table[b] * block_size * kv_width
-            # every KV head (a batched decode step): the block's rows in order, KEY_RUN at a time;
-            # one head: the block's rows of its columns at once
-            run = KEY_RUN if heads > 1 else block_size
-            nk = min(n, block_size)
-            kc = 0
-            while kc < nk:
-                ck = min(run, nk - kc)
-                for e in range(heads):
-                    if heads == 1:  # the next block's columns of the head: a whole block's lines at
-                        # once (16 x kv_width halves) are more than the core can have in flight,
-                        # and the prefetches would stall it
-                        _prefetch_next(k_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
-                    edge_scores_f16_queries(q + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
-                                            rows + <size_t> kc * kv_width + (kvh + e) * hd, kv_width, ck, hd,
-                                            scale, scores + e * group * stride + j + kc, stride)
-                kc = kc + ck
+            for e in range(heads):      # the next block's columns of a head before each head: a
+                # whole block's lines at once (16 x kv_width halves) are more than the core can have
+                # in flight, and the prefetches would stall it
+                _prefetch_next(k_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
+                edge_scores_f16_queries(q + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
+                                        rows + (kvh + e) * hd, kv_width, min(n, block_size), hd, scale,
+                                        scores + e * group * stride + j, stride)
             continue
         kb = _head_block(k_cache, f16, widened, table, b, end, block_size, kv_width, kvh * hd, hd)
         for r in range(n_rows):
@@ -418,8 +408,7 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
         if in_place:
             n = positions[t0] + 1 - j
             rows = <const uint16_t *> v_cache + <size_t> table[b] * block_size * kv_width
-            for e in range(heads):      # whole blocks a head at a time (each row's weighted sums stay
-                # in registers across the block; KEY_RUN rows at a time: the step 0.84-1.01x)
+            for e in range(heads):
                 _prefetch_next(v_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
                 if parts == NULL or positions[t0] + 1 <= chunk_keys:
                     edge_weighted_sum_f16_queries(out + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
@@ -486,20 +475,6 @@ cdef inline void _prefetch_next(const void *cache, const int32_t *table, int b, 
         slot = <size_t> table[b + 1] * block_size
         for i in range(min(end - j, block_size)):
             edge_prefetch(<const char *> cache + ((slot + i) * kv_width + col) * size, hd * size)
-
-
-# A one-row task over every KV head (a batched decode step) reads a block's K rows in order,
-# KEY_RUN rows at a time, each run's scores for all heads before the next; head by head, the block's
-# rows are read a head's columns at a time (128 of every 384 bytes for SmolLM2), which memory serves
-# worse: a 16-sequence step's attention over 30 layers from memory 1.07-1.51x faster (160 and 600
-# keys), 16 sequences through the engine 1.00-1.04x (64 keys) and 1.24x (500 keys).  The hardware
-# prefetcher follows the rows: asking for the next block's rows as well changed nothing (0.98-1.02x
-# for 0 to 3 blocks ahead).  V stays head by head: a weighted sum reloads its sums from memory at
-# every call, and calls of KEY_RUN rows made the whole step 0.84-1.01x.  A multiple of 4, so that
-# the same keys go through the same code (scores take keys in fours, the last n % 4 one by one):
-# the same bits as whole blocks.
-cdef enum:
-    KEY_RUN = 4
 
 
 cdef inline const float *_head_block(const void *cache, bint f16, float *widened, const int32_t *table, int b,

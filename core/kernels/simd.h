@@ -903,9 +903,10 @@ static inline void edge_scores_f32(const float *q, const float *k, size_t stride
 }
 
 /* edge_weighted_sum_f32_queries: o_g[0..hd) += sum_j p_g[j] * v_j, with o_g = o + g * o_stride and
- * p_g[j] = p[g * p_stride + j] (edge_weighted_sum_queries: p[g * p_stride + j * p_jstride]).  Where AVX2 exists and head_dim is a multiple of 32, the outputs of up to
- * three queries over 32 columns stay in registers across all n rows; each element's sum runs over j
- * in order whatever the grouping, so the result does not depend on nq. */
+ * p_g[j] = p[g * p_stride + j] (edge_weighted_sum_queries: p[g * p_stride + j * p_jstride]).  Where
+ * AVX2 exists and head_dim is a multiple of 32, the outputs of up to three queries (six with
+ * AVX-512VL) over 32 columns stay in registers across all n rows; each element's sum runs over j in
+ * order whatever the grouping, so the result does not depend on nq. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void
 edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, const float *p, size_t p_stride,
@@ -1172,8 +1173,8 @@ static inline void edge_transpose_queries(const float *q, size_t q_stride, int n
                     b[i] = _mm256_unpacklo_ps(a[i], a[i + 1]);          /* rows i, i+1 interleaved */
                     b[i + 1] = _mm256_unpackhi_ps(a[i], a[i + 1]);
                 }
-                for (int i = 0; i < 8; i += 4) {
-                    a[i] = _mm256_shuffle_ps(b[i], b[i + 2], 0x44);       /* column 4i' of rows i..i+3 */
+                for (int i = 0; i < 8; i += 4) {     /* a[i + c]: columns c and c + 4 of rows i..i+3 */
+                    a[i] = _mm256_shuffle_ps(b[i], b[i + 2], 0x44);
                     a[i + 1] = _mm256_shuffle_ps(b[i], b[i + 2], 0xee);
                     a[i + 2] = _mm256_shuffle_ps(b[i + 1], b[i + 3], 0x44);
                     a[i + 3] = _mm256_shuffle_ps(b[i + 1], b[i + 3], 0xee);

@@ -551,8 +551,10 @@ def test_attention_varlen(n_kv, group, hd, lens, seed, rows_in_lanes):
     ends = (starts + np.repeat(lens, lens)).astype(np.int32)
     q, k, v = rand(rng, T, n_heads * hd), rand(rng, T, n_kv * hd), rand(rng, T, n_kv * hd)
     out, ref = np.empty_like(q), np.empty(q.shape, np.float64)
-    K.attention_varlen(out, q, k, v, starts, ends, n_heads, n_kv, 0.3)
-    _attention._set_rows_in_lanes(1)
+    try:
+        K.attention_varlen(out, q, k, v, starts, ends, n_heads, n_kv, 0.3)
+    finally:
+        _attention._set_rows_in_lanes(1)
     R.attention_varlen(ref, q, k, v, starts, ends, n_heads, n_kv, 0.3)
     np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-5)
 

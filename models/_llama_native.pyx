@@ -22,7 +22,7 @@ from libc.string cimport memcpy
 from core.kernels._activations cimport silu_mul_rows
 from core.kernels._attention cimport attention_paged_rows, check_paged_rows, kv_write_rows
 from core.kernels._embedding cimport embed_f32_rows, embed_q8_rows
-from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8, _matmul_q8_shared
+from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8, _matmul_q8_shared, _matmul_q8_silu_mul
 from core.kernels._norms cimport rmsnorm_rows
 from core.kernels._rope cimport ROPE_MAX_DIM, rope_angles, rope_qk_rows_at
 
@@ -113,6 +113,33 @@ cdef int _project(int n, Proj *projs, float **outs, const float *x, int T, int K
         return _matmul_q8_shared(n, outs, w, scales, biases, Ns, x, T, K)
     for i in range(n):
         _matmul_f32(outs[i], x, projs[i].wf, projs[i].bias, T, projs[i].n_out, K)
+    return 0
+
+
+cdef bint fused_silu_on = True
+
+
+def _set_fused_silu(int on):
+    """Benchmark knob: silu(gate) * up fused into the gate/up matmul from four rows up (1, default),
+    or the two projections and a silu_mul pass (0); the same bits either way."""
+    global fused_silu_on
+    fused_silu_on = on
+
+
+cdef int _project_silu_mul(Proj *gate_up, float *out, float *spare, const float *x, int T, int K) noexcept nogil:
+    """out = silu(x @ gate.T) * (x @ up.T): fused into one matmul for int8 layers without biases
+    from four rows up (prefill, batched steps), so that gate and up are never stored; for fewer (a
+    decode step, whose weight rows stream from memory one matrix at a time) and otherwise, the two
+    projections into out and spare and a silu_mul pass.  The same bits either way.
+    0, or -1 when the kernel's scratch memory cannot be had."""
+    cdef float *outs[2]
+    if T >= 4 and fused_silu_on and gate_up[0].w != NULL and gate_up[0].bias == NULL and gate_up[1].bias == NULL:
+        return _matmul_q8_silu_mul(out, x, gate_up[0].w, gate_up[0].scale, gate_up[1].w, gate_up[1].scale, T,
+                                   gate_up[0].n_out, K)
+    outs[0], outs[1] = out, spare
+    if _project(2, gate_up, outs, x, T, K):
+        return -1
+    silu_mul_rows(out, out, spare, T, gate_up[0].n_out)
     return 0
 
 
@@ -352,10 +379,8 @@ cdef class LlamaNative:
             # feed-forward block
             rmsnorm_rows(self.xb, self.x, L.ffn_norm, T, dim, self.eps)
             projs[0], projs[1] = L.gate, L.up
-            outs[0], outs[1] = self.hb, self.hb2
-            if _project(2, projs, outs, self.xb, T, dim):
+            if _project_silu_mul(projs, self.hb, self.hb2, self.xb, T, dim):
                 return -1
-            silu_mul_rows(self.hb, self.hb, self.hb2, T, self.hidden)
             if _project(1, &L.down, &self.xb2, self.hb, T, self.hidden):
                 return -1
             _add_rows(self.x, self.xb2, <size_t> T * dim)

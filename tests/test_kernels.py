@@ -362,6 +362,56 @@ def test_matmul_q8_shared_equals_separate_calls(M):
         K.matmul_q8_shared([separate[0]], x, [mats[0][0]], [mats[1][1]], [None])
 
 
+@settings(max_examples=40, deadline=None)
+@given(M=rows, N=st.integers(1, 70), K_=dims, steal=st.booleans(), seed=seeds)
+def test_matmul_q8_silu_mul_equals_shared_and_separate_pass(M, N, K_, steal, seed):
+    """silu(gate) * up fused into the gate/up matmul (Llama's feed-forward) gives bit for bit the
+    shared matmul into two outputs and the silu_mul pass, in every tile shape (few rows, 4 x 2,
+    leftover rows, an odd last weight row, a last task of fewer columns) and whichever thread
+    takes a task; close to the numpy twins."""
+    from core.kernels import _matmul
+
+    rng = np.random.default_rng(seed)
+    x = rand(rng, M, K_, scale=rng.uniform(0.1, 3))
+    mats = []
+    for _ in range(2):
+        w_natural, w_scale = R.quantize_weights_q8(rand(rng, N, K_))
+        mats.append((R.pack_q8_rows(w_natural), w_scale.view(np.uint16), w_scale))
+    _matmul._set_steal_tiles(int(steal))
+    try:
+        gate, up = np.empty((M, N), np.float32), np.empty((M, N), np.float32)
+        K.matmul_q8_shared([gate, up], x, [mats[0][0], mats[1][0]], [mats[0][1], mats[1][1]], [None, None])
+        separate = np.empty((M, N), np.float32)
+        K.silu_mul(separate, gate, up)
+        fused = np.full((M, N), np.nan, np.float32)
+        K.matmul_q8_silu_mul(fused, x, mats[0][0], mats[0][1], mats[1][0], mats[1][1])
+        np.testing.assert_array_equal(fused, separate)
+    finally:
+        _matmul._set_steal_tiles(1)
+    ref_gate, ref_up = np.empty((M, N), np.float64), np.empty((M, N), np.float64)
+    R.matmul_q8(ref_gate, x, mats[0][0], mats[0][2])
+    R.matmul_q8(ref_up, x, mats[1][0], mats[1][2])
+    ref = np.empty((M, N), np.float64)
+    R.silu_mul(ref, ref_gate, ref_up)
+    mag = (np.abs(ref_gate) + 1) * (np.abs(ref_up) + 1)
+    assert (np.abs(fused - ref) <= 1e-3 * mag).all()
+
+
+def test_matmul_q8_silu_mul_refuses_bad_input():
+    rng = np.random.default_rng(3)
+    w_natural, w_scale = R.quantize_weights_q8(rand(rng, 8, 64))
+    w, ws = R.pack_q8_rows(w_natural), w_scale.view(np.uint16)
+    x = rand(rng, 5, 64)
+    w9, ws9 = R.quantize_weights_q8(rand(rng, 9, 64))
+    with pytest.raises(ValueError, match="expected"):
+        K.matmul_q8_silu_mul(np.empty((5, 8), np.float32), x, w, ws, R.pack_q8_rows(w9), ws9.view(np.uint16))
+    with pytest.raises(ValueError, match="s_up"):
+        K.matmul_q8_silu_mul(np.empty((5, 8), np.float32), x, w, ws, w, np.zeros((8, 1), np.uint16))
+    with pytest.raises(ValueError, match="no columns"):
+        K.matmul_q8_silu_mul(np.empty((5, 8), np.float32), np.empty((5, 0), np.float32), w[:, :0], ws[:, :0],
+                             w[:, :0], ws[:, :0])
+
+
 @pytest.mark.parametrize("hd,chunk_blocks", [(24, 16), (64, 16), (64, 1), (24, 2)])
 def test_attention_paged_grouping_does_not_change_results(hd, chunk_blocks):
     """A row's output is bit for bit the same whether it is computed alone or in a run of rows, and

@@ -699,8 +699,10 @@ static inline void edge_prefetch(const void *p, size_t bytes) {
     for (size_t i = 0; i < bytes; i += 64) __builtin_prefetch((const char *)p + i, 0, EDGE_PREFETCH_LOCALITY);
 }
 
-/* One packed activation row against one packed weight row. */
-static inline float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K) {
+/* One packed activation row against one packed weight row (inlined: a decode step calls it for
+ * every weight row, and as a call it cost 4-5% of a one-row matmul's time). */
+static inline __attribute__((always_inline)) float
+edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K) {
     float out;
     edge_dot_q8_tile(1, 1, q, 0, xs, 0, &w, &ws, K, &out, 0, NULL);
     return out;

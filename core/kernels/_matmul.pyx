@@ -176,8 +176,9 @@ cdef int _matmul_q8_silu_mul(float *out, const float *x, const int8_t *w_gate, c
     gated feed-forward's input to its down projection, with the bits of _matmul_q8_shared into two
     outputs and a silu_mul pass: each task computes its columns of gate into out and of up into
     its thread's scratch, then combines them while they are in L1, so that up is never stored
-    and nothing is read back from memory (a 512-token prefill of SmolLM2-135M: 1.03-1.05x; no
-    change at 16 and 128 tokens).  0, or -1 (nothing computed) without scratch memory."""
+    and nothing is read back from memory (a 512-token prefill of SmolLM2-135M on Zen 4: 1.02-1.05x
+    while the host's memory was slow, 1.00-1.01x while it was fast; no change at 16 and 128
+    tokens).  0, or -1 (nothing computed) without scratch memory."""
     cdef float *outs[2]
     cdef const int8_t *ws_[2]
     cdef const uint16_t *scales[2]

@@ -375,6 +375,13 @@ def _check_linear(out, x, w, bias):
         raise ValueError(f"bias has {bias.shape[0]} entries, expected {N}")
 
 
+def _nothing_to_do(int M, int N, int K):
+    """Whether the product of M rows and N weight rows is empty; an x without columns is refused."""
+    if K == 0:
+        raise ValueError("x has no columns")
+    return M == 0 or N == 0
+
+
 def _check_scales(w, w_scale, what):
     if w_scale.shape[0] != w.shape[0] or w_scale.shape[1] != (w.shape[1] + 31) // 32:
         raise ValueError(f"{what} has shape {tuple(w_scale.shape)[:2]}, expected "
@@ -390,9 +397,7 @@ def matmul_q8(float[:, ::1] out,             # OUT (M, N)
     _check_linear(out, x, w, bias)
     _check_scales(w, w_scale, "w_scale")
     cdef int M = x.shape[0], N = w.shape[0], K = x.shape[1]
-    if K == 0:
-        raise ValueError("x has no columns")
-    if M == 0 or N == 0:
+    if _nothing_to_do(M, N, K):
         return
     cdef const float *b = &bias[0] if bias is not None else NULL
     cdef int rc
@@ -409,16 +414,14 @@ def matmul_q8_silu_mul(float[:, ::1] out,              # OUT (M, N)
                        const int8_t[:, ::1] w_up,      # IN  (N, K) int8 weights
                        const uint16_t[:, ::1] s_up):   # IN  (N, ceil(K/32)) fp16 bits
     """out = silu(x @ gate.T) * (x @ up.T), x quantized once (Llama's feed-forward before its down
-    projection): the bits of matmul_q8_shared into two outputs and a silu_mul pass, without either
-    output ever stored."""
+    projection): the bits of matmul_q8_shared into two outputs and a silu_mul pass, with neither
+    product stored in full."""
     _check_linear(out, x, w_gate, None)
     _check_linear(out, x, w_up, None)
     _check_scales(w_gate, s_gate, "s_gate")
     _check_scales(w_up, s_up, "s_up")
     cdef int M = x.shape[0], N = w_gate.shape[0], K = x.shape[1]
-    if K == 0:
-        raise ValueError("x has no columns")
-    if M == 0 or N == 0:
+    if _nothing_to_do(M, N, K):
         return
     cdef int rc
     with nogil:
@@ -475,9 +478,7 @@ def matmul_f32(float[:, ::1] out,            # OUT (M, N)
     """out = x @ w.T + bias in fp32."""
     _check_linear(out, x, w, bias)
     cdef int M = x.shape[0], N = w.shape[0], K = x.shape[1]
-    if K == 0:
-        raise ValueError("x has no columns")
-    if M == 0 or N == 0:
+    if _nothing_to_do(M, N, K):
         return
     cdef const float *b = &bias[0] if bias is not None else NULL
     with nogil:

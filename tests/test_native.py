@@ -195,6 +195,23 @@ def test_logits_rows_are_recycled_only_once_released(model):
         seq.release()
 
 
+def test_logits_of_many_rows_come_in_slices_of_logit_rows(model, monkeypatch):
+    """A chunk's logits are computed LOGIT_ROWS rows at a time (the logits block held at once stays
+    that size whatever max_rows is): sliced finer, every row and its order are the same, in the
+    native pass and in the Python one, and in perplexity's windows."""
+    import models.api as api
+
+    m = model
+    ids = np.random.default_rng(4).integers(0, VOCAB, 23).tolist()
+    whole = m.logits(ids)
+    ppl = m.perplexity(ids)
+    monkeypatch.setattr(api, "LOGIT_ROWS", 5)
+    np.testing.assert_array_equal(m.logits(ids), whole)
+    assert m.perplexity(ids) == pytest.approx(ppl, rel=1e-12)       # summed per slice: float64 order
+    monkeypatch.setattr(m, "_native", None)                  # the Python forward, the same bits
+    np.testing.assert_array_equal(m.logits(ids), whole)
+
+
 @pytest.mark.parametrize("module", ["_matmul", "_attention"])
 def test_a_forward_without_scratch_memory_raises_and_the_model_goes_on(model, module):
     """Each scratch allocation of a prefill and its logits failing in turn (every layer's, the head's)

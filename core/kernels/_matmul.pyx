@@ -375,7 +375,7 @@ def _check_linear(out, x, w, bias):
         raise ValueError(f"bias has {bias.shape[0]} entries, expected {N}")
 
 
-def _nothing_to_do(int M, int N, int K):
+cdef bint _nothing_to_do(int M, int N, int K) except -1:
     """Whether the product of M rows and N weight rows is empty; an x without columns is refused."""
     if K == 0:
         raise ValueError("x has no columns")

@@ -2,7 +2,10 @@
 
 Environment:
   EDGE_PORTABLE=1      build for the architecture's baseline (no -march=native): a wheel that runs
-                       on any x86-64 / aarch64 machine.
+                       on any x86-64 / aarch64 machine.  It also builds every module once per
+                       entry of core.kernel_builds.BUILDS for this architecture (AVX2, AVX-512
+                       VNNI; NEON with sdot), into core/_builds/, and `import core` loads the
+                       best one the CPU supports.
   EDGE_CYTHON_DEBUG=1  turn bounds checks and wraparound back on.
   EDGE_NO_OPENMP=1     force a serial build.
 
@@ -10,6 +13,7 @@ If the compiler cannot build a tiny OpenMP program, the kernels are built serial
 warning is printed: they still work, on one core.
 """
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -53,10 +57,16 @@ def _compiles(flags: list[str], source: str) -> bool:
         return subprocess.run(cmd, capture_output=True).returncode == 0
 
 
+def _portable() -> bool:
+    return os.environ.get("EDGE_PORTABLE") == "1"
+
+
 def _flags() -> tuple[list[str], list[str]]:
     compile_args = ["-O3", "-fno-math-errno", "-Wno-unused-function", "-Wno-unreachable-code"]
     link_args: list[str] = []
-    if os.environ.get("EDGE_PORTABLE") != "1":
+    if _portable():
+        compile_args.append("-g0")          # no debug info: a Lambda package counts every MB
+    else:
         tuned = "-mcpu=native" if platform.machine() in ("aarch64", "arm64") else "-march=native"
         if _compiles([tuned], "int main(void){return 0;}"):
             compile_args.append(tuned)
@@ -88,7 +98,47 @@ def _extensions() -> list[Extension]:
         "cdivision": True,
         "embedsignature": True,
     }
-    return cythonize(exts, compiler_directives=directives, compile_time_env={"EDGE_DEBUG": debug})
+    exts = cythonize(exts, compiler_directives=directives, compile_time_env={"EDGE_DEBUG": debug})
+    builds = _kernel_builds()
+    if not _portable():     # one set of modules, for this host: no stale portable builds in place
+        shutil.rmtree(os.path.join("core", builds.DIRECTORY), ignore_errors=True)
+        return exts
+    return exts + _builds_for_cpus(builds, exts, compile_args, link_args)
+
+
+def _kernel_builds():
+    """core/kernel_builds.py, read from its file: the package is not built yet."""
+    spec = importlib.util.spec_from_file_location("_edge_kernel_builds", os.path.join("core", "kernel_builds.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _builds_for_cpus(builds, exts: list[Extension], compile_args: list[str], link_args: list[str]) -> list[Extension]:
+    """Every extension again for each of builds.BUILDS of this architecture that the compiler
+    can target, as core._builds.<build>.<module> (core/_builds/<build>/core/kernels/_matmul...),
+    from the same generated C: each module keeps its name inside (PyInit__matmul,
+    core.kernels._matmul), so the build's finder loads it under that name."""
+    out = []
+    for name, (arch, flags, _) in builds.BUILDS.items():
+        if arch != builds.machine():
+            continue
+        if not _compiles(list(flags), "int main(void){return 0;}"):
+            print(f"\n!! edge: the C compiler cannot build for {name} ({' '.join(flags)}): this portable\n"
+                  f"!! build lacks those kernels, and CPUs that have them run the baseline's.\n", file=sys.stderr)
+            continue
+        for ext in exts:
+            src = ext.sources[0]            # a copy per build, so that each gets its own object files
+            copy = os.path.join("build", "kernel-builds", name, src)
+            if not os.path.exists(copy) or os.path.getmtime(copy) != os.path.getmtime(src):
+                os.makedirs(os.path.dirname(copy), exist_ok=True)
+                shutil.copy2(src, copy)
+            # --inplace copies the module there without making its directory
+            os.makedirs(os.path.join("core", builds.DIRECTORY, name, *ext.name.split(".")[:-1]), exist_ok=True)
+            out.append(Extension(f"core.{builds.DIRECTORY}.{name}.{ext.name}", [copy],
+                                 include_dirs=ext.include_dirs, depends=ext.depends,
+                                 extra_compile_args=compile_args + list(flags), extra_link_args=link_args))
+    return out
 
 
 setup(ext_modules=_extensions())

@@ -84,6 +84,8 @@ def load_models(settings: Settings, state: ModelState, metrics: Metrics) -> None
     from core.threads import serving_spin, set_num_threads
 
     serving_spin()              # before anything loads the kernels' libgomp, which reads it once
+    from core import kernel_builds
+    from core.kernels._omp import simd_name
     from edge.registry import DEFAULT_MODELS, canonical_name, resolve
     from models.api import load_model
 
@@ -99,7 +101,8 @@ def load_models(settings: Settings, state: ModelState, metrics: Metrics) -> None
         for alias in DEFAULT_MODELS.get(canon, {}).get("aliases", ()):
             state.aliases[alias] = name
         metrics.model_load.labels(name).set(time.perf_counter() - start)
-        log.info("loaded %s in %.3f s", name, time.perf_counter() - start)
+        log.info("loaded %s in %.3f s (kernels: %s%s)", name, time.perf_counter() - start, simd_name(),
+                 "" if kernel_builds.chosen == "baseline" else f", build {kernel_builds.chosen}")
     state.ready = True
 
 

@@ -7,4 +7,6 @@ here, not in models.convert, so that checking a cached file does not import the 
 3: int8 group scales rounded up to a half (no value clips), not to nearest.
 """
 
+import core  # noqa: F401  (picks the kernel build before models._llama_native loads)
+
 CONVERTER_REVISION = 3

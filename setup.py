@@ -3,8 +3,8 @@
 Environment:
   EDGE_PORTABLE=1      build for the architecture's baseline (no -march=native): a wheel that runs
                        on any x86-64 / aarch64 machine.  It also builds every module once per
-                       entry of core.kernel_builds.BUILDS for this architecture (AVX2, AVX-512
-                       VNNI; NEON with sdot), into core/_builds/, and `import core` loads the
+                       entry of core.kernel_builds.BUILDS for this architecture (AVX2, AVX-VNNI,
+                       AVX-512 VNNI; NEON with sdot), into core/_builds/, and `import core` loads the
                        best one the CPU supports.
   EDGE_CYTHON_DEBUG=1  turn bounds checks and wraparound back on.
   EDGE_NO_OPENMP=1     force a serial build.

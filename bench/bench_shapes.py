@@ -3,12 +3,13 @@ without the default models (a lent GPU host, a new CPU), to compare builds on on
 
     .venv/bin/python bench/bench_shapes.py [--threads 2] [--runs 3]
 
-Compare instruction sets on one machine by building twice, e.g. on an AVX-512 VNNI host:
+Compare instruction sets on one machine with a portable build, which carries the kernels for
+the baseline and each build of core/kernel_builds.py, picked by EDGE_KERNELS:
 
-    python setup.py build_ext --inplace --force                      # -march=native: VNNI
-    taskset -c 0,1 python bench/bench_shapes.py
-    EDGE_PORTABLE=1 CFLAGS="-mavx2 -mfma -mf16c" python setup.py build_ext --inplace --force
-    taskset -c 0,1 python bench/bench_shapes.py                      # the AVX2 body
+    EDGE_PORTABLE=1 python setup.py build_ext --inplace --force
+    EDGE_KERNELS=baseline python bench/bench_shapes.py               # the scalar body
+    EDGE_KERNELS=x86_64_v3 python bench/bench_shapes.py              # the AVX2 body
+    python bench/bench_shapes.py                                     # the best this CPU runs
 
 The model: SmolLM2-135M's shapes (dim 576, FFN 1536, 30 layers, 9 query and 3 KV heads, vocab
 49152, tied head), N(0, 1/K) weights quantized as the converter does, and a byte-level tokenizer

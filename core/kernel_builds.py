@@ -28,15 +28,18 @@ import sys
 # name -> (architecture, compiler flags, CPU features it needs as /proc/cpuinfo names them), best
 # first within an architecture.  The flags spell out x86-64-v3 (AVX2, FMA, F16C, BMI1/2, LZCNT,
 # MOVBE over x86-64-v2's SSE4.2, POPCNT, CX16) and v4 (AVX-512 F, BW, CD, DQ, VL) feature by
-# feature: gcc 10, manylinux2014's compiler, does not know -march=x86-64-v3.
+# feature: gcc 10, manylinux2014's compiler, does not know -march=x86-64-v3 (nor -mavxvnni: a
+# wheel built with it lacks that build, and says so).
 _X86_V3 = {"-mcx16": "cx16", "-msahf": "lahf_lm", "-mpopcnt": "popcnt", "-msse4.1": "sse4_1",
            "-msse4.2": "sse4_2", "-mssse3": "ssse3", "-mavx": "avx", "-mavx2": "avx2", "-mbmi": "bmi1",
            "-mbmi2": "bmi2", "-mf16c": "f16c", "-mfma": "fma", "-mlzcnt": "abm", "-mmovbe": "movbe",
            "-mxsave": "xsave"}
 _X86_V4_VNNI = {**_X86_V3, "-mavx512f": "avx512f", "-mavx512bw": "avx512bw", "-mavx512cd": "avx512cd",
                 "-mavx512dq": "avx512dq", "-mavx512vl": "avx512vl", "-mavx512vnni": "avx512_vnni"}
+_X86_V3_AVX_VNNI = {**_X86_V3, "-mavxvnni": "avx_vnni"}      # Intel's client cores from Alder Lake on
 BUILDS = {
     "x86_64_v4_vnni": ("x86_64", tuple(_X86_V4_VNNI), tuple(_X86_V4_VNNI.values())),
+    "x86_64_v3_avx_vnni": ("x86_64", tuple(_X86_V3_AVX_VNNI), tuple(_X86_V3_AVX_VNNI.values())),
     "x86_64_v3": ("x86_64", tuple(_X86_V3), tuple(_X86_V3.values())),
     # Neoverse N1 (Graviton2) and later: sdot, with armv8.1-a's LSE atomics and RDM
     "armv8_2_dotprod": ("aarch64", ("-march=armv8.2-a+dotprod",), ("asimd", "asimddp", "atomics", "asimdrdm")),

@@ -19,13 +19,17 @@ from core import kernel_builds as KB
 V4 = frozenset(KB.BUILDS["x86_64_v4_vnni"][2])
 V3 = frozenset(KB.BUILDS["x86_64_v3"][2])
 # the body simd.h picks under each build's flags (the baseline: scalar on x86-64, plain NEON on arm)
-SIMD = {"baseline": ("scalar", "neon"), "x86_64_v3": ("avx2",), "x86_64_v4_vnni": ("avx2+avx512-vnni",),
-        "armv8_2_dotprod": ("neon-dotprod",)}
+SIMD = {"baseline": ("scalar", "neon"), "x86_64_v3": ("avx2",), "x86_64_v3_avx_vnni": ("avx2+avx-vnni",),
+        "x86_64_v4_vnni": ("avx2+avx512-vnni",), "armv8_2_dotprod": ("neon-dotprod",)}
 
 
 def test_the_best_build_the_cpu_and_the_package_have_is_chosen():
     both = {"x86_64_v3", "x86_64_v4_vnni"}
     assert KB.choose(both, V4, "x86_64") == "x86_64_v4_vnni"
+    every = set(KB.BUILDS)
+    assert KB.choose(every, V4 | {"avx_vnni"}, "x86_64") == "x86_64_v4_vnni"      # Sapphire Rapids, Zen 5
+    assert KB.choose(every, V3 | {"avx_vnni"}, "x86_64") == "x86_64_v3_avx_vnni"  # Alder Lake
+    assert KB.choose(every, V3, "x86_64") == "x86_64_v3"
     assert KB.choose(both, V3, "x86_64") == "x86_64_v3"                  # AVX2 but no AVX-512 VNNI
     assert KB.choose(both, V3 | {"avx512f", "avx512vl"}, "x86_64") == "x86_64_v3"
     assert KB.choose({"x86_64_v3"}, V4, "x86_64") == "x86_64_v3"         # the package lacks the best

@@ -271,9 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from core.errors import EdgeError
-
     args = build_parser().parse_args(argv)
+    try:
+        from core.errors import EdgeError       # core picks its kernel build here (EDGE_KERNELS)
+    except ImportError as e:
+        print(f"edge: error: {e}", file=sys.stderr)
+        return 1
     try:
         args.func(args)
     except EdgeError as e:

@@ -2,6 +2,7 @@
 names (load_model, predict, encode_text, from_pretrained)."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -26,6 +27,17 @@ def assert_one_line_error(r, *fragments):
     assert "Traceback" not in r.stderr + r.stdout
     for f in fragments:
         assert f in lines[0]
+
+
+@pytest.mark.parametrize("wanted,fragment", [("avx9000", "not a kernel build"),
+                                             ("armv8_2_dotprod", "armv8_2_dotprod")])
+def test_a_kernel_build_that_cannot_load_is_a_one_line_error(wanted, fragment):
+    """EDGE_KERNELS naming no build, or one this package or CPU lacks (core.kernel_builds): the
+    reason in one line, exit status 1, no traceback."""
+    r = subprocess.run([sys.executable, "-m", "edge.cli", "generate", "-m", "smollm2", "-p", "x", "-n", "1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "EDGE_KERNELS": wanted})
+    assert_one_line_error(r, "EDGE_KERNELS=", fragment)
 
 
 NO_NUMPY = """

@@ -125,7 +125,7 @@ def _builds_for_cpus(builds, exts: list[Extension], compile_args: list[str], lin
             continue
         if not _compiles(list(flags), "int main(void){return 0;}"):
             print(f"\n!! edge: the C compiler cannot build for {name} ({' '.join(flags)}): this portable\n"
-                  f"!! build lacks those kernels, and CPUs that have them run the baseline's.\n", file=sys.stderr)
+                  f"!! build lacks those kernels, and CPUs that have them take the next best build.\n", file=sys.stderr)
             continue
         for ext in exts:
             src = ext.sources[0]            # a copy per build, so that each gets its own object files

@@ -4,8 +4,8 @@ A host-tuned build (`setup.py` without EDGE_PORTABLE) compiles the kernels once,
 that builds them, and this module does nothing.  A portable build (EDGE_PORTABLE=1: a wheel, the
 Lambda package) must run on any CPU of its architecture, so its modules at their usual names
 (`core.kernels._matmul`, ..., `models._llama_native`) are compiled for the baseline: the scalar
-body on x86-64, plain NEON on aarch64.  Alone, that build prefills ~13x and decodes ~3x slower
-than the host-tuned one on an AVX-512 VNNI machine.  So a portable build also compiles every
+body on x86-64, plain NEON on aarch64.  Alone, that build prefilled 14x and decoded 2.5x slower
+than the host-tuned one on an AVX-512 VNNI machine (bench/bench_shapes.py).  So a portable build also compiles every
 module for each entry of BUILDS of its architecture, into core/_builds/<name>/<module path>, and
 `install()` (run by `core` and `models` before any kernel module loads) puts a finder first on
 sys.meta_path that loads the best build the CPU supports under the usual names.  All modules come

@@ -25,6 +25,7 @@ import tempfile
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 KERNELS = ["_omp", "_matmul", "_embedding", "_norms", "_rope", "_activations", "_attention", "_sampling"]
 NATIVE_MODELS = ["_llama_native"]   # forward passes in one native call, built on the kernels' C entry points
@@ -81,8 +82,13 @@ def _flags() -> tuple[list[str], list[str]]:
     return compile_args, link_args
 
 
+_built_with = ""        # the flags of this build, which BuildExt compares with the last one's
+
+
 def _extensions() -> list[Extension]:
+    global _built_with
     compile_args, link_args = _flags()
+    _built_with = "\n".join([*compile_args, *link_args, os.environ.get("CFLAGS", ""), f"portable={_portable()}"])
     modules = [f"core.kernels.{name}" for name in KERNELS] + [f"models.{name}" for name in NATIVE_MODELS]
     exts = [
         Extension(module, [module.replace(".", "/") + ".pyx"], include_dirs=["core/kernels", numpy.get_include()],
@@ -99,11 +105,9 @@ def _extensions() -> list[Extension]:
         "embedsignature": True,
     }
     exts = cythonize(exts, compiler_directives=directives, compile_time_env={"EDGE_DEBUG": debug})
-    builds = _kernel_builds()
-    if not _portable():     # one set of modules, for this host: no stale portable builds in place
-        shutil.rmtree(os.path.join("core", builds.DIRECTORY), ignore_errors=True)
+    if not _portable():
         return exts
-    return exts + _builds_for_cpus(builds, exts, compile_args, link_args)
+    return exts + _builds_for_cpus(_kernel_builds(), exts, compile_args, link_args)
 
 
 def _kernel_builds():
@@ -141,4 +145,33 @@ def _builds_for_cpus(builds, exts: list[Extension], compile_args: list[str], lin
     return out
 
 
-setup(ext_modules=_extensions())
+class BuildExt(build_ext):
+    """build_ext that rebuilds every module when the flags differ from the last build's.
+
+    build_ext rebuilds a module only when one of its sources is newer than it, so a tree switched
+    between a portable and a host-tuned build (or rebuilt with other CFLAGS) kept the other
+    build's modules: `EDGE_PORTABLE=1 pip wheel .` after `make test` would have packed
+    -march=native modules as the baseline.  The flags of the last complete build are kept in
+    build_temp, next to the objects of the modules in build_lib (which --inplace copies).  A
+    host-tuned build also removes a portable build's kernel builds from build_lib and, in place,
+    from the tree: `import core` would prefer them to the host-tuned modules."""
+
+    def run(self):
+        if not _portable():
+            directory = _kernel_builds().DIRECTORY
+            shutil.rmtree(os.path.join(self.build_lib, "core", directory), ignore_errors=True)
+            if self.inplace:
+                shutil.rmtree(os.path.join("core", directory), ignore_errors=True)
+        stamp = os.path.join(self.build_temp, "edge-build-flags")
+        try:
+            with open(stamp) as f:
+                self.force = self.force or f.read() != _built_with
+        except OSError:
+            self.force = True
+        super().run()
+        os.makedirs(os.path.dirname(stamp), exist_ok=True)
+        with open(stamp, "w") as f:
+            f.write(_built_with)
+
+
+setup(ext_modules=_extensions(), cmdclass={"build_ext": BuildExt})

@@ -136,3 +136,19 @@ def test_a_portable_build_loads_the_best_kernels_this_cpu_runs(portable_tree):
         for module, path in got["files"].items():
             assert path.startswith(str(where) + os.sep), (module, path)
             assert name != "baseline" or os.sep + KB.DIRECTORY + os.sep not in path, (module, path)
+
+
+def test_a_host_tuned_rebuild_of_a_portable_tree_replaces_its_modules(portable_tree):
+    """build_ext rebuilds a module only when a source is newer than it: without setup.py's record
+    of the last build's flags, a host-tuned build after a portable one kept the portable modules
+    (the scalar body), and `import core` kept preferring the portable tree's kernel builds."""
+    from core.kernels._omp import simd_name
+
+    env = {k: v for k, v in os.environ.items() if k != "EDGE_PORTABLE"}
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace", "-j", "2"], cwd=portable_tree, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert not (portable_tree / "core" / KB.DIRECTORY).exists()
+    got = json.loads(probe(portable_tree, "auto").stdout)
+    assert got["chosen"] == "baseline" and got["simd"] == simd_name()       # this tree's own host-tuned build
+    assert got["error"] <= 2e-5

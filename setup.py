@@ -140,7 +140,7 @@ def _builds_for_cpus(builds, exts: list[Extension], compile_args: list[str], lin
             # --inplace copies the module there without making its directory
             os.makedirs(os.path.join("core", builds.DIRECTORY, name, *ext.name.split(".")[:-1]), exist_ok=True)
             out.append(Extension(f"core.{builds.DIRECTORY}.{name}.{ext.name}", [copy],
-                                 include_dirs=ext.include_dirs, depends=ext.depends,
+                                 include_dirs=ext.include_dirs, depends=[*ext.depends, "core/kernel_builds.py"],
                                  extra_compile_args=compile_args + list(flags), extra_link_args=link_args))
     return out
 

@@ -137,8 +137,6 @@ def _builds_for_cpus(builds, exts: list[Extension], compile_args: list[str], lin
             if not os.path.exists(copy) or os.path.getmtime(copy) != os.path.getmtime(src):
                 os.makedirs(os.path.dirname(copy), exist_ok=True)
                 shutil.copy2(src, copy)
-            # --inplace copies the module there without making its directory
-            os.makedirs(os.path.join("core", builds.DIRECTORY, name, *ext.name.split(".")[:-1]), exist_ok=True)
             out.append(Extension(f"core.{builds.DIRECTORY}.{name}.{ext.name}", [copy],
                                  include_dirs=ext.include_dirs, depends=[*ext.depends, "core/kernel_builds.py"],
                                  extra_compile_args=compile_args + list(flags), extra_link_args=link_args))
@@ -162,6 +160,9 @@ class BuildExt(build_ext):
             shutil.rmtree(os.path.join(self.build_lib, "core", directory), ignore_errors=True)
             if self.inplace:
                 shutil.rmtree(os.path.join("core", directory), ignore_errors=True)
+        if self.inplace:        # --inplace copies each module without making its directory
+            for ext in self.extensions:
+                os.makedirs(os.path.join(*ext.name.split(".")[:-1]), exist_ok=True)
         stamp = os.path.join(self.build_temp, "edge-build-flags")
         try:
             with open(stamp) as f:

@@ -122,13 +122,13 @@ def _modules_of(directory: str, suffix: str) -> dict:
     return files
 
 
-def install(root: str | None = None) -> str:
+def install() -> str:
     """Put the chosen build's finder first on sys.meta_path (once per process; before any kernel
-    module is imported) and return its name.  root: where the builds are (default core/_builds)."""
+    module is imported) and return its name."""
     global chosen, _installed
     if _installed:
         return chosen
-    root = root or os.path.join(os.path.dirname(os.path.abspath(__file__)), DIRECTORY)
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), DIRECTORY)
     wanted = os.environ.get("EDGE_KERNELS", "auto").strip() or "auto"
     try:
         names = [n for n in os.listdir(root) if n in BUILDS]

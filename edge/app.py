@@ -96,6 +96,8 @@ def load_models(settings: Settings, state: ModelState, metrics: Metrics) -> None
         name = canon or spec.rsplit("/", 1)[-1].removesuffix(".edge")
         model = load_model(resolve(spec), threads=settings.threads, kv_tokens=settings.kv_tokens,
                            kv_dtype=settings.kv_dtype)
+        if settings.draft_tokens is not None and hasattr(model, "draft_tokens"):
+            model.draft_tokens = settings.draft_tokens
         state.models[name] = model
         state.aliases[name.lower()] = name
         for alias in DEFAULT_MODELS.get(canon, {}).get("aliases", ()):

@@ -42,6 +42,10 @@ def cmd_convert(args):
     print(json.dumps(summary))
 
 
+DRAFT_HELP = ("tokens a greedy generation guesses per forward pass by prompt lookup and checks in the same "
+              "pass (default 2; 0: none); the output is the same either way")
+
+
 def _sampling(args) -> dict:
     return dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                 repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop or [],
@@ -56,6 +60,12 @@ def cmd_generate(args):
     if model.task != "generate":
         raise UnsupportedTaskError(f"{args.model} is an encoder; use `edge embed`")
     params = SamplingParams(**_sampling(args))
+    if args.draft_tokens is not None:
+        from edge.settings import MAX_DRAFT_TOKENS
+
+        if not 0 <= args.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"--draft-tokens must be 0..{MAX_DRAFT_TOKENS}, got {args.draft_tokens}")
+        model.draft_tokens = args.draft_tokens
     prompt = model.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else model.tokenize(args.prompt)
     if args.json:
         c = model.generate(prompt, params=params)
@@ -131,7 +141,7 @@ def cmd_serve(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
                                  kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, max_queue=args.max_queue,
-                                 prefill_chunk=args.prefill_chunk)
+                                 prefill_chunk=args.prefill_chunk, draft_tokens=args.draft_tokens)
     access_log = None if args.quiet else logging.getLogger("aiohttp.access")
     if args.workers is not None and args.workers < 1:
         raise ValueError("--workers must be at least 1")
@@ -159,7 +169,7 @@ def cmd_rpc(args):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = Settings.from_env(models=args.model or None, host=args.host, port=args.port, threads=args.threads,
                                  kv_tokens=args.kv_tokens, kv_dtype=args.kv_dtype, max_queue=args.max_queue,
-                                 prefill_chunk=args.prefill_chunk)
+                                 prefill_chunk=args.prefill_chunk, draft_tokens=args.draft_tokens)
     asyncio.run(serve(settings, unix=args.unix))
 
 
@@ -197,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stop", action="append", help="stop string (repeatable)")
     s.add_argument("--ignore-eos", action="store_true")
     s.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    s.add_argument("--draft-tokens", type=int, help=DRAFT_HELP)
     s.add_argument("--json", action="store_true", help="print prompt ids, generated ids and text as JSON")
     s.add_argument("--threads", type=int)
     s.set_defaults(func=cmd_generate)
@@ -238,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
                                                      "(default 16: smaller keeps their streams smoother)")
+    s.add_argument("--draft-tokens", type=int, help=DRAFT_HELP)
     s.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT) and the "
                                                "weights (one mmapped copy); a dead one is replaced")
     s.add_argument("-q", "--quiet", action="store_true", help="no access log")
@@ -257,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-queue", type=int, help="requests waiting or running before new ones get 429 (default 64)")
     s.add_argument("--prefill-chunk", type=int, help="prompt tokens per forward pass while other sequences decode "
                                                      "(default 16: smaller keeps their streams smoother)")
+    s.add_argument("--draft-tokens", type=int, help=DRAFT_HELP)
     s.set_defaults(func=cmd_rpc)
 
     s = sub.add_parser("bench", help="speed and memory of a model on this machine")

@@ -180,6 +180,9 @@ async def metrics(request: web.Request) -> web.Response:
             m.kv_blocks.labels(name, "used").set(cache.n_blocks - cache.n_free)
             m.prefix.labels(name, "queried").set(cache.prefix_queried)
             m.prefix.labels(name, "hit").set(cache.prefix_hits)
+        if hasattr(model, "drafted_tokens"):
+            m.drafts.labels(name, "drafted").set(model.drafted_tokens)
+            m.drafts.labels(name, "accepted").set(model.accepted_tokens)
     return web.Response(body=m.render(), headers={"Content-Type": m.content_type})
 
 

@@ -5,6 +5,7 @@
     EDGE_API_KEY_FILE  ... or read the key from this file
     EDGE_THREADS       kernel threads (default: the CPUs this process may use)
     EDGE_MAX_BODY      largest request body in bytes (default 1 MiB)
+    EDGE_DRAFT_TOKENS  tokens a greedy generation drafts by prompt lookup per pass (default 2; 0: none)
 """
 
 from __future__ import annotations
@@ -13,6 +14,10 @@ import os
 from dataclasses import dataclass, field
 
 from edge.registry import DEFAULT_MODELS
+
+# Beyond a few rows a decode step stops costing about one row's (bench/bench_lookup.py), so more
+# drafted tokens than this only slow a generation down.
+MAX_DRAFT_TOKENS = 8
 
 
 @dataclass
@@ -28,6 +33,7 @@ class Settings:
     kv_dtype: str = "auto"          # how the KV cache stores K and V: f16, f32, or auto (f16 for int8 models)
     max_queue: int = 64             # inference jobs waiting or running; past it requests get 429
     prefill_chunk: int = 16         # prompt rows per forward pass while other sequences decode
+    draft_tokens: int | None = None  # greedy generations' prompt-lookup drafts per pass (None: the model's, 2)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":
@@ -50,6 +56,8 @@ class Settings:
             s.kv_dtype = env["EDGE_KV_DTYPE"].strip()
         if env.get("EDGE_MAX_BODY", "").isdigit():
             s.max_body_bytes = int(env["EDGE_MAX_BODY"])
+        if env.get("EDGE_DRAFT_TOKENS", "").isdigit():
+            s.draft_tokens = int(env["EDGE_DRAFT_TOKENS"])
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
@@ -57,6 +65,8 @@ class Settings:
             raise ValueError(f"the KV cache dtype must be auto, f16 or f32, got {s.kv_dtype!r}")
         if s.prefill_chunk < 1:
             raise ValueError(f"the prefill chunk must be at least 1 token, got {s.prefill_chunk}")
+        if s.draft_tokens is not None and not 0 <= s.draft_tokens <= MAX_DRAFT_TOKENS:
+            raise ValueError(f"draft tokens must be 0..{MAX_DRAFT_TOKENS}, got {s.draft_tokens}")
         if s.max_queue < 0:
             raise ValueError(f"the queue bound must be >= 0, got {s.max_queue}")
         return s

@@ -28,6 +28,7 @@ from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTa
 from core.kernels._sampling import sample_logits
 from core.kv_cache import KVCache, KVCacheFullError, default_kv_dtype
 from core.wfile import WeightsFile
+from models.lookup import PromptLookup
 from models.tokenizer import Tokenizer
 
 
@@ -166,18 +167,40 @@ LOGIT_ROWS = 256
 # 106 M int8 multiply-adds per row against 35 k fp32 ones per key, at about half the rate).
 ATTENTION_ROW_EQUIVALENT = 1500
 
+# Greedy generations guess up to this many tokens a step by prompt lookup (models/lookup.py) and
+# check them in the same forward pass (DecoderModel.draft_tokens; 0: no drafts).
+DRAFT_TOKENS = 2
+
+# The rows a batched pass gives drafts: each decoding sequence has its row, and drafts fill the
+# rest up to this many, first come first served.  Beyond a few rows a step no longer costs about
+# the same as one (it stops being bound by streaming the weights), so many sequences decoding at
+# once check no drafts.
+DRAFT_BATCH_ROWS = 1 + DRAFT_TOKENS
+
 
 class Feed:
     """One sequence's request for a forward pass, yielded by generate_ids(batched=True) and answered
     by whoever batches the feeds of many sequences (DecoderModel.run_feeds, from the engine): when
-    all of ids are in the cache, logits holds the last row's logits (or error the failure)."""
-    __slots__ = ("model", "seq", "ids", "done", "logits", "error", "priority")
+    all of ids are in the cache, logits holds the last row's logits (or error the failure).
 
-    def __init__(self, model: "DecoderModel", seq, ids: list, priority: int = 0):
+    A feed that checks a draft (rows > 1: its next token, then the drafted ones) wants the logits
+    of all of them: logits is then a list of rows, the first `rows` of them, where the pass may
+    have cut the draft short (rows is lowered then, to 1 at least).  Such a feed's tokens are
+    not registered for prefix sharing: its sequence keeps only the drafted tokens it accepts."""
+    __slots__ = ("model", "seq", "ids", "done", "logits", "error", "priority", "rows", "checks_draft")
+
+    def __init__(self, model: "DecoderModel", seq, ids: list, priority: int = 0, rows: int | None = None):
         self.model, self.seq, self.ids, self.priority = model, seq, ids, priority
         self.done = 0                 # ids already fed
         self.logits = None
         self.error: BaseException | None = None
+        self.checks_draft = rows is not None
+        self.rows = rows or 1         # the last ids whose logits are wanted
+
+    def cut_draft(self, rows: int) -> None:
+        """Check only the first rows - 1 drafted tokens (nothing of it fed yet)."""
+        self.ids = self.ids[:len(self.ids) - self.rows + rows]
+        self.rows = rows
 
     @property
     def ready(self) -> bool:
@@ -235,6 +258,9 @@ class DecoderModel(Model):
             kv_dtype = default_kv_dtype(self.meta["quant"].get("name", ""))
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block, kv_dtype)
         self.prefix_caching = True          # generations reuse cached prompt blocks (core/kv_cache.py)
+        self.draft_tokens = DRAFT_TOKENS    # greedy generations' drafted tokens a pass (0: none)
+        self.forward_passes = 0             # counters: passes run, tokens drafted, drafts accepted
+        self.drafted_tokens = self.accepted_tokens = 0
         # the forward pass: native (one call per step, with the logits head) where the
         # architecture has one; else the Python forward over numpy views of the file
         self._native = None
@@ -261,6 +287,7 @@ class DecoderModel(Model):
         """One forward pass over batch; the logits of the given rows (copies: array('f') from
         the native pass, numpy rows from the Python one)."""
         with self._lock:
+            self.forward_passes += 1
             if self._native is not None:
                 self._native(batch)
                 return [r for i in range(0, len(rows), LOGIT_ROWS)
@@ -274,10 +301,12 @@ class DecoderModel(Model):
                 out += list(self.weights.output(self.state.logits[:len(picked)], picked).copy())
             return out
 
-    def _run(self, seq, ids: list, all_logits: bool):
+    def _run(self, seq, ids: list, all_logits: bool, tail: int = 0):
         """Feed ids to sequence seq in chunks; returns the logits of every row (all_logits: a list
-        of rows) or the last row's."""
+        of rows), of the last `tail` rows (a list; the sequence's blocks are then not registered
+        for prefix sharing, as a draft's rows may be taken back), or of the last row."""
         outs = []
+        first_wanted = 0 if all_logits else len(ids) - max(tail, 1)
         for start in range(0, len(ids), self.max_rows):
             chunk = ids[start:start + self.max_rows]
             T = len(chunk)
@@ -285,10 +314,11 @@ class DecoderModel(Model):
             seq.reserve(seq.n_tokens + T)
             batch = Batch.of(chunk, positions, [0] * T, seq.slots(positions), [seq.block_table()],
                              self.cache.block_size)
-            last_chunk = start + T == len(ids)
-            outs += self._step(batch, list(range(T)) if all_logits else [T - 1] if last_chunk else [])
+            outs += self._step(batch, list(range(max(0, first_wanted - start), T)))
             seq.n_tokens += T
             seq.tokens += chunk
+        if tail:
+            return outs
         self.cache.register(seq)
         return outs if all_logits else outs[-1]
 
@@ -305,13 +335,17 @@ class DecoderModel(Model):
         the pool and it recomputes its history once there is room (feeds are planned in order,
         so the earlier sequences get the blocks and finish)."""
         feeds = sorted(feeds, key=lambda f: -f.priority)     # stable: arrival order within a priority
-        decoding = [f for f in feeds if len(f.ids) - f.done == 1]
-        prefilling = [f for f in feeds if len(f.ids) - f.done > 1]
+        decoding = [f for f in feeds if len(f.ids) - f.done == f.rows]    # a token, maybe a draft
+        prefilling = [f for f in feeds if len(f.ids) - f.done > f.rows]
         budget = self.max_rows
         plan = []                                          # (feed, first id, count)
+        spare = max(0, min(DRAFT_BATCH_ROWS, budget) - len(decoding))     # rows for drafts
         for f in decoding[:budget]:
-            plan.append((f, f.done, 1))
-        budget -= len(plan)
+            if f.rows - 1 > spare:
+                f.cut_draft(1 + spare)
+            spare -= f.rows - 1
+            plan.append((f, f.done, f.rows))
+        budget -= sum(n for _, _, n in plan)
         limited = bool(decoding) and prefill_rows is not None
         if limited:
             budget = min(budget, prefill_rows)
@@ -324,15 +358,24 @@ class DecoderModel(Model):
             plan.append((f, f.done, n))
             budget -= n
         waiting = []
-        for f, first, n in list(plan):
+        for entry in list(plan):
+            f, first, n = entry
             try:
                 f.seq.reserve(f.seq.n_tokens + n)
             except KVCacheFullError:          # the pool is full: wait for blocks to come free
+                if f.rows > 1:                # or first check the token without its draft
+                    f.cut_draft(1)
+                    plan[plan.index(entry)] = entry = (f, first, 1)
+                    try:
+                        f.seq.reserve(f.seq.n_tokens + 1)
+                        continue
+                    except KVCacheFullError:
+                        pass
                 waiting.append(f)
-                plan.remove((f, first, n))
+                plan.remove(entry)
             except BaseException as e:  # noqa: BLE001 - that feed fails alone
                 f.error = e
-                plan.remove((f, first, n))
+                plan.remove(entry)
         if not plan:
             if waiting:   # nobody can move, so nobody would free blocks: preempt the youngest holder
                 holders = [f for f in feeds if f.seq.blocks]
@@ -342,30 +385,36 @@ class DecoderModel(Model):
                     waiting[-1].error = KVCacheFullError(
                         f"KV cache is full ({self.cache.n_blocks} blocks in use); retry later")
             return
-        tokens, positions, seq_ids, slots, last_rows = [], [], [], [], []
+        tokens, positions, seq_ids, slots, wanted = [], [], [], [], []
         for i, (f, first, n) in enumerate(plan):
             pos = range(f.seq.n_tokens, f.seq.n_tokens + n)
             tokens += f.ids[first:first + n]
             positions += pos
             seq_ids += [i] * n
             slots += f.seq.slots(pos)
-            last_rows.append(len(tokens) - 1)
+            # the rows whose logits the feed wants: its last `rows` ids, once they are all fed
+            wanted.append(list(range(len(tokens) - f.rows, len(tokens))) if first + n == len(f.ids) else [])
         batch = Batch.of(tokens, positions, seq_ids, slots, [f.seq.block_table() for f, _, _ in plan],
                          self.cache.block_size)
-        finished = [i for i, (f, first, n) in enumerate(plan) if first + n == len(f.ids)]
-        logits = self._step(batch, [last_rows[i] for i in finished])
-        for k, i in enumerate(finished):
-            plan[i][0].logits = logits[k]
-        for f, first, n in plan:
+        logits = self._step(batch, [r for rows in wanted for r in rows])
+        at = 0
+        for (f, first, n), rows in zip(plan, wanted):
+            if rows:
+                f.logits = logits[at:at + len(rows)] if f.checks_draft else logits[at]
+                at += len(rows)
             f.done += n
             f.seq.n_tokens += n
             f.seq.tokens += f.ids[first:first + n]
-            self.cache.register(f.seq)
+            if not f.checks_draft:
+                self.cache.register(f.seq)
 
     @staticmethod
     def _preempt(f: Feed) -> None:
         """Give f's KV blocks back and make it feed its whole history again later (recomputation:
-        the same tokens at the same positions give bit for bit the same cache and logits)."""
+        the same tokens at the same positions give bit for bit the same cache and logits).  A
+        draft it was to check is dropped."""
+        if f.rows > 1:
+            f.cut_draft(1)
         f.ids = f.seq.tokens + f.ids[f.done:]
         f.done = 0
         f.seq.release()
@@ -448,33 +497,74 @@ class DecoderModel(Model):
     def generate_ids(self, prompt_ids: list, params: SamplingParams, batched: bool = False) -> Iterator:
         """Token ids as they are sampled; ends after an end token (which is yielded) or max_tokens.
         batched: instead of running the forward passes, yield a Feed for each and read its logits
-        when resumed (the engine batches the feeds of all running sequences, see run_feeds)."""
+        when resumed (the engine batches the feeds of all running sequences, see run_feeds).
+
+        A greedy generation (temperature 0, no penalties) guesses up to draft_tokens next tokens by prompt lookup
+        (models/lookup.py) and feeds them after its next token in the same pass; it keeps those
+        its own choices confirm, and the KV rows of the others are overwritten later.  The
+        tokens are those of decoding one at a time (every row is computed alike whatever else
+        the pass holds), in fewer passes."""
         self.check_fits(prompt_ids, params.max_tokens)
         rng = random.Random(params.seed)
         seq = self.cache.new_sequence()
         # prefix caching: whole blocks of this prompt that another sequence already computed
         reused = self.cache.match_prefix(seq, prompt_ids) if self.prefix_caching else 0
+        # drafts where the choice is deterministic and nothing pushes it away from repeating its
+        # context (penalties make drafts drawn from the context miss: 0.87-1.0x, measured)
+        drafting = (params.temperature == 0 and self.draft_tokens > 0 and params.repetition_penalty == 1
+                    and params.frequency_penalty == 0 and params.presence_penalty == 0)
+        lookup = None
 
-        def forward(ids):                    # a generator either way: `yield from` it
+        def forward(ids, draft=()):
+            """The logits of the last row of ids, then of each drafted token after them: a list
+            of rows, which a batched pass may have cut short (the first row at least)."""
+            ids = ids + list(draft)
             if not batched:
-                return self._run(seq, ids, all_logits=False)
-            feed = Feed(self, seq, ids, params.priority)
+                return self._run(seq, ids, all_logits=False, tail=1 + len(draft))
+            feed = Feed(self, seq, ids, params.priority, 1 + len(draft) if drafting else None)
             yield feed
             if feed.error is not None:
                 raise feed.error
-            return feed.logits
+            return feed.logits if drafting else [feed.logits]
 
         try:
-            logits = yield from forward(prompt_ids[reused:])
+            rows = yield from forward(prompt_ids[reused:])
+            self.cache.register(seq)
             history = list(prompt_ids)
-            for _ in range(params.max_tokens):
-                tok = sample(logits, params, rng, history, history[len(prompt_ids):])
-                logits = None           # the row goes back to the native forward's pool before its next call
-                yield tok
-                if tok in self.tokenizer.end_ids and not params.ignore_eos:
-                    return
-                history.append(tok)
-                logits = yield from forward([tok])
+            draft: list[int] = []
+            n_out = 0
+            while True:
+                # row i follows the draft's first i tokens: its token counts only while they held
+                for i, row in enumerate(rows):
+                    self.accepted_tokens += i > 0        # row i: the draft's token i - 1 was right
+                    tok = sample(row, params, rng, history, history[len(prompt_ids):])
+                    yield tok
+                    n_out += 1
+                    if (tok in self.tokenizer.end_ids and not params.ignore_eos) or n_out == params.max_tokens:
+                        return
+                    history.append(tok)
+                    if i == len(draft) or tok != draft[i]:
+                        break
+                rows = row = None       # the rows go back to the native forward's pool before its next call
+                # the cache keeps the accepted tokens (all of history but its last token): a
+                # rejected draft's rows are overwritten later
+                del seq.tokens[len(history) - 1:]
+                seq.n_tokens = len(history) - 1
+                self.cache.register(seq)
+                draft = []
+                if drafting:
+                    if lookup is None:
+                        lookup = PromptLookup(history)
+                    else:
+                        lookup.extend(history[len(lookup.ids):])
+                    draft = lookup.draft(min(self.draft_tokens, params.max_tokens - n_out - 1))
+                    if draft and not batched:
+                        try:
+                            seq.reserve(len(history) + len(draft))
+                        except KVCacheFullError:      # no room for the draft: the token alone
+                            draft = []
+                rows = yield from forward([history[-1]], draft)
+                self.drafted_tokens += len(rows) - 1        # what the pass checked of the draft
         finally:
             seq.release()
 

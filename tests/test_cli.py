@@ -77,6 +77,7 @@ def test_generate_json_and_stream(converted, loaded):
     assert out["text"] == model.generate("The sea is", max_tokens=12).text
     streamed = edge("generate", "-m", path, "-p", "The sea is", "-n", 12).stdout
     assert streamed == out["text"] + "\n"
+    assert edge("generate", "-m", path, "-p", "The sea is", "-n", 12, "--draft-tokens", 0).stdout == streamed
 
 
 def test_embed_and_similarity(converted):
@@ -132,6 +133,7 @@ def test_bad_input_gives_one_line_and_nonzero_exit(converted, tmp_path):
     assert_one_line_error(edge("embed", "-m", llm, "x", check=False), "decoder")
     assert_one_line_error(edge("generate", "-m", llm, "-p", "x", "--temperature", "-1", check=False), "temperature")
     assert_one_line_error(edge("generate", "-m", llm, "-p", "", check=False), "empty")
+    assert_one_line_error(edge("generate", "-m", llm, "-p", "x", "--draft-tokens", "99", check=False), "draft")
     assert_one_line_error(edge("perplexity", "-m", llm, tmp_path / "missing.txt", check=False), "missing.txt")
     assert_one_line_error(edge("convert", tmp_path / "nothing", "-o", tmp_path / "o.edge", check=False), "nothing")
     not_gguf = tmp_path / "x.gguf"

@@ -317,6 +317,42 @@ def test_kv_dtype_f32_serves_what_the_f32_cache_model_generates(converted):
         Settings.from_env(kv_dtype="bf16")
 
 
+def draft_tokens(server) -> dict:
+    out = {}
+    for line in request(server.url + "/metrics")[1].decode().splitlines():
+        if line.startswith("edge_draft_tokens{"):
+            out[line.split('state="')[1].split('"')[0]] = float(line.split()[-1])
+    return out
+
+
+def test_draft_tokens_setting_changes_passes_not_text(converted, real_text):
+    """--draft-tokens 0 turns prompt-lookup drafts off; the default drafts, and /metrics counts the
+    drafted and accepted tokens.  The completion is the same."""
+    from edge.settings import Settings
+    path = converted("smollm2", "int8")
+    passage = " ".join(real_text.split()[300:520])
+    body = {"model": "x", "messages": [{"role": "user", "content": "Summarize this passage:\n\n" + passage}],
+            "max_tokens": 48, "temperature": 0}
+    texts = []
+    for extra in (["--draft-tokens", "0"], []):
+        s = Server([path], extra=extra)
+        try:
+            body["model"] = json.loads(request(s.url + "/v1/models")[1])["data"][0]["id"]
+            status, raw = request(s.url + "/v1/chat/completions", body)
+            assert status == 200, raw
+            texts.append(json.loads(raw)["choices"][0]["message"]["content"])
+            counts = draft_tokens(s)
+            if extra:
+                assert counts.get("drafted", 0) == 0 and counts.get("accepted", 0) == 0
+            else:
+                assert 0 < counts["accepted"] <= counts["drafted"]
+        finally:
+            s.stop()
+    assert texts[0] == texts[1] and texts[0]
+    with pytest.raises(ValueError, match="draft tokens"):
+        Settings.from_env(draft_tokens=99)
+
+
 def generated_total(server) -> float:
     for line in request(server.url + "/metrics")[1].decode().splitlines():
         if line.startswith("edge_generated_tokens_total") and LLM in line:

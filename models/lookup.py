@@ -1,0 +1,51 @@
+"""Draft tokens for greedy decoding by prompt lookup.
+
+A greedy generation often repeats what its context already holds: a summary or an answer quotes
+its source, edited code copies the code it was given, a small model repeats its own phrases.  So
+the tokens that followed the last earlier occurrence of the context's final n tokens are a cheap
+guess at what comes next.  The decoder feeds those guesses together with its next token in one
+forward pass (a few rows cost little more than one while a decode step streams its weights from
+memory), and keeps the guesses up to the first that its own greedy choice rejects.  Every kernel
+computes a row the same way whatever else is in the pass, so the generation is token for token
+the one without drafts; only the number of passes changes.
+"""
+
+from __future__ import annotations
+
+
+class PromptLookup:
+    """The n-grams (n_min <= n <= n_max) of a growing token sequence, each with the position after
+    its latest occurrence, so that the tokens that followed the sequence's current suffix last time
+    are found in O(n_max) whatever the sequence's length."""
+
+    __slots__ = ("ids", "n_min", "n_max", "_after")
+
+    def __init__(self, ids=(), n_min: int = 2, n_max: int = 3):
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"prompt lookup needs 1 <= n_min <= n_max, got {n_min} and {n_max}")
+        self.ids: list[int] = []
+        self.n_min, self.n_max = n_min, n_max
+        self._after: dict[tuple, int] = {}     # n-gram -> the position after its latest occurrence
+        self.extend(ids)
+
+    def extend(self, ids) -> None:
+        """Append tokens.  An n-gram is indexed once a token follows it, so that the suffix being
+        looked up never finds itself."""
+        seq, after = self.ids, self._after
+        for tok in ids:
+            seq.append(tok)
+            end = len(seq) - 1                   # the n-grams ending just before the new token
+            for n in range(self.n_min, min(self.n_max, end) + 1):
+                after[tuple(seq[end - n:end])] = end
+
+    def draft(self, k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the longest suffix (of at
+        most n_max tokens, at least n_min) seen before; [] if there is none."""
+        seq = self.ids
+        if k <= 0:
+            return []
+        for n in range(min(self.n_max, len(seq)), self.n_min - 1, -1):
+            at = self._after.get(tuple(seq[len(seq) - n:]))
+            if at is not None:
+                return seq[at:at + k]
+        return []

@@ -1,0 +1,167 @@
+"""Prompt-lookup drafts (models/lookup.py) in greedy generation on the real int8 SmolLM2: the tokens
+are those of decoding one at a time, alone and batched, in fewer forward passes; the prefix cache
+never keeps a rejected draft; a pass with no room for a draft checks the token alone."""
+
+import pytest
+
+from models.api import Feed, SamplingParams
+from models.lookup import PromptLookup
+
+
+def test_lookup_finds_the_latest_earlier_occurrence_of_the_longest_suffix():
+    seq = [1, 2, 3, 9, 1, 2, 3, 8, 5, 2, 3]
+    lookup = PromptLookup(seq, n_min=1, n_max=3)
+    assert lookup.draft(2) == [8, 5]               # "2 3" last followed by 8 (index 7), not by 9
+    lookup.extend([8])                              # ... 2 3 8: "3 8" seen before, then 5 2
+    assert lookup.draft(3) == [5, 2, 3]
+    assert PromptLookup(seq + [8], n_min=1, n_max=3).draft(3) == [5, 2, 3]    # extend == build at once
+    assert lookup.draft(0) == [] and PromptLookup([4, 5, 6]).draft(3) == []   # nothing seen before
+    assert PromptLookup([7, 7]).draft(2) == []       # the suffix never matches itself (n_min 2)
+    assert PromptLookup([7, 7], n_min=1).draft(2) == [7]
+    assert PromptLookup([1, 2, 9, 2], n_min=2).draft(2) == []   # only a 1-gram matches
+    assert PromptLookup([1, 2, 9, 1, 2], n_min=2).draft(5) == [9, 1, 2]      # runs to the end
+    with pytest.raises(ValueError, match="n_min"):
+        PromptLookup([], n_min=0)
+    with pytest.raises(ValueError, match="n_min"):
+        PromptLookup([], n_min=3, n_max=2)
+
+
+@pytest.fixture(scope="module")
+def model(loaded):
+    m = loaded("smollm2", "int8")
+    yield m
+    m.draft_tokens = 2
+
+
+@pytest.fixture(scope="module")
+def prompts(model, real_text):
+    ids = model.tokenize(real_text)
+    passage = model.detokenize(ids[200:600])
+    chat = lambda text: model.chat_prompt([{"role": "user", "content": text}])   # noqa: E731
+    return {"summary": chat("Summarize this passage:\n\n" + passage),
+            "story": chat("Write a short story about a robot who learns to paint."),
+            "text": ids[:16]}
+
+
+def _generate(model, ids, k, **kw):
+    model.draft_tokens = k
+    passes = model.forward_passes
+    out = list(model.generate_ids(ids, SamplingParams(**kw)))
+    return out, model.forward_passes - passes
+
+
+def test_drafts_change_no_greedy_token_and_save_passes(model, prompts):
+    for name, ids in prompts.items():
+        plain, plain_passes = _generate(model, ids, 0, max_tokens=80, ignore_eos=True)
+        assert plain_passes == len(plain)          # the prompt, then one pass per token after the first
+        for k in (1, 2, 3):
+            accepted = model.accepted_tokens
+            out, passes = _generate(model, ids, k, max_tokens=80, ignore_eos=True)
+            assert out == plain, (name, k)
+            assert passes == len(out) - (model.accepted_tokens - accepted)      # each accepted token saved one
+            if name == "summary":                  # a summary quotes its passage: many are accepted
+                assert passes < 0.9 * len(out), (k, passes)
+    for kw in ({"max_tokens": 1}, {"max_tokens": 2}, {"max_tokens": 3}, {"max_tokens": 60}):
+        assert _generate(model, prompts["summary"], 2, **kw)[0] == _generate(model, prompts["summary"], 0, **kw)[0]
+
+
+def test_text_and_stop_strings_are_the_same_with_drafts(model, prompts):
+    for kw in ({"max_tokens": 120}, {"max_tokens": 120, "stop": ["."]}, {"max_tokens": 120, "stop": ["robot"]}):
+        model.draft_tokens = 0
+        plain = model.generate(prompts["story"], **kw)
+        model.draft_tokens = 2
+        assert model.generate(prompts["story"], **kw) == plain
+
+
+def test_penalties_and_sampling_draft_nothing(model, prompts):
+    for kw in ({"repetition_penalty": 1.3}, {"frequency_penalty": 0.5}, {"presence_penalty": 0.5},
+               {"temperature": 0.8, "seed": 3}):
+        drafted = model.drafted_tokens
+        out, passes = _generate(model, prompts["summary"], 2, max_tokens=30, ignore_eos=True, **kw)
+        assert model.drafted_tokens == drafted and passes == len(out)
+        assert out == _generate(model, prompts["summary"], 0, max_tokens=30, ignore_eos=True, **kw)[0]
+
+
+def test_the_prefix_cache_keeps_only_accepted_tokens(model, prompts):
+    """Rejected drafts' rows are written to the cache and overwritten later: no block registered
+    for prefix sharing may hold one.  A prompt that continues a drafted generation reuses its
+    blocks and gives the tokens it gives without prefix caching."""
+    ids = prompts["summary"]
+    model.cache.clear_prefixes()
+    rejected = model.drafted_tokens - model.accepted_tokens
+    first, _ = _generate(model, ids, 2, max_tokens=64, ignore_eos=True)
+    assert model.drafted_tokens - model.accepted_tokens > rejected          # some drafts were rejected
+    follow = ids + first + model.tokenize(" In short,", add_special_tokens=False)
+    hits = model.cache.prefix_hits
+    reused, _ = _generate(model, follow, 2, max_tokens=24, ignore_eos=True)
+    assert model.cache.prefix_hits - hits >= (len(ids) + len(first)) // model.cache.block_size - 1
+    model.cache.clear_prefixes()
+    model.prefix_caching = False
+    try:
+        assert reused == _generate(model, follow, 0, max_tokens=24, ignore_eos=True)[0]
+    finally:
+        model.prefix_caching = True
+    assert model.cache.n_free == model.cache.n_blocks
+
+
+def _drive(model, gens):
+    """Run batched generators the way the engine does: advance each to its Feed, one run_feeds
+    pass over the waiting feeds, repeat.  Returns each generator's tokens and the passes run."""
+    outs, feeds, passes = [[] for _ in gens], [None] * len(gens), 0
+
+    def advance(i, value=None):
+        try:
+            item = gens[i].send(value) if feeds[i] is not None else next(gens[i])
+            while not isinstance(item, Feed):
+                outs[i].append(item)
+                item = next(gens[i])
+            feeds[i] = item
+        except StopIteration:
+            feeds[i] = False
+
+    for i in range(len(gens)):
+        advance(i)
+    while any(feeds):
+        model.run_feeds([f for f in feeds if f and not f.ready], prefill_rows=16)
+        passes += 1
+        for i, f in enumerate(feeds):
+            if f and f.ready:
+                advance(i)
+    return outs, passes
+
+
+@pytest.mark.parametrize("n_seqs", [1, 2, 3])
+def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs):
+    """A batched pass gives drafts the rows left after every decoding sequence's own, up to
+    DRAFT_BATCH_ROWS (one sequence: all of its draft; two: part; three: none)."""
+    ids = list(prompts.values())[:n_seqs]
+    params = SamplingParams(max_tokens=48, ignore_eos=True)
+    model.draft_tokens = 0
+    alone = [list(model.generate_ids(p, params)) for p in ids]
+    model.draft_tokens = 2
+    drafted, accepted = model.drafted_tokens, model.accepted_tokens
+    outs, passes = _drive(model, [model.generate_ids(p, params, batched=True) for p in ids])
+    assert outs == alone
+    if n_seqs < 3:
+        assert model.accepted_tokens > accepted and passes < 48
+    else:
+        assert passes >= 48 and model.accepted_tokens == accepted
+    assert model.cache.n_free == model.cache.n_blocks
+
+
+def test_a_draft_is_cut_when_the_pass_has_no_room_and_dropped_on_preemption(model, prompts):
+    seq = model.cache.new_sequence()
+    try:
+        model._run(seq, prompts["text"], all_logits=False)
+        feed = Feed(model, seq, [11, 12, 13, 14], rows=4)
+        model.run_feeds([feed])                     # alone: DRAFT_BATCH_ROWS = 3 rows at most
+        assert feed.rows == 3 and feed.ids == [11, 12, 13] and len(feed.logits) == 3
+        assert seq.n_tokens == len(prompts["text"]) + 3 and seq.tokens[-3:] == [11, 12, 13]
+        before = list(seq.tokens)
+        preempted = Feed(model, seq, [21, 22, 23], rows=3)
+        model._preempt(preempted)                   # its history is fed again, the draft dropped
+        assert preempted.rows == 1 and preempted.ids == before + [21] and seq.n_tokens == 0
+        model.run_feeds([preempted])
+        assert len(preempted.logits) == 1 and seq.tokens == before + [21]
+    finally:
+        seq.release()

@@ -171,11 +171,6 @@ ATTENTION_ROW_EQUIVALENT = 1500
 # check them in the same forward pass (DecoderModel.draft_tokens; 0: no drafts).
 DRAFT_TOKENS = 2
 
-# The rows a batched pass gives drafts: each decoding sequence has its row, and drafts fill the
-# rest up to this many, first come first served.  Beyond a few rows a step no longer costs about
-# the same as one (it stops being bound by streaming the weights), so many sequences decoding at
-# once check no drafts.
-DRAFT_BATCH_ROWS = 1 + DRAFT_TOKENS
 
 
 class Feed:
@@ -339,7 +334,11 @@ class DecoderModel(Model):
         prefilling = [f for f in feeds if len(f.ids) - f.done > f.rows]
         budget = self.max_rows
         plan = []                                          # (feed, first id, count)
-        spare = max(0, min(DRAFT_BATCH_ROWS, budget) - len(decoding))     # rows for drafts
+        # drafts get the rows left after every decoding sequence's own, up to 1 + draft_tokens in
+        # all, first come first served: beyond a few rows a step no longer costs about the same as
+        # one (it stops being bound by streaming the weights), so many sequences decoding at once
+        # check no drafts
+        spare = max(0, min(1 + self.draft_tokens, budget) - len(decoding))
         for f in decoding[:budget]:
             if f.rows - 1 > spare:
                 f.cut_draft(1 + spare)

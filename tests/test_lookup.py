@@ -133,7 +133,7 @@ def _drive(model, gens):
 @pytest.mark.parametrize("n_seqs", [1, 2, 3])
 def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs):
     """A batched pass gives drafts the rows left after every decoding sequence's own, up to
-    DRAFT_BATCH_ROWS (one sequence: all of its draft; two: part; three: none)."""
+    1 + draft_tokens rows in all (one sequence: all of its draft; two: part; three: none)."""
     ids = list(prompts.values())[:n_seqs]
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     model.draft_tokens = 0
@@ -150,11 +150,12 @@ def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs
 
 
 def test_a_draft_is_cut_when_the_pass_has_no_room_and_dropped_on_preemption(model, prompts):
+    model.draft_tokens = 2
     seq = model.cache.new_sequence()
     try:
         model._run(seq, prompts["text"], all_logits=False)
         feed = Feed(model, seq, [11, 12, 13, 14], rows=4)
-        model.run_feeds([feed])                     # alone: DRAFT_BATCH_ROWS = 3 rows at most
+        model.run_feeds([feed])                     # alone: 1 + draft_tokens = 3 rows at most
         assert feed.rows == 3 and feed.ids == [11, 12, 13] and len(feed.logits) == 3
         assert seq.n_tokens == len(prompts["text"]) + 3 and seq.tokens[-3:] == [11, 12, 13]
         before = list(seq.tokens)

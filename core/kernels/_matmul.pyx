@@ -100,6 +100,18 @@ cdef extern from *:
 cdef int steal_tiles = 1
 cdef int own_rows_on = 1
 cdef int spread_prefetch = 1
+# The fewest activation rows for which a task reads two weight rows side by side (4 x 2 tiles);
+# fewer take one weight row at a time (below).  A batched decode step of SmolLM2-135M on Zen 4
+# (/tmp scratch script, the two paths alternating in one process, 21 rounds, 100 and 500 tokens of
+# context): 4 rows 1.35x and 1.25x faster one row at a time (21 and 21 rounds of 21), 5 rows 1.10x
+# and 1.05x (21, 20), 6 rows 0.98x and 0.99x, 7 rows 0.91x, 8 rows 0.77x.
+cdef int pair_rows_min = 6
+
+
+def _set_pair_rows_min(int n):
+    """Benchmark knob: the fewest activation rows that take 4 x 2 tiles (default 6)."""
+    global pair_rows_min
+    pair_rows_min = max(1, n)
 
 
 def _set_spread_prefetch(int on):
@@ -287,14 +299,14 @@ cdef int _matmul_q8_tasks(int n_mats, float **outs, const int8_t **ws_, const ui
                     m1 = m0 + m_block if m0 + m_block < mc1 else mc1
                     n = n0
                     while n < n1:
-                        # Two weight rows at a time, but one at a time for at most three rows
-                        # (decode), whose weights stream from memory: reading two rows side by
+                        # Two weight rows at a time, but one at a time for fewer than
+                        # pair_rows_min rows (decode), whose weights stream from memory: reading two rows side by
                         # side (the 1 x 2 tile, with its software prefetch) streamed 1.3-1.4x
                         # slower than one row on Zen 4, with the AVX2 and the VNNI bodies alike;
                         # the hardware prefetcher follows one sequential stream per thread better
                         # than two interleaved ones.  Every tile shape gives the same bits.
                         o = o_rows + <size_t> (n - col0)
-                        if n + 1 < n1 and M >= 4:
+                        if n + 1 < n1 and M >= pair_rows_min:
                             ws = sc + <size_t> n * G      # the two rows' scales, fp16
                             # first pass over these rows: stream the rows ahead in, at once, or
                             # where they are more lines than the core can have in flight (a burst

@@ -61,11 +61,9 @@ def cmd_generate(args):
         raise UnsupportedTaskError(f"{args.model} is an encoder; use `edge embed`")
     params = SamplingParams(**_sampling(args))
     if args.draft_tokens is not None:
-        from edge.settings import MAX_DRAFT_TOKENS
+        from edge.settings import check_draft_tokens
 
-        if not 0 <= args.draft_tokens <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"--draft-tokens must be 0..{MAX_DRAFT_TOKENS}, got {args.draft_tokens}")
-        model.draft_tokens = args.draft_tokens
+        model.draft_tokens = check_draft_tokens(args.draft_tokens)
     prompt = model.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else model.tokenize(args.prompt)
     if args.json:
         c = model.generate(prompt, params=params)

@@ -20,6 +20,12 @@ from edge.registry import DEFAULT_MODELS
 MAX_DRAFT_TOKENS = 8
 
 
+def check_draft_tokens(n: int) -> int:
+    if not 0 <= n <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"draft tokens must be 0..{MAX_DRAFT_TOKENS}, got {n}")
+    return n
+
+
 @dataclass
 class Settings:
     models: list = field(default_factory=lambda: list(DEFAULT_MODELS))
@@ -65,8 +71,8 @@ class Settings:
             raise ValueError(f"the KV cache dtype must be auto, f16 or f32, got {s.kv_dtype!r}")
         if s.prefill_chunk < 1:
             raise ValueError(f"the prefill chunk must be at least 1 token, got {s.prefill_chunk}")
-        if s.draft_tokens is not None and not 0 <= s.draft_tokens <= MAX_DRAFT_TOKENS:
-            raise ValueError(f"draft tokens must be 0..{MAX_DRAFT_TOKENS}, got {s.draft_tokens}")
+        if s.draft_tokens is not None:
+            check_draft_tokens(s.draft_tokens)
         if s.max_queue < 0:
             raise ValueError(f"the queue bound must be >= 0, got {s.max_queue}")
         return s

@@ -498,9 +498,9 @@ class DecoderModel(Model):
         batched: instead of running the forward passes, yield a Feed for each and read its logits
         when resumed (the engine batches the feeds of all running sequences, see run_feeds).
 
-        A greedy generation (temperature 0, no penalties) guesses up to draft_tokens next tokens by prompt lookup
-        (models/lookup.py) and feeds them after its next token in the same pass; it keeps those
-        its own choices confirm, and the KV rows of the others are overwritten later.  The
+        A greedy generation (temperature 0, no penalties) guesses up to draft_tokens next tokens
+        by prompt lookup (models/lookup.py) and feeds them after its next token in the same pass;
+        it keeps those its own choices confirm, and the KV rows of the others are overwritten later.  The
         tokens are those of decoding one at a time (every row is computed alike whatever else
         the pass holds), in fewer passes."""
         self.check_fits(prompt_ids, params.max_tokens)

@@ -300,8 +300,8 @@ cdef int _matmul_q8_tasks(int n_mats, float **outs, const int8_t **ws_, const ui
                     n = n0
                     while n < n1:
                         # Two weight rows at a time, but one at a time for fewer than
-                        # pair_rows_min rows (decode), whose weights stream from memory: reading two rows side by
-                        # side (the 1 x 2 tile, with its software prefetch) streamed 1.3-1.4x
+                        # pair_rows_min rows (decode), whose weights stream from memory: reading
+                        # two rows side by side (the 1 x 2 tile, with its software prefetch) streamed 1.3-1.4x
                         # slower than one row on Zen 4, with the AVX2 and the VNNI bodies alike;
                         # the hardware prefetcher follows one sequential stream per thread better
                         # than two interleaved ones.  Every tile shape gives the same bits.

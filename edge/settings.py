@@ -5,7 +5,7 @@
     EDGE_API_KEY_FILE  ... or read the key from this file
     EDGE_THREADS       kernel threads (default: the CPUs this process may use)
     EDGE_MAX_BODY      largest request body in bytes (default 1 MiB)
-    EDGE_DRAFT_TOKENS  tokens a greedy generation drafts by prompt lookup per pass (default 2; 0: none)
+    EDGE_DRAFT_TOKENS  most tokens a greedy generation drafts by prompt lookup a pass (default 4; 0: none)
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ class Settings:
     kv_dtype: str = "auto"          # how the KV cache stores K and V: f16, f32, or auto (f16 for int8 models)
     max_queue: int = 64             # inference jobs waiting or running; past it requests get 429
     prefill_chunk: int = 16         # prompt rows per forward pass while other sequences decode
-    draft_tokens: int | None = None  # greedy generations' prompt-lookup drafts per pass (None: the model's, 2)
+    draft_tokens: int | None = None  # most prompt-lookup drafts per pass (None: the model's, 4)
 
     @classmethod
     def from_env(cls, **overrides) -> "Settings":

@@ -28,7 +28,7 @@ from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTa
 from core.kernels._sampling import sample_logits
 from core.kv_cache import KVCache, KVCacheFullError, default_kv_dtype
 from core.wfile import WeightsFile
-from models.lookup import PromptLookup
+from models.lookup import PromptLookup, next_draft_length
 from models.tokenizer import Tokenizer
 
 
@@ -168,8 +168,11 @@ LOGIT_ROWS = 256
 ATTENTION_ROW_EQUIVALENT = 1500
 
 # Greedy generations guess up to this many tokens a step by prompt lookup (models/lookup.py) and
-# check them in the same forward pass (DecoderModel.draft_tokens; 0: no drafts).
-DRAFT_TOKENS = 2
+# check them in the same forward pass (DecoderModel.draft_tokens; 0: no drafts).  A generation's
+# drafts start at DRAFT_TOKENS_START tokens (or draft_tokens if fewer) and grow while they hold
+# (models.lookup.next_draft_length).
+DRAFT_TOKENS = 4
+DRAFT_TOKENS_START = 2
 
 
 
@@ -334,11 +337,13 @@ class DecoderModel(Model):
         prefilling = [f for f in feeds if len(f.ids) - f.done > f.rows]
         budget = self.max_rows
         plan = []                                          # (feed, first id, count)
-        # drafts get the rows left after every decoding sequence's own, up to 1 + draft_tokens in
-        # all, first come first served: beyond a few rows a step no longer costs about the same as
-        # one (it stops being bound by streaming the weights), so many sequences decoding at once
-        # check no drafts
-        spare = max(0, min(1 + self.draft_tokens, budget) - len(decoding))
+        # drafts get the rows left after every decoding sequence's own, first come first served, up
+        # to 1 + draft_tokens rows for a lone sequence and 1 + DRAFT_TOKENS_START in all when several
+        # decode: beyond a few rows a step no longer costs about the same as one (it stops being
+        # bound by streaming the weights; a 5-row step costs 1.15x a 4-row one), so many sequences
+        # decoding at once check no drafts
+        most = self.draft_tokens if len(decoding) == 1 else min(self.draft_tokens, DRAFT_TOKENS_START)
+        spare = max(0, min(1 + most, budget) - len(decoding))
         for f in decoding[:budget]:
             if f.rows - 1 > spare:
                 f.cut_draft(1 + spare)
@@ -499,10 +504,10 @@ class DecoderModel(Model):
         when resumed (the engine batches the feeds of all running sequences, see run_feeds).
 
         A greedy generation (temperature 0, no penalties) guesses up to draft_tokens next tokens
-        by prompt lookup (models/lookup.py) and feeds them after its next token in the same pass;
-        it keeps those its own choices confirm, and the KV rows of the others are overwritten later.  The
-        tokens are those of decoding one at a time (every row is computed alike whatever else
-        the pass holds), in fewer passes."""
+        by prompt lookup (models/lookup.py: 2 at first, more while the guesses hold) and feeds
+        them after its next token in the same pass; it keeps those its own choices confirm, and
+        the KV rows of the others are overwritten later.  The tokens are those of decoding one at
+        a time (every row is computed alike whatever else the pass holds), in fewer passes."""
         self.check_fits(prompt_ids, params.max_tokens)
         rng = random.Random(params.seed)
         seq = self.cache.new_sequence()
@@ -513,6 +518,8 @@ class DecoderModel(Model):
         drafting = (params.temperature == 0 and self.draft_tokens > 0 and params.repetition_penalty == 1
                     and params.frequency_penalty == 0 and params.presence_penalty == 0)
         lookup = None
+        k_start = min(DRAFT_TOKENS_START, self.draft_tokens)
+        k = k_start                     # this step's draft length
 
         def forward(ids, draft=()):
             """The logits of the last row of ids, then of each drafted token after them: a list
@@ -544,6 +551,8 @@ class DecoderModel(Model):
                     history.append(tok)
                     if i == len(draft) or tok != draft[i]:
                         break
+                # i of the len(rows) - 1 drafted tokens the pass checked held
+                k = next_draft_length(k, len(rows) - 1, i, k_start, self.draft_tokens)
                 rows = row = None       # the rows go back to the native forward's pool before its next call
                 # the cache keeps the accepted tokens (all of history but its last token): a
                 # rejected draft's rows are overwritten later
@@ -556,7 +565,7 @@ class DecoderModel(Model):
                         lookup = PromptLookup(history)
                     else:
                         lookup.extend(history[len(lookup.ids):])
-                    draft = lookup.draft(min(self.draft_tokens, params.max_tokens - n_out - 1))
+                    draft = lookup.draft(min(k, self.draft_tokens, params.max_tokens - n_out - 1))
                     if draft and not batched:
                         try:
                             seq.reserve(len(history) + len(draft))

@@ -49,3 +49,14 @@ class PromptLookup:
             if at is not None:
                 return seq[at:at + k]
         return []
+
+
+def next_draft_length(k: int, checked: int, held: int, shortest: int, longest: int) -> int:
+    """The draft length for the next pass, after one whose draft of length k had `checked` tokens
+    checked and its first `held` of them confirmed: one token more after a draft that held to its
+    end (longest at most), otherwise what held plus one (shortest at least), unchanged if nothing
+    was checked.  Long drafts are tried only while the text keeps repeating its context: a pass
+    costs more with every row once it no longer only streams its weights from memory."""
+    if checked == 0:
+        return k
+    return min(longest, k + 1) if held == checked else max(shortest, min(k, held + 1))

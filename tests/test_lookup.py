@@ -4,8 +4,8 @@ never keeps a rejected draft; a pass with no room for a draft checks the token a
 
 import pytest
 
-from models.api import Feed, SamplingParams
-from models.lookup import PromptLookup
+from models.api import DRAFT_TOKENS, Feed, SamplingParams
+from models.lookup import PromptLookup, next_draft_length
 
 
 def test_lookup_finds_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -26,11 +26,22 @@ def test_lookup_finds_the_latest_earlier_occurrence_of_the_longest_suffix():
         PromptLookup([], n_min=3, n_max=2)
 
 
+def test_a_draft_grows_while_it_holds_and_falls_back_to_what_held():
+    assert next_draft_length(2, 2, 2, 2, 4) == 3            # held to its end: one more
+    assert next_draft_length(4, 4, 4, 2, 4) == 4            # ... up to the longest
+    assert next_draft_length(3, 2, 2, 2, 4) == 4            # a draft cut short that held grows too
+    assert next_draft_length(4, 4, 2, 2, 4) == 3            # two held: three next
+    assert next_draft_length(4, 4, 0, 2, 4) == 2            # none held: back to the shortest
+    assert next_draft_length(2, 2, 1, 2, 4) == 2
+    assert next_draft_length(3, 0, 0, 2, 4) == 3            # nothing checked: unchanged
+    assert next_draft_length(1, 1, 1, 1, 1) == 1            # draft_tokens 1: always one
+
+
 @pytest.fixture(scope="module")
 def model(loaded):
     m = loaded("smollm2", "int8")
     yield m
-    m.draft_tokens = 2
+    m.draft_tokens = DRAFT_TOKENS
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +65,7 @@ def test_drafts_change_no_greedy_token_and_save_passes(model, prompts):
     for name, ids in prompts.items():
         plain, plain_passes = _generate(model, ids, 0, max_tokens=80, ignore_eos=True)
         assert plain_passes == len(plain)          # the prompt, then one pass per token after the first
-        for k in (1, 2, 3):
+        for k in (1, 2, 3, 4, 8):
             accepted = model.accepted_tokens
             out, passes = _generate(model, ids, k, max_tokens=80, ignore_eos=True)
             assert out == plain, (name, k)
@@ -65,11 +76,26 @@ def test_drafts_change_no_greedy_token_and_save_passes(model, prompts):
         assert _generate(model, prompts["summary"], 2, **kw)[0] == _generate(model, prompts["summary"], 0, **kw)[0]
 
 
+def test_drafts_start_at_two_tokens_and_grow_while_they_hold(model, prompts, monkeypatch):
+    lengths = []                        # drafted tokens fed in each decode pass
+
+    def run(seq, ids, all_logits, tail=0):
+        lengths.append(tail - 1)
+        return type(model)._run(model, seq, ids, all_logits, tail)
+
+    monkeypatch.setattr(model, "_run", run)
+    for k in (2, 3, 4):
+        lengths.clear()
+        _generate(model, prompts["summary"], k, max_tokens=80, ignore_eos=True)
+        drafts = [n for n in lengths[1:] if n > 0]          # after the prompt's pass
+        assert drafts[0] == 2 and max(drafts) == k, (k, drafts)    # a summary quotes: drafts grow
+
+
 def test_text_and_stop_strings_are_the_same_with_drafts(model, prompts):
     for kw in ({"max_tokens": 120}, {"max_tokens": 120, "stop": ["."]}, {"max_tokens": 120, "stop": ["robot"]}):
         model.draft_tokens = 0
         plain = model.generate(prompts["story"], **kw)
-        model.draft_tokens = 2
+        model.draft_tokens = DRAFT_TOKENS
         assert model.generate(prompts["story"], **kw) == plain
 
 
@@ -106,8 +132,9 @@ def test_the_prefix_cache_keeps_only_accepted_tokens(model, prompts):
 
 def _drive(model, gens):
     """Run batched generators the way the engine does: advance each to its Feed, one run_feeds
-    pass over the waiting feeds, repeat.  Returns each generator's tokens and the passes run."""
-    outs, feeds, passes = [[] for _ in gens], [None] * len(gens), 0
+    pass over the waiting feeds, repeat.  Returns each generator's tokens and the rows of each
+    pass that were decoding feeds' (a token and its draft)."""
+    outs, feeds, decode_rows = [[] for _ in gens], [None] * len(gens), []
 
     def advance(i, value=None):
         try:
@@ -122,26 +149,34 @@ def _drive(model, gens):
     for i in range(len(gens)):
         advance(i)
     while any(feeds):
-        model.run_feeds([f for f in feeds if f and not f.ready], prefill_rows=16)
-        passes += 1
+        pending = [f for f in feeds if f and not f.ready]
+        model.run_feeds(pending, prefill_rows=16)
+        decode_rows.append(sum(f.rows for f in pending if len(f.ids) == f.rows))
         for i, f in enumerate(feeds):
             if f and f.ready:
                 advance(i)
-    return outs, passes
+    return outs, decode_rows
 
 
 @pytest.mark.parametrize("n_seqs", [1, 2, 3])
-def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs):
-    """A batched pass gives drafts the rows left after every decoding sequence's own, up to
-    1 + draft_tokens rows in all (one sequence: all of its draft; two: part; three: none)."""
+@pytest.mark.parametrize("draft_tokens", [2, DRAFT_TOKENS])
+def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs, draft_tokens):
+    """A batched pass gives drafts the rows left after every decoding sequence's own: up to
+    1 + draft_tokens rows for a lone sequence, 3 in all when several decode (two: part of a draft;
+    three: none)."""
     ids = list(prompts.values())[:n_seqs]
     params = SamplingParams(max_tokens=48, ignore_eos=True)
     model.draft_tokens = 0
     alone = [list(model.generate_ids(p, params)) for p in ids]
-    model.draft_tokens = 2
-    drafted, accepted = model.drafted_tokens, model.accepted_tokens
-    outs, passes = _drive(model, [model.generate_ids(p, params, batched=True) for p in ids])
+    model.draft_tokens = draft_tokens
+    accepted = model.accepted_tokens
+    outs, decode_rows = _drive(model, [model.generate_ids(p, params, batched=True) for p in ids])
     assert outs == alone
+    passes = len(decode_rows)
+    if n_seqs == 1:
+        assert max(decode_rows) == 1 + draft_tokens        # the summary's drafts grow to the longest
+    else:
+        assert max(decode_rows) == 3
     if n_seqs < 3:
         assert model.accepted_tokens > accepted and passes < 48
     else:

@@ -1,17 +1,19 @@
-"""Greedy decoding with prompt-lookup drafts (models/lookup.py) against without, in one process.
+"""Decoding with prompt-lookup drafts (models/lookup.py) against without, in one process.
 
 For each task (a chat prompt asking SmolLM2-135M-Instruct to summarise a passage of botchan.txt, to
 answer a question about it, to add type hints to a file of this repository, to write a story; and
 the 16 raw tokens of botchan.txt that `edge bench` decodes after), the settings of `draft_tokens`
 alternate round by round on the same model, each round in the reverse order of the last.  Every
 setting's tokens are compared with those of no drafts before any timing (drafts must not change a
-greedy generation), then the medians over the rounds are printed: decode tok/s (the generated
+greedy or a seeded generation), then the medians over the rounds are printed: decode tok/s (the generated
 tokens after the first over the time from the first to the last), forward passes per generated
 token, and the speed-up against draft_tokens 0.  With --llamacpp, llama.cpp (llama-cpp-python on the
 same GGUF requantized to Q8_0, as bench/bench_llamacpp.py) decodes the same prompt ids greedily in
-the same rounds, and each setting's ratio to it is printed too.
+the same rounds, and each setting's ratio to it is printed too.  With --temperature T (and --top-p)
+every generation samples, seeded with --seed.
 
     .venv/bin/python bench/bench_lookup.py [--tokens 128] [--rounds 7] [--drafts 0,1,2] [--threads 2] [--llamacpp]
+                                           [--temperature 0] [--top-p 1] [--seed 1]
 """
 
 from __future__ import annotations
@@ -84,6 +86,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tasks", default=None, help="comma-separated subset of the tasks")
     p.add_argument("--llamacpp", action="store_true", help="time llama.cpp's greedy decode of the same prompts")
+    p.add_argument("--temperature", type=float, default=0.0, help="sample at this temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=1, help="the seed of every sampled generation")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     try:
@@ -104,7 +109,8 @@ def main(argv=None) -> int:
         if unknown:
             p.error(f"no task {', '.join(sorted(unknown))}; tasks: {', '.join(prompts)}")
         prompts = {k: v for k, v in prompts.items() if k in args.tasks.split(",")}
-    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
+    params = SamplingParams(max_tokens=args.tokens, ignore_eos=True, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed if args.temperature > 0 else None)
 
     def generate(ids, k):
         model.draft_tokens = k

@@ -42,9 +42,9 @@ def cmd_convert(args):
     print(json.dumps(summary))
 
 
-DRAFT_HELP = ("the most tokens a greedy generation guesses per forward pass by prompt lookup and checks in "
-              "the same pass (default 4, from 2 up while its guesses hold; 0: none); the output is the same "
-              "either way")
+DRAFT_HELP = ("the most tokens a generation without penalties guesses per forward pass by prompt lookup and "
+              "checks in the same pass (default 4, from 2 up while its guesses hold; 0: none); the output is "
+              "the same either way, greedy or seeded")
 
 
 def _sampling(args) -> dict:

@@ -27,7 +27,7 @@ class Metrics:
                                registry=r)
         self.prefix = Gauge("edge_prefix_cache_blocks", "full prompt blocks looked up in the prefix cache, "
                             "and found (their prefill skipped)", ["model", "state"], registry=r)
-        self.drafts = Gauge("edge_draft_tokens", "tokens greedy generations drafted by prompt lookup, and "
+        self.drafts = Gauge("edge_draft_tokens", "tokens generations drafted by prompt lookup, and "
                             "accepted (each saved a forward pass)", ["model", "state"], registry=r)
         self.model_load = Gauge("edge_model_load_seconds", "time to load each model", ["model"], registry=r)
 

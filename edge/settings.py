@@ -5,7 +5,7 @@
     EDGE_API_KEY_FILE  ... or read the key from this file
     EDGE_THREADS       kernel threads (default: the CPUs this process may use)
     EDGE_MAX_BODY      largest request body in bytes (default 1 MiB)
-    EDGE_DRAFT_TOKENS  most tokens a greedy generation drafts by prompt lookup a pass (default 4; 0: none)
+    EDGE_DRAFT_TOKENS  most tokens a generation drafts by prompt lookup a pass (default 4; 0: none)
 """
 
 from __future__ import annotations

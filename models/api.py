@@ -28,7 +28,7 @@ from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTa
 from core.kernels._sampling import sample_logits
 from core.kv_cache import KVCache, KVCacheFullError, default_kv_dtype
 from core.wfile import WeightsFile
-from models.lookup import PromptLookup, next_draft_length
+from models.lookup import DraftLength, PromptLookup
 from models.tokenizer import Tokenizer
 
 
@@ -167,10 +167,10 @@ LOGIT_ROWS = 256
 # 106 M int8 multiply-adds per row against 35 k fp32 ones per key, at about half the rate).
 ATTENTION_ROW_EQUIVALENT = 1500
 
-# Greedy generations guess up to this many tokens a step by prompt lookup (models/lookup.py) and
+# Generations guess up to this many tokens a step by prompt lookup (models/lookup.py) and
 # check them in the same forward pass (DecoderModel.draft_tokens; 0: no drafts).  A generation's
 # drafts start at DRAFT_TOKENS_START tokens (or draft_tokens if fewer) and grow while they hold
-# (models.lookup.next_draft_length).
+# (models.lookup.DraftLength).
 DRAFT_TOKENS = 4
 DRAFT_TOKENS_START = 2
 
@@ -256,7 +256,7 @@ class DecoderModel(Model):
             kv_dtype = default_kv_dtype(self.meta["quant"].get("name", ""))
         self.cache = KVCache(cfg.n_layers, cfg.n_kv_heads * cfg.head_dim, n_blocks, block, kv_dtype)
         self.prefix_caching = True          # generations reuse cached prompt blocks (core/kv_cache.py)
-        self.draft_tokens = DRAFT_TOKENS    # greedy generations' drafted tokens a pass (0: none)
+        self.draft_tokens = DRAFT_TOKENS    # most drafted tokens a pass (0: none)
         self.forward_passes = 0             # counters: passes run, tokens drafted, drafts accepted
         self.drafted_tokens = self.accepted_tokens = 0
         # the forward pass: native (one call per step, with the logits head) where the
@@ -503,23 +503,23 @@ class DecoderModel(Model):
         batched: instead of running the forward passes, yield a Feed for each and read its logits
         when resumed (the engine batches the feeds of all running sequences, see run_feeds).
 
-        A greedy generation (temperature 0, no penalties) guesses up to draft_tokens next tokens
-        by prompt lookup (models/lookup.py: 2 at first, more while the guesses hold) and feeds
-        them after its next token in the same pass; it keeps those its own choices confirm, and
-        the KV rows of the others are overwritten later.  The tokens are those of decoding one at
-        a time (every row is computed alike whatever else the pass holds), in fewer passes."""
+        A generation without penalties guesses up to draft_tokens next tokens by prompt lookup
+        (models/lookup.py: 2 at first, more while the guesses hold) and feeds them after its next
+        token in the same pass; it keeps those its own choices confirm, and the KV rows of the
+        others are overwritten later.  The tokens are those of decoding one at a time (every row
+        is computed alike whatever else the pass holds, and a sampled token takes one draw of rng
+        whatever was drafted), in fewer passes."""
         self.check_fits(prompt_ids, params.max_tokens)
         rng = random.Random(params.seed)
         seq = self.cache.new_sequence()
         # prefix caching: whole blocks of this prompt that another sequence already computed
         reused = self.cache.match_prefix(seq, prompt_ids) if self.prefix_caching else 0
-        # drafts where the choice is deterministic and nothing pushes it away from repeating its
-        # context (penalties make drafts drawn from the context miss: 0.87-1.0x, measured)
-        drafting = (params.temperature == 0 and self.draft_tokens > 0 and params.repetition_penalty == 1
+        # drafts where nothing pushes the model away from repeating its context (penalties make
+        # drafts drawn from the context miss: 0.87-1.0x, measured)
+        drafting = (self.draft_tokens > 0 and params.repetition_penalty == 1
                     and params.frequency_penalty == 0 and params.presence_penalty == 0)
         lookup = None
-        k_start = min(DRAFT_TOKENS_START, self.draft_tokens)
-        k = k_start                     # this step's draft length
+        draft_length = DraftLength(DRAFT_TOKENS_START, self.draft_tokens)
 
         def forward(ids, draft=()):
             """The logits of the last row of ids, then of each drafted token after them: a list
@@ -551,8 +551,7 @@ class DecoderModel(Model):
                     history.append(tok)
                     if i == len(draft) or tok != draft[i]:
                         break
-                # i of the len(rows) - 1 drafted tokens the pass checked held
-                k = next_draft_length(k, len(rows) - 1, i, k_start, self.draft_tokens)
+                draft_length.checked(len(rows) - 1, i)        # i of the drafted tokens held
                 rows = row = None       # the rows go back to the native forward's pool before its next call
                 # the cache keeps the accepted tokens (all of history but its last token): a
                 # rejected draft's rows are overwritten later
@@ -565,7 +564,7 @@ class DecoderModel(Model):
                         lookup = PromptLookup(history)
                     else:
                         lookup.extend(history[len(lookup.ids):])
-                    draft = lookup.draft(min(k, self.draft_tokens, params.max_tokens - n_out - 1))
+                    draft = lookup.draft(min(draft_length.next(), self.draft_tokens, params.max_tokens - n_out - 1))
                     if draft and not batched:
                         try:
                             seq.reserve(len(history) + len(draft))

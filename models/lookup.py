@@ -1,13 +1,16 @@
-"""Draft tokens for greedy decoding by prompt lookup.
+"""Draft tokens for decoding by prompt lookup.
 
-A greedy generation often repeats what its context already holds: a summary or an answer quotes
-its source, edited code copies the code it was given, a small model repeats its own phrases.  So
-the tokens that followed the last earlier occurrence of the context's final n tokens are a cheap
-guess at what comes next.  The decoder feeds those guesses together with its next token in one
-forward pass (a few rows cost little more than one while a decode step streams its weights from
-memory), and keeps the guesses up to the first that its own greedy choice rejects.  Every kernel
-computes a row the same way whatever else is in the pass, so the generation is token for token
-the one without drafts; only the number of passes changes.
+A generation often repeats what its context already holds: a summary or an answer quotes its
+source, edited code copies the code it was given, a small model repeats its own phrases.  So the
+tokens that followed the last earlier occurrence of the context's final n tokens are a cheap guess
+at what comes next.  The decoder feeds those guesses together with its next token in one forward
+pass (a few rows cost little more than one while a decode step streams its weights from memory),
+and keeps the guesses up to the first that its own choice rejects.  Every kernel computes a row
+the same way whatever else is in the pass, and a sampled token takes one uniform draw of the
+generation's random stream whatever was drafted, so the generation is token for token the one
+without drafts, greedy or seeded; only the number of passes changes.  A sampled generation keeps
+a drafted token with the probability the model gives it, which is what speculative sampling
+accepts for a guess made with certainty.
 """
 
 from __future__ import annotations
@@ -51,12 +54,37 @@ class PromptLookup:
         return []
 
 
-def next_draft_length(k: int, checked: int, held: int, shortest: int, longest: int) -> int:
-    """The draft length for the next pass, after one whose draft of length k had `checked` tokens
-    checked and its first `held` of them confirmed: one token more after a draft that held to its
-    end (longest at most), otherwise what held plus one (shortest at least), unchanged if nothing
-    was checked.  Long drafts are tried only while the text keeps repeating its context: a pass
-    costs more with every row once it no longer only streams its weights from memory."""
-    if checked == 0:
-        return k
-    return min(longest, k + 1) if held == checked else max(shortest, min(k, held + 1))
+class DraftLength:
+    """How many tokens a generation drafts in its next pass.  It starts at `shortest`, drafts one
+    token more after a draft that held to its end (`longest` at most) and falls back to what held
+    plus one (`shortest` at least) after a miss: long drafts are tried only while the text keeps
+    repeating its context, as a pass costs more with every row once it no longer only streams its
+    weights from memory.  After MISSES_BEFORE_PAUSE drafts in a row of which nothing held, it
+    drafts nothing for 1, 2, 4, ... passes (PAUSE_MAX at most) until a draft holds again: a
+    sampled generation at a high temperature seldom follows its context."""
+
+    MISSES_BEFORE_PAUSE = 2
+    PAUSE_MAX = 16
+    __slots__ = ("k", "shortest", "longest", "misses", "paused")
+
+    def __init__(self, shortest: int, longest: int):
+        self.k = self.shortest = min(shortest, longest)
+        self.longest = longest
+        self.misses = 0             # drafts in a row of which nothing held
+        self.paused = 0             # passes left without a draft
+
+    def next(self) -> int:
+        """The next pass's draft length (0 while paused)."""
+        if self.paused:
+            self.paused -= 1
+            return 0
+        return self.k
+
+    def checked(self, n: int, held: int) -> None:
+        """The last pass checked n drafted tokens and its choices confirmed the first `held`."""
+        if n == 0:
+            return
+        self.k = min(self.longest, self.k + 1) if held == n else max(self.shortest, min(self.k, held + 1))
+        self.misses = self.misses + 1 if held == 0 else 0
+        if self.misses >= self.MISSES_BEFORE_PAUSE:
+            self.paused = min(self.PAUSE_MAX, 2 ** (self.misses - self.MISSES_BEFORE_PAUSE))

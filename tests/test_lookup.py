@@ -5,7 +5,7 @@ never keeps a rejected draft; a pass with no room for a draft checks the token a
 import pytest
 
 from models.api import DRAFT_TOKENS, Feed, SamplingParams
-from models.lookup import PromptLookup, next_draft_length
+from models.lookup import DraftLength, PromptLookup
 
 
 def test_lookup_finds_the_latest_earlier_occurrence_of_the_longest_suffix():
@@ -26,15 +26,37 @@ def test_lookup_finds_the_latest_earlier_occurrence_of_the_longest_suffix():
         PromptLookup([], n_min=3, n_max=2)
 
 
-def test_a_draft_grows_while_it_holds_and_falls_back_to_what_held():
-    assert next_draft_length(2, 2, 2, 2, 4) == 3            # held to its end: one more
-    assert next_draft_length(4, 4, 4, 2, 4) == 4            # ... up to the longest
-    assert next_draft_length(3, 2, 2, 2, 4) == 4            # a draft cut short that held grows too
-    assert next_draft_length(4, 4, 2, 2, 4) == 3            # two held: three next
-    assert next_draft_length(4, 4, 0, 2, 4) == 2            # none held: back to the shortest
-    assert next_draft_length(2, 2, 1, 2, 4) == 2
-    assert next_draft_length(3, 0, 0, 2, 4) == 3            # nothing checked: unchanged
-    assert next_draft_length(1, 1, 1, 1, 1) == 1            # draft_tokens 1: always one
+def test_a_draft_grows_while_it_holds_falls_back_to_what_held_and_pauses_after_misses():
+    d = DraftLength(2, 4)
+    assert d.next() == 2
+    d.checked(2, 2)
+    assert d.next() == 3                    # held to its end: one more
+    d.checked(3, 3)
+    d.checked(4, 4)
+    assert d.next() == 4                    # ... up to the longest
+    d.checked(4, 2)
+    assert d.next() == 3                    # two held: three next
+    d.checked(1, 1)
+    assert d.next() == 4                    # a draft cut short that held grows too
+    d.checked(0, 0)
+    assert d.next() == 4                    # nothing checked: unchanged
+    d.checked(4, 1)
+    assert d.next() == 2                    # one held: two next (the shortest)
+    d.checked(2, 0)
+    assert d.next() == 2                    # a first miss: no pause
+    d.checked(2, 0)                         # a second miss in a row: pause 1 pass, then 2, 4, ...
+    assert [d.next() for _ in range(2)] == [0, 2]
+    d.checked(2, 0)
+    assert [d.next() for _ in range(3)] == [0, 0, 2]
+    for _ in range(10):
+        d.checked(2, 0)
+    assert [d.next() for _ in range(17)] == [0] * DraftLength.PAUSE_MAX + [2]     # at most PAUSE_MAX
+    d.checked(2, 1)                         # something held: no pause, misses start over
+    d.checked(2, 0)
+    assert d.next() == 2
+    one = DraftLength(2, 1)                 # draft_tokens 1: always one
+    one.checked(1, 1)
+    assert one.next() == 1
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +121,30 @@ def test_text_and_stop_strings_are_the_same_with_drafts(model, prompts):
         assert model.generate(prompts["story"], **kw) == plain
 
 
-def test_penalties_and_sampling_draft_nothing(model, prompts):
+def test_penalties_draft_nothing(model, prompts):
     for kw in ({"repetition_penalty": 1.3}, {"frequency_penalty": 0.5}, {"presence_penalty": 0.5},
-               {"temperature": 0.8, "seed": 3}):
+               {"temperature": 0.8, "seed": 3, "presence_penalty": 0.5}):
         drafted = model.drafted_tokens
-        out, passes = _generate(model, prompts["summary"], 2, max_tokens=30, ignore_eos=True, **kw)
+        out, passes = _generate(model, prompts["summary"], DRAFT_TOKENS, max_tokens=30, ignore_eos=True, **kw)
         assert model.drafted_tokens == drafted and passes == len(out)
         assert out == _generate(model, prompts["summary"], 0, max_tokens=30, ignore_eos=True, **kw)[0]
+
+
+def test_a_seeded_sample_is_the_same_with_drafts(model, prompts):
+    """A sampled token takes one uniform draw whether or not a draft was checked, from the same
+    logits: a seed gives the same tokens with drafts or without, and a drafted token holds with
+    the probability the model gives it."""
+    saved = 0
+    for name, ids in prompts.items():
+        for kw in ({"temperature": 0.3, "seed": 1}, {"temperature": 0.7, "seed": 2, "top_p": 0.9},
+                   {"temperature": 1.0, "seed": 3, "top_k": 40}):
+            plain, plain_passes = _generate(model, ids, 0, max_tokens=60, ignore_eos=True, **kw)
+            accepted = model.accepted_tokens
+            out, passes = _generate(model, ids, DRAFT_TOKENS, max_tokens=60, ignore_eos=True, **kw)
+            assert out == plain, (name, kw)
+            assert passes == len(out) - (model.accepted_tokens - accepted)
+            saved += plain_passes - passes
+    assert saved > 0                        # at a low temperature a summary still quotes
 
 
 def test_the_prefix_cache_keeps_only_accepted_tokens(model, prompts):
@@ -181,6 +220,19 @@ def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs
         assert model.accepted_tokens > accepted and passes < 48
     else:
         assert passes >= 48 and model.accepted_tokens == accepted
+    assert model.cache.n_free == model.cache.n_blocks
+
+
+def test_batched_seeded_samples_are_those_of_each_sequence_alone(model, prompts):
+    ids = list(prompts.values())
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=t, seed=s)
+              for t, s in ((0.3, 5), (0.7, 6), (0, None))]
+    model.draft_tokens = 0
+    alone = [list(model.generate_ids(p, q)) for p, q in zip(ids, params)]
+    model.draft_tokens = DRAFT_TOKENS
+    for n in (1, 2, 3):
+        outs, _ = _drive(model, [model.generate_ids(p, q, batched=True) for p, q in zip(ids[:n], params[:n])])
+        assert outs == alone[:n]
     assert model.cache.n_free == model.cache.n_blocks
 
 

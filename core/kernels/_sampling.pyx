@@ -28,6 +28,8 @@ cdef extern from "simd.h" nogil:
     double edge_max_f64(const double *x, int n)
     int edge_indices_at_least_f64(const double *x, int n, double tau, int32_t *idx)
     void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e)
+    double edge_exp_keys_cumsum_f64(const double *z, int n, double temperature, double zmax, double *e,
+                                    double *cum)
 
 
 cdef struct Cand:
@@ -194,14 +196,12 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
             c[i].key = exp(c[i].key - zmax)
             total += c[i].key
     else:                                       # every candidate, in index order: z becomes e
-        zmax = edge_max_f64(z, V)
-        edge_exp_keys_f64(z, V, temperature, zmax / temperature, z)  # (max z) / t = max(z / t): rounding is monotonic
+        zmax = edge_max_f64(z, V)       # (max z) / t = max(z / t) below: rounding is monotonic
         if top_p >= 1.0:    # no nucleus: draw straight from e, by bisection of its running sums
             cum = <double *> best
-            for i in range(V):
-                total += z[i]
-                cum[i] = total
+            total = edge_exp_keys_cumsum_f64(z, V, temperature, zmax / temperature, z, cum)
             return _first_above(cum, V, u * total)
+        edge_exp_keys_f64(z, V, temperature, zmax / temperature, z)
         for i in range(V):
             total += z[i]
         n = _rank_head(z, V, top_p * total, c)  # the head of the ranking,

@@ -86,5 +86,5 @@ class DraftLength:
             return
         self.k = min(self.longest, self.k + 1) if held == n else max(self.shortest, min(self.k, held + 1))
         self.misses = self.misses + 1 if held == 0 else 0
-        if self.misses >= self.MISSES_BEFORE_PAUSE:
-            self.paused = min(self.PAUSE_MAX, 2 ** (self.misses - self.MISSES_BEFORE_PAUSE))
+        if self.misses >= self.MISSES_BEFORE_PAUSE:       # (the shift bounded for very long generations)
+            self.paused = min(self.PAUSE_MAX, 1 << min(self.misses - self.MISSES_BEFORE_PAUSE, 30))

@@ -658,6 +658,46 @@ def test_sample_logits(V, ties, kw, seed):
         assert got == R.sample_logits(logits, history=history, generated=history[-7:], u=float(u), **kw)
 
 
+@settings(max_examples=40, deadline=None)
+@given(V=st.sampled_from([1, 5, 63, 64, 65, 300, 1500, 49152]), ties=st.sampled_from(["none", "max", "rounded"]),
+       spread=st.sampled_from([0.1, 4.0, 2000.0]), seed=seeds)
+def test_prepared_draws_are_sample_logits(V, ties, spread, seed):
+    """prepare_draws for several rows at once (in parallel), then draw: the token of sample_logits
+    and of its twin for the same u, at each row's temperature; a wide spread of logits leaves most
+    weights at zero (exp's underflow path), and u just below 1 can pass every block's sum."""
+    rng = np.random.default_rng(seed)
+    rows = [rand(rng, V, scale=spread) for _ in range(5)]
+    if ties == "max":
+        rows[0][rng.integers(0, V, min(V, 50))] = rows[0].max()
+    elif ties == "rounded":
+        rows = [np.round(r) for r in rows]
+    temperatures = [0.3, 0.7, 1.0, 1.3, 2.0]
+    prepared = K.prepare_draws(rows, temperatures)
+    assert len(prepared) == len(rows)
+    for row, p, t in zip(rows, prepared, temperatures):
+        for u in [0.0, *rng.random(8), np.nextafter(1.0, 0.0)]:
+            got = K.draw(row, p, float(u))
+            assert got == K.sample_logits(row, temperature=t, u=float(u))
+            assert got == R.sample_logits(row, temperature=t, u=float(u))
+
+
+def test_prepared_draws_errors():
+    rows = [np.zeros(100, np.float32), np.zeros(101, np.float32)]
+    with pytest.raises(ValueError, match="one vocabulary"):
+        K.prepare_draws(rows, [1.0, 1.0])
+    with pytest.raises(ValueError, match="temperatures must be > 0"):
+        K.prepare_draws(rows[:1], [0.0])
+    with pytest.raises(ValueError, match="one temperature per row"):
+        K.prepare_draws(rows[:1], [1.0, 1.0])
+    assert K.prepare_draws([], []) == []
+    p = K.prepare_draws(rows[:1], [1.0])[0]
+    with pytest.raises(ValueError, match="not the one prepared"):
+        K.draw(rows[1], p, 0.5)
+    with pytest.raises(ValueError, match="u < 1"):
+        K.draw(rows[0], p, 1.0)
+    assert K.draw(rows[0], p, 0.5) == 50          # equal weights: the middle one
+
+
 @pytest.mark.parametrize("V", [1, 7, 8, 9, 300, 49152])
 def test_greedy_is_the_first_largest_skipping_nans(V):
     """Greedy picks the first index of the largest logit (the vectorised search against a plain

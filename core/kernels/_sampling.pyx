@@ -10,15 +10,22 @@
           top_p < 1: order candidates by (e descending, index ascending) and keep the shortest head
                      whose sum reaches top_p * sum(e)
           the token: walk the kept candidates in order, the first whose running sum of e passes
-                     u * (sum of the kept e), u uniform in [0, 1) drawn by the caller
+                     u * (sum of the kept e), u uniform in [0, 1) drawn by the caller; where all
+                     the vocabulary is kept (no top_k or top_p), the running sum at i is that of
+                     the blocks of 64 before i's block (each block's sum four lanes wide, see
+                     simd.h's EDGE_DRAW_BLOCK) then of i's block's weights one by one
 
 reference.sample_logits is the numpy twin (same order of candidates, same order of sums; its exp
 is numpy's, the kernel's a polynomial within an ulp of libm's, see edge_exp_keys_f64).
 """
+from cpython cimport array
+from cython.parallel cimport prange
 from libc.math cimport exp
 from libc.stdint cimport int32_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memset
+
+import array as _array
 
 cdef extern from "parallel.h" nogil:
     size_t edge_lines(size_t n)
@@ -28,8 +35,10 @@ cdef extern from "simd.h" nogil:
     double edge_max_f64(const double *x, int n)
     int edge_indices_at_least_f64(const double *x, int n, double tau, int32_t *idx)
     void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e)
-    double edge_exp_keys_cumsum_f64(const double *z, int n, double temperature, double zmax, double *e,
-                                    double *cum)
+    double edge_exp_keys_blocks_f64(const double *z, int n, double temperature, double zmax, double *e,
+                                    double *sums)
+    double edge_exp_logits_blocks_f32(const float *logits, int n, double temperature, double zmax, double *sums)
+    int EDGE_DRAW_BLOCK
 
 
 cdef struct Cand:
@@ -154,17 +163,50 @@ cdef int _rank_head(const double *e, int n, double target, Cand *c) noexcept nog
     return 0
 
 
-cdef int _first_above(const double *cum, int n, double target) noexcept nogil:
-    """The first i with cum[i] > target in running sums cum[0..n) (non-decreasing: the weights are
-    >= 0), else n - 1: what walking them in order finds, without the walk."""
-    cdef int lo = 0, hi = n - 1, mid
+cdef int _first_block_above(const double *sums, int nb, double target) noexcept nogil:
+    """The first block b whose running sum sums[b] passes target (the sums are non-decreasing),
+    else -1."""
+    cdef int lo = 0, hi = nb, mid
     while lo < hi:
         mid = (lo + hi) // 2
-        if cum[mid] > target:
+        if sums[mid] > target:
             hi = mid
         else:
             lo = mid + 1
-    return lo
+    return lo if lo < nb else -1
+
+
+cdef int _walk_block(const double *e, int m, double before, double target) noexcept nogil:
+    """In a block of m weights whose blocks before it sum to `before`, the first i at which the
+    running sum from `before`, added in index order, passes target; else the last positive
+    weight's (-1 if none: a row of NaNs)."""
+    cdef int i, last = -1
+    cdef double acc = before
+    for i in range(m):
+        acc += e[i]
+        if acc > target:
+            return i
+        if e[i] > 0:
+            last = i
+    return last
+
+
+cdef int _draw_from_blocks(const double *e, const double *sums, int n, double u) noexcept nogil:
+    """The token for uniform u from the weights e[0..n) and their blocks' running sums: the block
+    whose running sum first passes u * total, walked from the sum of the blocks before it (the
+    last positive weight of the row if no block's does, as rounding allows for u near 1)."""
+    cdef int nb = (n + EDGE_DRAW_BLOCK - 1) // EDGE_DRAW_BLOCK, b, i, at
+    cdef double target = u * sums[nb - 1]
+    b = _first_block_above(sums, nb, target)
+    if b >= 0:
+        at = b * EDGE_DRAW_BLOCK
+        i = _walk_block(e + at, min(EDGE_DRAW_BLOCK, n - at), sums[b - 1] if b > 0 else 0.0, target)
+        if i >= 0:
+            return at + i
+    for i in range(n - 1, -1, -1):
+        if e[i] > 0:
+            return i
+    return n - 1
 
 
 cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
@@ -172,7 +214,6 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
     """The sampling steps after the penalties (z holds the penalised logits); c and best hold V."""
     cdef int i, n, keep
     cdef double zmax, total, acc, target
-    cdef double *cum
     if temperature == 0.0:
         n = 0
         for i in range(1, V):
@@ -197,10 +238,9 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
             total += c[i].key
     else:                                       # every candidate, in index order: z becomes e
         zmax = edge_max_f64(z, V)       # (max z) / t = max(z / t) below: rounding is monotonic
-        if top_p >= 1.0:    # no nucleus: draw straight from e, by bisection of its running sums
-            cum = <double *> best
-            total = edge_exp_keys_cumsum_f64(z, V, temperature, zmax / temperature, z, cum)
-            return _first_above(cum, V, u * total)
+        if top_p >= 1.0:    # no nucleus: draw straight from e, a block of it at a time
+            edge_exp_keys_blocks_f64(z, V, temperature, zmax / temperature, z, <double *> best)
+            return _draw_from_blocks(z, <double *> best, V, u)
         edge_exp_keys_f64(z, V, temperature, zmax / temperature, z)
         for i in range(V):
             total += z[i]
@@ -313,3 +353,110 @@ def sample_logits(const float[::1] logits, double temperature=0.0, int top_k=0, 
         return t
     finally:
         _give_scratch(scratch, nbytes)
+
+
+# -- draws prepared for many rows at once --------------------------------------------------------
+# A batched decode step samples a row for each sequence.  Most of a draw without top_k, top_p or
+# penalties is the same work for any u (the maximum, the weights' exps, the blocks' running sums):
+# prepare_draws does it for all of a step's rows in parallel, and each sequence's draw(row,
+# prepared, u) then finds its block and walks it alone.  The token is sample_logits(row,
+# temperature, u=u)'s, the same bits.
+
+assert EDGE_DRAW_BLOCK == 64
+
+
+cdef void _block_weights(const float *logits, int m, double temperature, double zt, double *e) noexcept nogil:
+    """The weights of one block of m logits (m <= 64) into e, as sample_logits makes them."""
+    cdef int j
+    for j in range(m):
+        e[j] = logits[j]
+    edge_exp_keys_f64(e, m, temperature, zt, e)
+
+
+cdef int _draw_prepared(const float *logits, int n, double temperature, double zt, const double *sums,
+                        double u) noexcept nogil:
+    """_draw_from_blocks with each block's weights made again from the logits where it is walked."""
+    cdef double e[64]
+    cdef int nb = (n + EDGE_DRAW_BLOCK - 1) // EDGE_DRAW_BLOCK, b, i, at, m
+    cdef double target = u * sums[nb - 1]
+    b = _first_block_above(sums, nb, target)
+    if b >= 0:
+        at = b * EDGE_DRAW_BLOCK
+        m = min(EDGE_DRAW_BLOCK, n - at)
+        _block_weights(logits + at, m, temperature, zt, e)
+        i = _walk_block(e, m, sums[b - 1] if b > 0 else 0.0, target)
+        if i >= 0:
+            return at + i
+    for b in range(nb - 1, -1, -1):
+        at = b * EDGE_DRAW_BLOCK
+        m = min(EDGE_DRAW_BLOCK, n - at)
+        _block_weights(logits + at, m, temperature, zt, e)
+        for i in range(m - 1, -1, -1):
+            if e[i] > 0:
+                return at + i
+    return n - 1
+
+
+def prepare_draws(rows, temperatures):
+    """What draw needs, besides the row, to sample each of rows (logits (vocab,) float32, one
+    vocabulary) at its temperature (> 0) with no top_k, top_p or penalties: a float64 view of
+    [vocabulary size, temperature, max / temperature, the blocks' running sums].  The rows are
+    prepared in parallel across the kernels' threads."""
+    cdef Py_ssize_t n = len(rows), r
+    if len(temperatures) != n:
+        raise ValueError("prepare_draws: one temperature per row is required")
+    if n == 0:
+        return []
+    cdef const float[::1] view
+    cdef list views = []
+    cdef const float **ptrs = <const float **> malloc(n * sizeof(float *))
+    cdef double *temps = <double *> malloc(n * sizeof(double))
+    cdef int V = -1, nb, width, best
+    cdef double *out
+    cdef double zt
+    cdef array.array prepared
+    if ptrs == NULL or temps == NULL:
+        free(ptrs)
+        free(temps)
+        raise MemoryError("prepare_draws: no memory for the rows' pointers")
+    try:
+        for r in range(n):
+            view = rows[r]
+            if V < 0:
+                V = view.shape[0]
+            if view.shape[0] != V or V == 0:
+                raise ValueError("prepare_draws: the rows must be non-empty and of one vocabulary")
+            views.append(view)
+            ptrs[r] = &view[0]
+            temps[r] = temperatures[r]
+            if not temps[r] > 0.0:
+                raise ValueError("prepare_draws: the temperatures must be > 0")
+        nb = (V + EDGE_DRAW_BLOCK - 1) // EDGE_DRAW_BLOCK
+        width = nb + 3
+        prepared = array.clone(array.array("d"), n * width, zero=False)
+        out = prepared.data.as_doubles
+        for r in prange(n, nogil=True, schedule="dynamic"):
+            best = edge_argmax_f32(ptrs[r], V)
+            zt = (<double> ptrs[r][best]) / temps[r]
+            out[r * width] = V
+            out[r * width + 1] = temps[r]
+            out[r * width + 2] = zt
+            edge_exp_logits_blocks_f32(ptrs[r], V, temps[r], zt, out + r * width + 3)
+    finally:
+        free(ptrs)
+        free(temps)
+    whole = memoryview(prepared)
+    return [whole[r * width:(r + 1) * width] for r in range(n)]
+
+
+def draw(const float[::1] logits, const double[::1] prepared, double u):
+    """The token for uniform u in [0, 1) from logits prepared by prepare_draws: sample_logits(
+    logits, temperature, u=u) for the temperature it was prepared at."""
+    cdef int V = logits.shape[0], t
+    if V == 0 or prepared.shape[0] != (V + EDGE_DRAW_BLOCK - 1) // EDGE_DRAW_BLOCK + 3 or prepared[0] != V:
+        raise ValueError("draw: the row is not the one prepared (another vocabulary)")
+    if not 0.0 <= u < 1.0:
+        raise ValueError("draw: 0 <= u < 1 is required")
+    with nogil:
+        t = _draw_prepared(&logits[0], V, prepared[1], prepared[2], &prepared[3], u)
+    return t

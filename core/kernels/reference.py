@@ -247,5 +247,45 @@ def sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, repetition_penalt
         ids, e = ids[order], e[order]
         keep = min(int(np.searchsorted(np.cumsum(e), top_p * total, "left")) + 1, len(e))
         ids, e = ids[:keep], e[:keep]
-    cum = np.cumsum(e)                                     # sequential sums, as the kernel adds
-    return int(ids[min(int(np.searchsorted(cum, u * cum[-1], "right")), len(ids) - 1)])
+    if len(ids) < len(z) or top_p < 1.0:
+        cum = np.cumsum(e)                                 # sequential sums, as the kernel adds
+        return int(ids[min(int(np.searchsorted(cum, u * cum[-1], "right")), len(ids) - 1)])
+    return draw_from_blocks(e, u)
+
+
+DRAW_BLOCK = 64     # simd.h's EDGE_DRAW_BLOCK
+
+
+def draw_block_sums(e):
+    """The running sums of the blocks of DRAW_BLOCK weights: a whole block adds four lanes (lane j:
+    e[j], e[j + 4], ... in order), then (lane 0 + lane 1) + (lane 2 + lane 3); a partial last
+    block adds in index order; the blocks' sums add in block order."""
+    whole = len(e) // DRAW_BLOCK
+    x = e[:whole * DRAW_BLOCK].reshape(whole, DRAW_BLOCK // 4, 4)
+    lanes = x[:, 0, :].copy()
+    for k in range(1, DRAW_BLOCK // 4):
+        lanes = lanes + x[:, k, :]
+    blocks = list((lanes[:, 0] + lanes[:, 1]) + (lanes[:, 2] + lanes[:, 3]))
+    if len(e) > whole * DRAW_BLOCK:
+        blocks.append(np.cumsum(e[whole * DRAW_BLOCK:])[-1])
+    return np.cumsum(np.array(blocks, np.float64))
+
+
+def draw_from_blocks(e, u):
+    """The first index at which the running sum passes u * total, the running sum made as the
+    sum of the blocks before the index's block then its block's weights one by one; the last
+    positive weight if no block's running sum passes (u near 1)."""
+    sums = draw_block_sums(e)
+    target = u * sums[-1]
+    b = int(np.searchsorted(sums, target, "right"))
+    if b < len(sums):
+        lo, hi = b * DRAW_BLOCK, min((b + 1) * DRAW_BLOCK, len(e))
+        cum = np.cumsum(np.concatenate([[sums[b - 1] if b else 0.0], e[lo:hi]]))[1:]
+        hits = np.flatnonzero(cum > target)
+        if len(hits):
+            return lo + int(hits[0])
+        positive = np.flatnonzero(e[lo:hi] > 0)
+        if len(positive):
+            return lo + int(positive[-1])
+    positive = np.flatnonzero(e > 0)
+    return int(positive[-1]) if len(positive) else len(e) - 1

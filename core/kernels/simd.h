@@ -1349,7 +1349,8 @@ static inline int edge_indices_at_least_f64(const double *x, int n, double tau, 
 /* e[i] = exp(z[i] / temperature - zmax) in double (sampling's weights; e may be z).  Where AVX2
  * exists, four lanes at a time: x = k ln2 + r with |r| <= ln2 / 2 (r from one fused multiply-add
  * each with ln2's leading and trailing doubles), exp(r) by its Taylor series to r^13 / 13! (the
- * rest is below 5e-18 of it), times 2^k built in the exponent bits: within 2 ulp of libm.  A
+ * rest is below 5e-18 of it), times 2^k built in the exponent bits: within an ulp of libm (every
+ * x from -700 to 5 in steps of 7e-4).  A
  * vector with a lane below -708 (a result near or below the smallest normal double), or not a
  * number, goes through libm's exp. */
 #if defined(__AVX2__) && defined(__FMA__)
@@ -1358,11 +1359,20 @@ static inline __attribute__((always_inline)) __m256d edge_exp_pd(__m256d x) {   
                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     __m256d r = _mm256_fnmadd_pd(k, _mm256_set1_pd(0.6931471805599453), x);
     r = _mm256_fnmadd_pd(k, _mm256_set1_pd(2.3190468138462996e-17), r);
-    __m256d y = _mm256_set1_pd(1.0 / 6227020800.0);                     /* 1 / 13! */
-    static const double inv_factorial[13] = {1.0 / 479001600.0, 1.0 / 39916800.0, 1.0 / 3628800.0,
-                                             1.0 / 362880.0, 1.0 / 40320.0, 1.0 / 5040.0, 1.0 / 720.0,
-                                             1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0};
-    for (int c = 0; c < 13; c++) y = _mm256_fmadd_pd(y, r, _mm256_set1_pd(inv_factorial[c]));
+    /* exp(r) = 1 + r q(r), q(r) = 1 + r / 2! + ... + r^12 / 13! in Estrin's order (pairs of terms,
+     * then pairs of pairs with r^2, r^4 and r^8: a chain of 5 operations instead of Horner's 12);
+     * the 1 added last, in a fused multiply-add, as Horner's last step adds it */
+#define EDGE_TERMS(a, b) _mm256_fmadd_pd(_mm256_set1_pd(1.0 / (b)), r, _mm256_set1_pd(1.0 / (a)))
+    const __m256d r2 = _mm256_mul_pd(r, r), r4 = _mm256_mul_pd(r2, r2), r8 = _mm256_mul_pd(r4, r4);
+    const __m256d q01 = EDGE_TERMS(1.0, 2.0), q23 = EDGE_TERMS(6.0, 24.0), q45 = EDGE_TERMS(120.0, 720.0),
+                  q67 = EDGE_TERMS(5040.0, 40320.0), q89 = EDGE_TERMS(362880.0, 3628800.0),
+                  q1011 = EDGE_TERMS(39916800.0, 479001600.0);
+#undef EDGE_TERMS
+    const __m256d q0_3 = _mm256_fmadd_pd(q23, r2, q01), q4_7 = _mm256_fmadd_pd(q67, r2, q45),
+                  q8_11 = _mm256_fmadd_pd(q1011, r2, q89);
+    const __m256d q0_7 = _mm256_fmadd_pd(q4_7, r4, q0_3),
+                  q8_12 = _mm256_fmadd_pd(_mm256_set1_pd(1.0 / 6227020800.0), r4, q8_11);
+    const __m256d y = _mm256_fmadd_pd(_mm256_fmadd_pd(q8_12, r8, q0_7), r, _mm256_set1_pd(1.0));
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)),
                                                             _mm256_set1_epi64x(1023)), 52);
     return _mm256_mul_pd(y, _mm256_castsi256_pd(bits));
@@ -1389,26 +1399,59 @@ static inline void edge_exp_keys_f64(const double *z, int n, double temperature,
     for (; i < n; i++) e[i] = exp(z[i] / temperature - zmax);
 }
 
-/* edge_exp_keys_f64 and the running sums of its weights in the same pass: cum[i] = e[0] + ... +
- * e[i], added one at a time in index order (e may be z; cum may not).  Returns the sum of all.  The
- * sums are a chain of dependent additions; done in a loop of their own after the exps they left
- * the core idle while each waited for the last, here the exps of the next values run in their
- * shadow (sampling a row of 49,152 logits at temperature 1 on Zen 4: about 98 us against 119). */
-static inline double edge_exp_keys_cumsum_f64(const double *z, int n, double temperature, double zmax, double *e,
-                                              double *cum) {
-    double total = 0.0;
-    int i = 0;
-    for (; i + 8 <= n; i += 8) {
-        edge_exp_keys_f64(z + i, 8, temperature, zmax, e + i);
-        for (int j = i; j < i + 8; j++) {
-            total += e[j];
-            cum[j] = total;
-        }
+/* Sampling draws from blocks of EDGE_DRAW_BLOCK weights: a draw finds its block by bisecting the
+ * blocks' running sums, then walks that block alone.  A block's sum adds four lanes (lane j: e[j],
+ * e[j + 4], ... in order), then (lane 0 + lane 1) + (lane 2 + lane 3); a partial last block adds in
+ * index order.  Unlike one running sum over the whole row (a chain of 49,152 dependent additions,
+ * half the cost of a draw from SmolLM2's vocabulary), the blocks' sums run four lanes wide and
+ * overlap the next block's exps.  reference.sample_logits adds in the same order. */
+#define EDGE_DRAW_BLOCK 64
+
+static inline double edge_draw_block_sum_f64(const double *e, int n) {
+    if (n < EDGE_DRAW_BLOCK) {
+        double s = e[0];
+        for (int i = 1; i < n; i++) s += e[i];
+        return s;
     }
-    for (; i < n; i++) {
-        edge_exp_keys_f64(z + i, 1, temperature, zmax, e + i);
-        total += e[i];
-        cum[i] = total;
+#if defined(__AVX2__)
+    __m256d acc = _mm256_loadu_pd(e);
+    for (int i = 4; i < EDGE_DRAW_BLOCK; i += 4) acc = _mm256_add_pd(acc, _mm256_loadu_pd(e + i));
+    const __m128d pairs = _mm_hadd_pd(_mm256_castpd256_pd128(acc), _mm256_extractf128_pd(acc, 1));
+    return _mm_cvtsd_f64(pairs) + _mm_cvtsd_f64(_mm_unpackhi_pd(pairs, pairs));
+#else
+    double lane[4] = {e[0], e[1], e[2], e[3]};
+    for (int i = 4; i < EDGE_DRAW_BLOCK; i += 4)
+        for (int j = 0; j < 4; j++) lane[j] += e[i + j];
+    return (lane[0] + lane[1]) + (lane[2] + lane[3]);
+#endif
+}
+
+/* edge_exp_keys_f64 over z[0..n) (e may be z), a block at a time, and the running sums of the
+ * blocks' sums: sums[b] = (block 0) + ... + (block b), added in block order.  Returns the total. */
+static inline double edge_exp_keys_blocks_f64(const double *z, int n, double temperature, double zmax, double *e,
+                                              double *sums) {
+    double total = 0.0;
+    for (int i = 0, b = 0; i < n; i += EDGE_DRAW_BLOCK, b++) {
+        const int m = n - i < EDGE_DRAW_BLOCK ? n - i : EDGE_DRAW_BLOCK;
+        edge_exp_keys_f64(z + i, m, temperature, zmax, e + i);
+        total += edge_draw_block_sum_f64(e + i, m);
+        sums[b] = total;
+    }
+    return total;
+}
+
+/* The same from float logits, keeping only the blocks' running sums (a block's weights are made
+ * again, the same bits, when a draw lands in it). */
+static inline double edge_exp_logits_blocks_f32(const float *logits, int n, double temperature, double zmax,
+                                                double *sums) {
+    double z[EDGE_DRAW_BLOCK];
+    double total = 0.0;
+    for (int i = 0, b = 0; i < n; i += EDGE_DRAW_BLOCK, b++) {
+        const int m = n - i < EDGE_DRAW_BLOCK ? n - i : EDGE_DRAW_BLOCK;
+        for (int j = 0; j < m; j++) z[j] = logits[i + j];
+        edge_exp_keys_f64(z, m, temperature, zmax, z);
+        total += edge_draw_block_sum_f64(z, m);
+        sums[b] = total;
     }
     return total;
 }

@@ -1350,9 +1350,8 @@ static inline int edge_indices_at_least_f64(const double *x, int n, double tau, 
  * exists, four lanes at a time: x = k ln2 + r with |r| <= ln2 / 2 (r from one fused multiply-add
  * each with ln2's leading and trailing doubles), exp(r) by its Taylor series to r^13 / 13! (the
  * rest is below 5e-18 of it), times 2^k built in the exponent bits: within an ulp of libm (every
- * x from -700 to 5 in steps of 7e-4).  A
- * vector with a lane below -708 (a result near or below the smallest normal double), or not a
- * number, goes through libm's exp. */
+ * x from -700 to 5 in steps of 7e-4).  A lane below -708 (a result near or below the smallest
+ * normal double), or not a number, goes through libm's exp. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) __m256d edge_exp_pd(__m256d x) {     /* x >= -708 */
     const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
@@ -1379,24 +1378,52 @@ static inline __attribute__((always_inline)) __m256d edge_exp_pd(__m256d x) {   
 }
 #endif
 
+#if defined(__AVX2__) && defined(__FMA__)
+/* Eight of them where a lane is below -708 or not a number: the others as everywhere, those through
+ * libm (z may be e: all of z is read before e is written). */
+static __attribute__((noinline)) void edge_exp_keys8_rare_f64(const double *z, double temperature, double zmax,
+                                                               double *e) {
+    const __m256d vt = _mm256_set1_pd(temperature), vmax = _mm256_set1_pd(zmax), low = _mm256_set1_pd(-708.0);
+    double x[8], y[8];
+    _mm256_storeu_pd(x, _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z), vt), vmax));
+    _mm256_storeu_pd(x + 4, _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + 4), vt), vmax));
+    _mm256_storeu_pd(y, edge_exp_pd(_mm256_max_pd(_mm256_loadu_pd(x), low)));
+    _mm256_storeu_pd(y + 4, edge_exp_pd(_mm256_max_pd(_mm256_loadu_pd(x + 4), low)));
+    for (int j = 0; j < 8; j++) e[j] = x[j] >= -708.0 ? y[j] : exp(x[j]);
+}
+
+/* Eight of them (z + 8 may not be read). */
+static inline __attribute__((always_inline)) void edge_exp_keys8_f64(const double *z, double temperature,
+                                                                      double zmax, double *e) {
+    const __m256d vt = _mm256_set1_pd(temperature), vmax = _mm256_set1_pd(zmax), low = _mm256_set1_pd(-708.0);
+    const __m256d x0 = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z), vt), vmax);
+    const __m256d x1 = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + 4), vt), vmax);
+    if ((_mm256_movemask_pd(_mm256_cmp_pd(x0, low, _CMP_GE_OQ)) &
+         _mm256_movemask_pd(_mm256_cmp_pd(x1, low, _CMP_GE_OQ))) != 15) {
+        edge_exp_keys8_rare_f64(z, temperature, zmax, e);
+        return;
+    }
+    const __m256d e0 = edge_exp_pd(x0), e1 = edge_exp_pd(x1);  /* two chains of operations in flight */
+    _mm256_storeu_pd(e, e0);
+    _mm256_storeu_pd(e + 4, e1);
+}
+#endif
+
+/* Each weight is a function of its key alone, wherever it sits in z (equal keys, equal weights:
+ * the ranking by weight keeps their ties), and only those below -708 go through libm. */
 static inline void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e) {
     int i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
-    const __m256d vt = _mm256_set1_pd(temperature), vmax = _mm256_set1_pd(zmax), low = _mm256_set1_pd(-708.0);
-    for (; i + 8 <= n; i += 8) {        /* two vectors at a time: two chains of fused multiply-adds in flight */
-        const __m256d x0 = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + i), vt), vmax);
-        const __m256d x1 = _mm256_sub_pd(_mm256_div_pd(_mm256_loadu_pd(z + i + 4), vt), vmax);
-        if ((_mm256_movemask_pd(_mm256_cmp_pd(x0, low, _CMP_GE_OQ)) &
-             _mm256_movemask_pd(_mm256_cmp_pd(x1, low, _CMP_GE_OQ))) != 15) {
-            for (int j = i; j < i + 8; j++) e[j] = exp(z[j] / temperature - zmax);
-            continue;
-        }
-        const __m256d e0 = edge_exp_pd(x0), e1 = edge_exp_pd(x1);
-        _mm256_storeu_pd(e + i, e0);
-        _mm256_storeu_pd(e + i + 4, e1);
+    for (; i + 8 <= n; i += 8) edge_exp_keys8_f64(z + i, temperature, zmax, e + i);
+    if (i < n) {                        /* the last few, padded with the first of them */
+        double zt[8], et[8];
+        for (int j = 0; j < 8; j++) zt[j] = z[i + (i + j < n ? j : 0)];
+        edge_exp_keys8_f64(zt, temperature, zmax, et);
+        for (int j = 0; i + j < n; j++) e[i + j] = et[j];
     }
-#endif
+#else
     for (; i < n; i++) e[i] = exp(z[i] / temperature - zmax);
+#endif
 }
 
 /* Sampling draws from blocks of EDGE_DRAW_BLOCK weights: a draw finds its block by bisecting the

@@ -223,16 +223,32 @@ def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs
     assert model.cache.n_free == model.cache.n_blocks
 
 
-def test_batched_seeded_samples_are_those_of_each_sequence_alone(model, prompts):
-    ids = list(prompts.values())
-    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=t, seed=s)
-              for t, s in ((0.3, 5), (0.7, 6), (0, None))]
+def test_batched_seeded_samples_are_those_of_each_sequence_alone(model, prompts, monkeypatch):
+    """Batched, the draws of plain sampling (a temperature, no top_k, top_p or penalties) are
+    prepared for all of a pass's rows at once (prepare_draws); the tokens are still each
+    sequence's own, alone and unbatched."""
+    import models.api as api
+    prepared = []
+
+    def counting(rows, temperatures):
+        prepared.append(list(temperatures))
+        return prepare_draws(rows, temperatures)
+
+    prepare_draws = api.prepare_draws
+    monkeypatch.setattr(api, "prepare_draws", counting)
+    ids = list(prompts.values()) + [prompts["summary"]]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=t, seed=s, top_p=p)
+              for t, s, p in ((0.3, 5, 1.0), (0.7, 6, 1.0), (0, None, 1.0), (1.0, 7, 0.9))]
     model.draft_tokens = 0
     alone = [list(model.generate_ids(p, q)) for p, q in zip(ids, params)]
     model.draft_tokens = DRAFT_TOKENS
-    for n in (1, 2, 3):
+    for n in (1, 2, 3, 4):
+        prepared.clear()
         outs, _ = _drive(model, [model.generate_ids(p, q, batched=True) for p, q in zip(ids[:n], params[:n])])
         assert outs == alone[:n]
+        if n >= 2:            # two plain samplers decode together: their rows, and only theirs
+            assert len(prepared) >= 20
+            assert all(set(temps) <= {0.3, 0.7} and len(temps) >= 2 for temps in prepared)
     assert model.cache.n_free == model.cache.n_blocks
 
 

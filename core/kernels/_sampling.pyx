@@ -8,7 +8,8 @@
           candidates: the top_k by (z descending, index ascending) when 0 < top_k < vocab, else all
           e = exp(z - max z) over candidates
           top_p < 1: order candidates by (e descending, index ascending) and keep the shortest head
-                     whose sum reaches top_p * sum(e)
+                     whose sum reaches top_p * sum(e) (sum(e) over all the vocabulary added a block
+                     at a time, as below)
           the token: walk the kept candidates in order, the first whose running sum of e passes
                      u * (sum of the kept e), u uniform in [0, 1) drawn by the caller; where all
                      the vocabulary is kept (no top_k or top_p), the running sum at i is that of
@@ -238,12 +239,9 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
             total += c[i].key
     else:                                       # every candidate, in index order: z becomes e
         zmax = edge_max_f64(z, V)       # (max z) / t = max(z / t) below: rounding is monotonic
+        total = edge_exp_keys_blocks_f64(z, V, temperature, zmax / temperature, z, <double *> best)
         if top_p >= 1.0:    # no nucleus: draw straight from e, a block of it at a time
-            edge_exp_keys_blocks_f64(z, V, temperature, zmax / temperature, z, <double *> best)
             return _draw_from_blocks(z, <double *> best, V, u)
-        edge_exp_keys_f64(z, V, temperature, zmax / temperature, z)
-        for i in range(V):
-            total += z[i]
         n = _rank_head(z, V, top_p * total, c)  # the head of the ranking,
         if n == 0:                              # or all of it for a wide nucleus
             for i in range(V):

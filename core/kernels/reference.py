@@ -242,7 +242,8 @@ def sample_logits(logits, temperature=0.0, top_k=0, top_p=1.0, repetition_penalt
         ids = np.lexsort((ids, -z))[:top_k]               # z descending, then index ascending
     e = np.exp(z[ids] - z[ids].max())
     if top_p < 1.0:
-        total = np.cumsum(e)[-1]                           # sequential, in candidate order, as the kernel adds
+        # in candidate order, as the kernel adds: sequential after top_k, else a block at a time
+        total = np.cumsum(e)[-1] if len(ids) < len(z) else draw_block_sums(e)[-1]
         order = np.lexsort((ids, -e))
         ids, e = ids[order], e[order]
         keep = min(int(np.searchsorted(np.cumsum(e), top_p * total, "left")) + 1, len(e))

@@ -25,7 +25,7 @@ from collections import namedtuple
 from collections.abc import Iterator
 
 from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTaskError, WeightsFormatError
-from core.kernels._sampling import draw, prepare_draws, sample_logits
+from core.kernels._sampling import sample_logits, sample_rows
 from core.kv_cache import KVCache, KVCacheFullError, default_kv_dtype
 from core.wfile import WeightsFile
 from models.lookup import DraftLength, PromptLookup
@@ -108,24 +108,14 @@ class SamplingParams:
             raise InvalidRequestError("stop must be a non-empty string or a list of them")
 
 
-def sample(logits, p: SamplingParams, rng, history: list, generated: list = (), prepared=None) -> int:
+def sample(logits, p: SamplingParams, rng, history: list, generated: list = ()) -> int:
     """Pick the next token from one row of logits (vocab,) float32: see core/kernels/_sampling.pyx.
     rng: anything with .random() (random.Random, numpy's Generator), drawn only when sampling;
     history: prompt and generated ids (repetition penalty); generated: the generated ids alone
-    (frequency and presence penalties); prepared: the row's draw prepared by prepare_draws at
-    p.temperature (see plain_sampling), which gives the same token."""
+    (frequency and presence penalties)."""
     u = rng.random() if p.temperature > 0 else 0.0
-    if prepared is not None:
-        return draw(logits, prepared, u)
     return sample_logits(logits, p.temperature, p.top_k, p.top_p, p.repetition_penalty, p.frequency_penalty,
                          p.presence_penalty, history, generated, u)
-
-
-def plain_sampling(p: SamplingParams, vocab: int) -> bool:
-    """Sampling over the whole vocabulary at a temperature, with no top_k, top_p or penalties: a
-    draw that prepare_draws can prepare with other rows (the HTTP API's default)."""
-    return (p.temperature > 0 and p.top_p >= 1 and not 0 < p.top_k < vocab and p.repetition_penalty == 1
-            and p.frequency_penalty == 0 and p.presence_penalty == 0)
 
 
 class Batch(namedtuple("Batch", "tokens positions seq_ids slots block_tables block_size")):
@@ -196,17 +186,18 @@ class Feed:
     have cut the draft short (rows is lowered then, to 1 at least).  Such a feed's tokens are
     not registered for prefix sharing: its sequence keeps only the drafted tokens it accepts.
 
-    A feed whose rows are drawn from at a temperature with no top_k, top_p or penalties says so
-    (temperature > 0): the pass then prepares its rows' draws with all others' in parallel
-    (draws: one per row of logits; see prepare_draws)."""
+    A feed may hand the pass its sampling (params without penalties, and the rng to draw from):
+    a pass that answers several such feeds of one row each samples their rows together, in
+    parallel (sample_rows), and sets each one's token, drawing its u as `sample` would.  The
+    tokens are those each sequence would sample alone."""
     __slots__ = ("model", "seq", "ids", "done", "logits", "error", "priority", "rows", "checks_draft",
-                 "temperature", "draws")
+                 "sampling", "token")
 
     def __init__(self, model: "DecoderModel", seq, ids: list, priority: int = 0, rows: int | None = None,
-                 temperature: float = 0.0):
+                 sampling: tuple | None = None):
         self.model, self.seq, self.ids, self.priority = model, seq, ids, priority
-        self.temperature = temperature
-        self.draws = None
+        self.sampling = sampling      # (SamplingParams, rng) or None
+        self.token = None             # the token sampled from the last row, when the pass sampled it
         self.done = 0                 # ids already fed
         self.logits = None
         self.error: BaseException | None = None
@@ -420,23 +411,25 @@ class DecoderModel(Model):
                          self.cache.block_size)
         logits = self._step(batch, [r for rows in wanted for r in rows])
         at = 0
-        drawn = []                      # (feed, its rows' logits) to prepare draws for
+        sampled = []                    # feeds of one row whose token the pass samples
         for (f, first, n), rows in zip(plan, wanted):
             if rows:
                 f.logits = logits[at:at + len(rows)] if f.checks_draft else logits[at]
-                if f.temperature > 0:
-                    drawn.append((f, logits[at:at + len(rows)]))
+                if f.sampling is not None and len(rows) == 1:
+                    sampled.append((f, logits[at]))
                 at += len(rows)
             f.done += n
             f.seq.n_tokens += n
             f.seq.tokens += f.ids[first:first + n]
             if not f.checks_draft:
                 self.cache.register(f.seq)
-        if sum(len(rows) for _, rows in drawn) > 1:    # most of each draw, for all rows at once
-            prepared = iter(prepare_draws([r for _, rows in drawn for r in rows],
-                                          [f.temperature for f, rows in drawn for _ in rows]))
-            for f, rows in drawn:
-                f.draws = [next(prepared) for _ in rows]
+        if len(sampled) > 1:
+            params = [f.sampling[0] for f, _ in sampled]
+            us = [rng.random() if p.temperature > 0 else 0.0 for p, rng in (f.sampling for f, _ in sampled)]
+            tokens = sample_rows([row for _, row in sampled], [p.temperature for p in params],
+                                 [p.top_k for p in params], [p.top_p for p in params], us)
+            for (f, _), token in zip(sampled, tokens):
+                f.token = token
 
     @staticmethod
     def _preempt(f: Feed) -> None:
@@ -546,7 +539,10 @@ class DecoderModel(Model):
                     and params.frequency_penalty == 0 and params.presence_penalty == 0)
         lookup = None
         draft_length = DraftLength(DRAFT_TOKENS_START, self.draft_tokens)
-        plain = plain_sampling(params, self.config.vocab_size)      # draws a batched pass can prepare
+        # sampling a batched pass may do for this sequence, with others' (no penalties: they need its history)
+        sampling = None
+        if params.repetition_penalty == 1 and params.frequency_penalty == 0 and params.presence_penalty == 0:
+            sampling = (params, rng)
 
         def forward(ids, draft=()):
             """The logits of the last row of ids, then of each drafted token after them: a list
@@ -554,15 +550,14 @@ class DecoderModel(Model):
             ids = ids + list(draft)
             if not batched:
                 return self._run(seq, ids, all_logits=False, tail=1 + len(draft)), None
-            feed = Feed(self, seq, ids, params.priority, 1 + len(draft) if drafting else None,
-                        params.temperature if plain else 0.0)
+            feed = Feed(self, seq, ids, params.priority, 1 + len(draft) if drafting else None, sampling)
             yield feed
             if feed.error is not None:
                 raise feed.error
-            return (feed.logits if drafting else [feed.logits]), feed.draws
+            return (feed.logits if drafting else [feed.logits]), feed.token
 
         try:
-            rows, draws = yield from forward(prompt_ids[reused:])
+            rows, token = yield from forward(prompt_ids[reused:])
             self.cache.register(seq)
             history = list(prompt_ids)
             draft: list[int] = []
@@ -571,7 +566,10 @@ class DecoderModel(Model):
                 # row i follows the draft's first i tokens: its token counts only while they held
                 for i, row in enumerate(rows):
                     self.accepted_tokens += i > 0        # row i: the draft's token i - 1 was right
-                    tok = sample(row, params, rng, history, history[len(prompt_ids):], draws and draws[i])
+                    if token is not None:           # sampled by the pass (one row: i is 0)
+                        tok = token
+                    else:
+                        tok = sample(row, params, rng, history, history[len(prompt_ids):])
                     yield tok
                     n_out += 1
                     if (tok in self.tokenizer.end_ids and not params.ignore_eos) or n_out == params.max_tokens:
@@ -580,7 +578,7 @@ class DecoderModel(Model):
                     if i == len(draft) or tok != draft[i]:
                         break
                 draft_length.checked(len(rows) - 1, i)        # i of the drafted tokens held
-                rows = row = draws = None   # the rows go back to the native forward's pool before its next call
+                rows = row = None       # the rows go back to the native forward's pool before its next call
                 # the cache keeps the accepted tokens (all of history but its last token): a
                 # rejected draft's rows are overwritten later
                 del seq.tokens[len(history) - 1:]
@@ -598,7 +596,7 @@ class DecoderModel(Model):
                             seq.reserve(len(history) + len(draft))
                         except KVCacheFullError:      # no room for the draft: the token alone
                             draft = []
-                rows, draws = yield from forward([history[-1]], draft)
+                rows, token = yield from forward([history[-1]], draft)
                 self.drafted_tokens += len(rows) - 1        # what the pass checked of the draft
         finally:
             seq.release()

@@ -664,41 +664,37 @@ def test_sample_logits(V, ties, kw, seed):
 @settings(max_examples=40, deadline=None)
 @given(V=st.sampled_from([1, 5, 63, 64, 65, 300, 1500, 49152]), ties=st.sampled_from(["none", "max", "rounded"]),
        spread=st.sampled_from([0.1, 4.0, 2000.0]), seed=seeds)
-def test_prepared_draws_are_sample_logits(V, ties, spread, seed):
-    """prepare_draws for several rows at once (in parallel), then draw: the token of sample_logits
-    and of its twin for the same u, at each row's temperature; a wide spread of logits leaves most
-    weights at zero (exp's underflow path), and u just below 1 can pass every block's sum."""
+def test_sample_rows_is_sample_logits_row_by_row(V, ties, spread, seed):
+    """Many rows sampled at once (in parallel, each with its own parameters and u): the tokens of
+    sample_logits and of its twin; a wide spread of logits leaves most weights at zero (exp's
+    libm path), and u just below 1 can pass every block's sum."""
     rng = np.random.default_rng(seed)
-    rows = [rand(rng, V, scale=spread) for _ in range(5)]
+    rows = [rand(rng, V, scale=spread) for _ in range(9)]
     if ties == "max":
         rows[0][rng.integers(0, V, min(V, 50))] = rows[0].max()
     elif ties == "rounded":
         rows = [np.round(r) for r in rows]
-    temperatures = [0.3, 0.7, 1.0, 1.3, 2.0]
-    prepared = K.prepare_draws(rows, temperatures)
-    assert len(prepared) == len(rows)
-    for row, p, t in zip(rows, prepared, temperatures):
-        for u in [0.0, *rng.random(8), np.nextafter(1.0, 0.0)]:
-            got = K.draw(row, p, float(u))
-            assert got == K.sample_logits(row, temperature=t, u=float(u))
-            assert got == R.sample_logits(row, temperature=t, u=float(u))
+    kws = [dict(temperature=0.0), dict(temperature=0.3), dict(temperature=1.0), dict(temperature=2.0, top_p=0.999),
+           dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_k=3), dict(temperature=0.8, top_k=50, top_p=0.5),
+           dict(temperature=1.3), dict(temperature=1.0, top_p=0.95)]
+    for us in ([0.0] * 9, rng.random(9), [np.nextafter(1.0, 0.0)] * 9, rng.random(9)):
+        got = K.sample_rows(rows, [kw["temperature"] for kw in kws], [kw.get("top_k", 0) for kw in kws],
+                            [kw.get("top_p", 1.0) for kw in kws], [float(u) for u in us])
+        assert got == [K.sample_logits(r, u=float(u), **kw) for r, u, kw in zip(rows, us, kws)]
+        assert got == [R.sample_logits(r, u=float(u), **kw) for r, u, kw in zip(rows, us, kws)]
 
 
-def test_prepared_draws_errors():
+def test_sample_rows_errors():
     rows = [np.zeros(100, np.float32), np.zeros(101, np.float32)]
     with pytest.raises(ValueError, match="one vocabulary"):
-        K.prepare_draws(rows, [1.0, 1.0])
-    with pytest.raises(ValueError, match="temperatures must be > 0"):
-        K.prepare_draws(rows[:1], [0.0])
-    with pytest.raises(ValueError, match="one temperature per row"):
-        K.prepare_draws(rows[:1], [1.0, 1.0])
-    assert K.prepare_draws([], []) == []
-    p = K.prepare_draws(rows[:1], [1.0])[0]
-    with pytest.raises(ValueError, match="not the one prepared"):
-        K.draw(rows[1], p, 0.5)
-    with pytest.raises(ValueError, match="u < 1"):
-        K.draw(rows[0], p, 1.0)
-    assert K.draw(rows[0], p, 0.5) == 50          # equal weights: the middle one
+        K.sample_rows(rows, [1.0, 1.0], [0, 0], [1.0, 1.0], [0.5, 0.5])
+    with pytest.raises(ValueError, match="one temperature, top_k, top_p and u per row"):
+        K.sample_rows(rows[:1], [1.0, 1.0], [0], [1.0], [0.5])
+    for bad in (dict(t=-1.0), dict(k=-1), dict(p=0.0), dict(p=1.5), dict(u=1.0), dict(u=-0.1)):
+        with pytest.raises(ValueError, match="are required"):
+            K.sample_rows(rows[:1], [bad.get("t", 1.0)], [bad.get("k", 0)], [bad.get("p", 1.0)], [bad.get("u", 0.5)])
+    assert K.sample_rows([], [], [], [], []) == []
+    assert K.sample_rows(rows[:1] * 3, [1.0] * 3, [0] * 3, [1.0] * 3, [0.5, 0.0, 0.999]) == [50, 0, 99]
 
 
 @pytest.mark.parametrize("V", [1, 7, 8, 9, 300, 49152])

@@ -224,31 +224,34 @@ def test_batched_drafts_give_each_sequence_its_own_tokens(model, prompts, n_seqs
 
 
 def test_batched_seeded_samples_are_those_of_each_sequence_alone(model, prompts, monkeypatch):
-    """Batched, the draws of plain sampling (a temperature, no top_k, top_p or penalties) are
-    prepared for all of a pass's rows at once (prepare_draws); the tokens are still each
-    sequence's own, alone and unbatched."""
+    """Batched, the rows of sequences that decode a token each (no draft) and have no penalties are
+    sampled together (sample_rows), each with the draw it would have made alone: the tokens are
+    still each sequence's own, alone and unbatched, greedy, at a temperature, with top_p or top_k."""
     import models.api as api
-    prepared = []
+    batches = []
 
-    def counting(rows, temperatures):
-        prepared.append(list(temperatures))
-        return prepare_draws(rows, temperatures)
+    def counting(rows, temperatures, top_ks, top_ps, us):
+        batches.append(list(zip(temperatures, top_ks, top_ps)))
+        return sample_rows(rows, temperatures, top_ks, top_ps, us)
 
-    prepare_draws = api.prepare_draws
-    monkeypatch.setattr(api, "prepare_draws", counting)
-    ids = list(prompts.values()) + [prompts["summary"]]
-    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=t, seed=s, top_p=p)
-              for t, s, p in ((0.3, 5, 1.0), (0.7, 6, 1.0), (0, None, 1.0), (1.0, 7, 0.9))]
+    sample_rows = api.sample_rows
+    monkeypatch.setattr(api, "sample_rows", counting)
+    ids = list(prompts.values()) + [prompts["summary"], prompts["story"]]
+    params = [SamplingParams(max_tokens=40, ignore_eos=True, temperature=t, seed=s, top_p=p, top_k=k,
+                             presence_penalty=pp)
+              for t, s, p, k, pp in ((0.3, 5, 1.0, 0, 0), (0.7, 6, 1.0, 0, 0), (0, None, 1.0, 0, 0),
+                                     (1.0, 7, 0.9, 0, 0), (0.8, 8, 1.0, 40, 0.5))]
     model.draft_tokens = 0
     alone = [list(model.generate_ids(p, q)) for p, q in zip(ids, params)]
     model.draft_tokens = DRAFT_TOKENS
-    for n in (1, 2, 3, 4):
-        prepared.clear()
+    for n in (1, 2, 3, 5):
+        batches.clear()
         outs, _ = _drive(model, [model.generate_ids(p, q, batched=True) for p, q in zip(ids[:n], params[:n])])
         assert outs == alone[:n]
-        if n >= 2:            # two plain samplers decode together: their rows, and only theirs
-            assert len(prepared) >= 20
-            assert all(set(temps) <= {0.3, 0.7} and len(temps) >= 2 for temps in prepared)
+        if n >= 3:            # three or more decode a token each, the last (penalties) alone
+            assert len(batches) >= 30
+            assert all(len(b) >= 2 and (0.8, 40, 1.0) not in b for b in batches)
+            assert any(len(b) == min(n, 4) for b in batches)
     assert model.cache.n_free == model.cache.n_blocks
 
 

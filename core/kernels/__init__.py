@@ -5,7 +5,7 @@ from core.kernels._embedding import embed_f32, embed_q8
 from core.kernels._matmul import matmul_f32, matmul_q8, matmul_q8_shared, matmul_q8_silu_mul, quantize_q8
 from core.kernels._norms import layernorm, rmsnorm
 from core.kernels._rope import rope
-from core.kernels._sampling import draw, prepare_draws, sample_logits
+from core.kernels._sampling import sample_logits, sample_rows
 
 __all__ = [
     "attention_paged", "attention_varlen", "embed_f32", "embed_q8", "gelu_erf", "gelu_tanh",

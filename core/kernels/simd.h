@@ -1467,22 +1467,6 @@ static inline double edge_exp_keys_blocks_f64(const double *z, int n, double tem
     return total;
 }
 
-/* The same from float logits, keeping only the blocks' running sums (a block's weights are made
- * again, the same bits, when a draw lands in it). */
-static inline double edge_exp_logits_blocks_f32(const float *logits, int n, double temperature, double zmax,
-                                                double *sums) {
-    double z[EDGE_DRAW_BLOCK];
-    double total = 0.0;
-    for (int i = 0, b = 0; i < n; i += EDGE_DRAW_BLOCK, b++) {
-        const int m = n - i < EDGE_DRAW_BLOCK ? n - i : EDGE_DRAW_BLOCK;
-        for (int j = 0; j < m; j++) z[j] = logits[i + j];
-        edge_exp_keys_f64(z, m, temperature, zmax, z);
-        total += edge_draw_block_sum_f64(z, m);
-        sums[b] = total;
-    }
-    return total;
-}
-
 /* x[i] = gelu(x[i]) = 0.5 x (1 + erf(x / sqrt 2)), in place.  erfc(z) for z >= 0 is Abramowitz &
  * Stegun 7.1.26, t (a1 + t (a2 + ... a5 t)) exp(-z^2) with t = 1 / (1 + p z), absolute error below
  * 1.5e-7; 1 + erf(-z) is taken as erfc(z) directly, so negative inputs lose nothing to

@@ -65,8 +65,9 @@ def test_cpu_features_come_from_the_first_processor_of_proc_cpuinfo(tmp_path):
     assert KB.cpu_features(str(tmp_path / "missing")) == frozenset()
 
 
-# Run in a new process from the portable tree: which build loaded, from which files, and one int8
-# matmul against the numpy twin (relative to the magnitude of the products).
+# Run in a new process from the portable tree: which build loaded, from which files, one int8
+# matmul against the numpy twin (relative to the magnitude of the products), and sampled tokens
+# against the twin's (each build has its own exp and block sums: libm's and scalar in baseline).
 PROBE = r"""
 import json, sys
 from importlib.machinery import EXTENSION_SUFFIXES
@@ -83,10 +84,19 @@ out, ref = np.empty((37, 45), np.float32), np.empty((37, 45), np.float64)
 K.matmul_q8(out, x, w, w_scale.view(np.uint16))
 R.matmul_q8(ref, x, w, w_scale)
 mag = np.abs(x) @ np.abs(R.dequantize_q8(w_natural, w_scale.astype(np.float32))).T + 1e-6
+rows = [(rng.standard_normal(1000) * 3).astype(np.float32) for _ in range(4)]
+kws = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.7, top_p=0.9), dict(temperature=1.2, top_k=40)]
+mismatches = 0
+for us in (rng.random(4), rng.random(4), [0.0] * 4, [np.nextafter(1.0, 0.0)] * 4):
+    got = K.sample_rows(rows, [k["temperature"] for k in kws], [k.get("top_k", 0) for k in kws],
+                        [k.get("top_p", 1.0) for k in kws], [float(u) for u in us])
+    want = [R.sample_logits(r, u=float(u), **k) for r, u, k in zip(rows, us, kws)]
+    mismatches += sum(a != b for a, b in zip(got, want))
 files = {n: m.__file__ for n, m in list(sys.modules.items())
          if (getattr(m, "__file__", None) or "").endswith(EXTENSION_SUFFIXES[0]) and n.startswith(("core.", "models."))}
 print(json.dumps({"chosen": kernel_builds.chosen, "simd": _omp.simd_name(), "core": core.__file__,
-                  "error": float(np.max(np.abs(out - ref) / mag)), "files": files}))
+                  "error": float(np.max(np.abs(out - ref) / mag)), "sampling_mismatches": mismatches,
+                  "files": files}))
 """
 
 
@@ -130,6 +140,7 @@ def test_a_portable_build_loads_the_best_kernels_this_cpu_runs(portable_tree):
         assert got["simd"] in SIMD[name]
         assert got["core"].startswith(str(portable_tree))
         assert got["error"] <= 2e-5
+        assert got["sampling_mismatches"] == 0
         # every compiled module of the set, and each from the chosen build's directory
         assert len(got["files"]) == len(modules), got["files"]
         where = portable_tree / "core" / KB.DIRECTORY / name if name != "baseline" else portable_tree

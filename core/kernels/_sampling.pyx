@@ -422,8 +422,9 @@ def sample_rows(rows, temperatures, top_ks, top_ps, us):
                     tokens[r] = _choose(V, params[3 * r], ks[r], params[3 * r + 1], params[3 * r + 2], z,
                                         <Cand *> (mine + z_bytes), <Cand *> (mine + z_bytes + c_bytes))
             return [tokens[r] for r in range(n)]
-        finally:
-            if _rows_spare == NULL:
+        finally:                        # the larger of the two is kept for the next call
+            if _rows_spare == NULL or _rows_spare_bytes < nbytes:
+                free(_rows_spare)
                 _rows_spare, _rows_spare_bytes = scratch, nbytes
             else:
                 free(scratch)

@@ -426,8 +426,13 @@ class DecoderModel(Model):
         if len(sampled) > 1:
             params = [f.sampling[0] for f, _ in sampled]
             us = [rng.random() if p.temperature > 0 else 0.0 for p, rng in (f.sampling for f, _ in sampled)]
-            tokens = sample_rows([row for _, row in sampled], [p.temperature for p in params],
-                                 [p.top_k for p in params], [p.top_p for p in params], us)
+            try:
+                tokens = sample_rows([row for _, row in sampled], [p.temperature for p in params],
+                                     [p.top_k for p in params], [p.top_p for p in params], us)
+            except MemoryError as e:    # their draws are spent: these feeds fail (503), the rest go on
+                for f, _ in sampled:
+                    f.error = e
+                return
             for (f, _), token in zip(sampled, tokens):
                 f.token = token
 

@@ -184,6 +184,8 @@ def _drive(model, gens):
             feeds[i] = item
         except StopIteration:
             feeds[i] = False
+        except Exception as e:  # noqa: BLE001 - the generator failed: its output is the error
+            outs[i], feeds[i] = e, False
 
     for i in range(len(gens)):
         advance(i)
@@ -252,6 +254,25 @@ def test_batched_seeded_samples_are_those_of_each_sequence_alone(model, prompts,
             assert len(batches) >= 30
             assert all(len(b) >= 2 and (0.8, 40, 1.0) not in b for b in batches)
             assert any(len(b) == min(n, 4) for b in batches)
+    assert model.cache.n_free == model.cache.n_blocks
+
+
+def test_batched_sampling_without_memory_fails_its_feeds_alone(model, prompts, monkeypatch):
+    """If sample_rows cannot have its scratch, the feeds it was to sample fail with MemoryError
+    (their draws are spent: sampling them again would change their tokens); the others go on."""
+    import models.api as api
+
+    def no_memory(*args):
+        raise MemoryError("sample_rows: no memory (test)")
+
+    monkeypatch.setattr(api, "sample_rows", no_memory)
+    ids = list(prompts.values())
+    params = [SamplingParams(max_tokens=8, ignore_eos=True, temperature=0.7, seed=s, presence_penalty=pp)
+              for s, pp in ((1, 0.0), (2, 0.0), (3, 0.5))]
+    alone = list(model.generate_ids(ids[2], params[2]))
+    outs, _ = _drive(model, [model.generate_ids(p, q, batched=True) for p, q in zip(ids, params)])
+    assert isinstance(outs[0], MemoryError) and isinstance(outs[1], MemoryError)
+    assert outs[2] == alone
     assert model.cache.n_free == model.cache.n_blocks
 
 

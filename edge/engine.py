@@ -36,12 +36,22 @@ class _Job:
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.feed = None              # the Feed the job waits on, if any
+        self.outbox: list | None = None    # the engine's items of this round, when it collects them
 
     def emit(self, kind: int, value=None) -> None:
+        if self.outbox is not None:
+            self.outbox.append((self, (kind, value)))
+            return
         try:
             self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
         except RuntimeError:   # the loop is closed: nobody is listening any more
             self.cancelled = True
+
+
+def _deliver(items: list) -> None:
+    """On the event loop: a round's items, each into its job's queue, in the order emitted."""
+    for job, item in items:
+        job.out.put_nowait(item)
 
 
 class Engine:
@@ -120,6 +130,7 @@ class Engine:
             except queue.Empty:
                 pass
             feeds: dict = {}
+            outbox: list = []
             for _ in range(len(active)):
                 job = active.popleft()
                 if job.cancelled:
@@ -130,10 +141,12 @@ class Engine:
                     feeds.setdefault(job.feed.model, []).append(job.feed)
                     active.append(job)
                     continue
+                job.outbox = outbox
                 if self._advance(job):
                     if job.feed is not None:
                         feeds.setdefault(job.feed.model, []).append(job.feed)
                     active.append(job)
+            self._flush(outbox)
             self.running = sum(len(b) for b in feeds.values())
             for model, batch in feeds.items():
                 try:
@@ -144,6 +157,21 @@ class Engine:
                             f.error = e
                 self.rounds += 1
                 self.batched_rows += len(batch)
+
+    @staticmethod
+    def _flush(outbox: list) -> None:
+        """Hand a round's items to their event loops, one wake-up per loop: waking the loop for
+        each item (call_soon_threadsafe writes to its socket) handed the GIL to it and back
+        every time, 40 us an item with 16 streams."""
+        by_loop: dict = {}
+        for job, item in outbox:
+            by_loop.setdefault(job.loop, []).append((job, item))
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:   # the loop is closed: nobody is listening any more
+                for job, _ in items:
+                    job.cancelled = True
 
     def _advance(self, job: _Job) -> bool:
         """Run job, passing its items on, until it waits on a Feed (True) or ends (False)."""

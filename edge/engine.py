@@ -36,16 +36,10 @@ class _Job:
         self.out: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
         self.feed = None              # the Feed the job waits on, if any
-        self.outbox: list | None = None    # the engine's items of this round, when it collects them
+        self.outbox: list = []        # the items of the round being run (Engine._flush sends them)
 
     def emit(self, kind: int, value=None) -> None:
-        if self.outbox is not None:
-            self.outbox.append((self, (kind, value)))
-            return
-        try:
-            self.loop.call_soon_threadsafe(self.out.put_nowait, (kind, value))
-        except RuntimeError:   # the loop is closed: nobody is listening any more
-            self.cancelled = True
+        self.outbox.append((self, (kind, value)))
 
 
 def _deliver(items: list) -> None:

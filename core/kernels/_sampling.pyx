@@ -1,4 +1,5 @@
-"""Next-token sampling from one row of logits, in C, so that generating needs no numpy.
+"""Next-token sampling from a row of logits (or many rows at once: sample_rows), in C, so that
+generating needs no numpy.
 
     z = logits (fp64)
     z[i] = z[i] / r if z[i] > 0 else z[i] * r      for each distinct i in history   (repetition_penalty r)

@@ -21,12 +21,23 @@ SRC = ROOT / "tests" / "native" / "simd_check.c"
 INCLUDE = f"-I{ROOT / 'core' / 'kernels'}"
 
 
-def build_and_run(tmp_path, cc, flags, runner=()):
+def run_check(tmp_path, cc, flags, runner=()):
+    """Build simd_check and run it: its output's words (the instruction set, "ok", the digest of
+    the elementwise exps' bits)."""
     exe = tmp_path / "simd_check"
     subprocess.run([cc, "-O2", *flags, INCLUDE, str(SRC), "-o", str(exe), "-lm"], check=True)
     r = subprocess.run([*runner, str(exe)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
-    return r.stdout.split()[0]
+    return r.stdout.split()
+
+
+def build_and_run(tmp_path, cc, flags, runner=()):
+    return run_check(tmp_path, cc, flags, runner)[0]
+
+
+def build_and_digest(tmp_path, cc, flags, runner=()):
+    name, _, digest = run_check(tmp_path, cc, flags, runner)[:3]
+    return name, digest
 
 
 @pytest.mark.parametrize("flags,expected", [([], "scalar"), (["-march=native", "-Werror=vla"], None),
@@ -54,3 +65,22 @@ def test_vnni_body_emulated(tmp_path):
 def test_avx512_vnni_body_compiles(tmp_path):
     flags = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx2", "-mfma", "-mf16c", "-Werror=vla"]
     subprocess.run(["gcc", "-O2", *flags, INCLUDE, "-c", str(SRC), "-o", str(tmp_path / "o.o")], check=True)
+
+
+def test_vector_exps_give_the_same_bits_on_x86_64_and_aarch64(tmp_path):
+    """Sampling's weights and the activations' exps (silu, gelu) run the same operations in AVX2 and
+    in NEON, so they give the same bits: a seeded request draws the same tokens on an ARM server as
+    on x86-64.  The scalar build takes libm's exp, whose last bits differ, and so its digest."""
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if not (cc and qemu):
+        pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are needed: run the README's test command")
+    digests = {
+        "native": build_and_digest(tmp_path, "gcc", ["-march=native"]),
+        "avx2": build_and_digest(tmp_path, "gcc", ["-mavx2", "-mfma"]),
+        "neon": build_and_digest(tmp_path, cc, ["-march=armv8-a"], [qemu, "-L", "/usr/aarch64-linux-gnu"]),
+        "scalar": build_and_digest(tmp_path, "gcc", []),
+    }
+    assert digests["neon"][0] == "neon" and digests["scalar"][0] == "scalar"
+    vector = {name: digest for name, (_, digest) in digests.items() if name != "scalar"}
+    assert len(set(vector.values())) == 1, vector
+    assert digests["scalar"][1] not in vector.values()

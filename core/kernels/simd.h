@@ -1089,7 +1089,8 @@ static inline double edge_sumsq_f64(const float *x, int n) { return edge_sumsq_c
  * half: x = exp(x - max), returning the sum and max (n >= 1); a long context's attention keeps
  * those per chunk of keys and combines the chunks later.  The exponential is the classic
  * Cephes range reduction (x = k ln2 + r, |r| <= ln2/2) with a degree-5 polynomial, eight lanes at
- * a time where AVX2 exists (about 1 ulp); plain expf otherwise. */
+ * a time where AVX2 exists and four with aarch64's NEON, the same bits (about 1 ulp); plain expf
+ * otherwise. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __m256 edge_exp_ps(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.3f)), _mm256_set1_ps(88.3f));
@@ -1106,6 +1107,26 @@ static inline __m256 edge_exp_ps(__m256 x) {
     y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
     const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define EDGE_EXP_F32X4 1
+/* edge_exp_ps in NEON, four lanes at a time: the same operations in the same order, so the same
+ * bits (vmaxnm, like maxps, gives the bound for a NaN; vfms(x, k, c) is fnmadd(k, c, x); k is a whole
+ * number, so converting it truncating or rounding is the same). */
+static inline float32x4_t edge_exp_f32x4(float32x4_t x) {
+    x = vminnmq_f32(vmaxnmq_f32(x, vdupq_n_f32(-87.3f)), vdupq_n_f32(88.3f));
+    const float32x4_t k = vrndnq_f32(vmulq_f32(x, vdupq_n_f32(1.44269504088896341f)));
+    float32x4_t r = vfmsq_f32(x, k, vdupq_n_f32(0.693359375f));
+    r = vfmsq_f32(r, k, vdupq_n_f32(-2.12194440e-4f));
+    float32x4_t y = vdupq_n_f32(1.9875691500e-4f);
+    y = vfmaq_f32(vdupq_n_f32(1.3981999507e-3f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(8.3334519073e-3f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(4.1665795894e-2f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(1.6666665459e-1f), y, r);
+    y = vfmaq_f32(vdupq_n_f32(5.0000001201e-1f), y, r);
+    y = vfmaq_f32(vaddq_f32(r, vdupq_n_f32(1.0f)), y, vmulq_f32(r, r));
+    const int32x4_t e = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(k), vdupq_n_s32(127)), 23);
+    return vmulq_f32(y, vreinterpretq_f32_s32(e));
 }
 #endif
 
@@ -1134,6 +1155,21 @@ static inline double edge_exp_shifted_f32(float *x, int n, float *max_out) {
     s4 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
     total = _mm_cvtss_f32(s4);
+#elif defined(EDGE_EXP_F32X4)
+    if (n >= 4) {
+        float32x4_t m4 = vld1q_f32(x);
+        for (i = 4; i + 4 <= n; i += 4) m4 = vmaxq_f32(m4, vld1q_f32(x + i));
+        mx = vmaxvq_f32(m4);
+    }
+    for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
+    const float32x4_t vmax = vdupq_n_f32(mx);
+    float32x4_t acc = vdupq_n_f32(0.0f);
+    for (i = 0; i + 4 <= n; i += 4) {
+        const float32x4_t e = edge_exp_f32x4(vsubq_f32(vld1q_f32(x + i), vmax));
+        vst1q_f32(x + i, e);
+        acc = vaddq_f32(acc, e);
+    }
+    total = vaddvq_f32(acc);
 #else
     for (i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     i = 0;
@@ -1351,7 +1387,8 @@ static inline int edge_indices_at_least_f64(const double *x, int n, double tau, 
  * each with ln2's leading and trailing doubles), exp(r) by its Taylor series to r^13 / 13! (the
  * rest is below 5e-18 of it), times 2^k built in the exponent bits: within an ulp of libm (every
  * x from -700 to 5 in steps of 7e-4).  A lane below -708 (a result near or below the smallest
- * normal double), or not a number, goes through libm's exp. */
+ * normal double), or not a number, goes through libm's exp.  aarch64's NEON runs the same operations
+ * two lanes at a time: the same weights, so a seeded request draws the same tokens there. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) __m256d edge_exp_pd(__m256d x) {     /* x >= -708 */
     const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
@@ -1375,6 +1412,26 @@ static inline __attribute__((always_inline)) __m256d edge_exp_pd(__m256d x) {   
     const __m256i bits = _mm256_slli_epi64(_mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_cvtpd_epi32(k)),
                                                             _mm256_set1_epi64x(1023)), 52);
     return _mm256_mul_pd(y, _mm256_castsi256_pd(bits));
+}
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+/* edge_exp_pd in NEON, two lanes at a time: the same operations in the same order, so the same
+ * weights, and the same draws, as on x86-64 (vfms(x, k, c) is fnmadd(k, c, x)). */
+static inline __attribute__((always_inline)) float64x2_t edge_exp_f64x2(float64x2_t x) {     /* x >= -708 */
+    const float64x2_t k = vrndnq_f64(vmulq_f64(x, vdupq_n_f64(1.4426950408889634)));
+    float64x2_t r = vfmsq_f64(x, k, vdupq_n_f64(0.6931471805599453));
+    r = vfmsq_f64(r, k, vdupq_n_f64(2.3190468138462996e-17));
+#define EDGE_TERMS(a, b) vfmaq_f64(vdupq_n_f64(1.0 / (a)), vdupq_n_f64(1.0 / (b)), r)
+    const float64x2_t r2 = vmulq_f64(r, r), r4 = vmulq_f64(r2, r2), r8 = vmulq_f64(r4, r4);
+    const float64x2_t q01 = EDGE_TERMS(1.0, 2.0), q23 = EDGE_TERMS(6.0, 24.0), q45 = EDGE_TERMS(120.0, 720.0),
+                      q67 = EDGE_TERMS(5040.0, 40320.0), q89 = EDGE_TERMS(362880.0, 3628800.0),
+                      q1011 = EDGE_TERMS(39916800.0, 479001600.0);
+#undef EDGE_TERMS
+    const float64x2_t q0_3 = vfmaq_f64(q01, q23, r2), q4_7 = vfmaq_f64(q45, q67, r2), q8_11 = vfmaq_f64(q89, q1011, r2);
+    const float64x2_t q0_7 = vfmaq_f64(q0_3, q4_7, r4),
+                      q8_12 = vfmaq_f64(q8_11, vdupq_n_f64(1.0 / 6227020800.0), r4);
+    const float64x2_t y = vfmaq_f64(vdupq_n_f64(1.0), vfmaq_f64(q0_7, q8_12, r8), r);
+    const int64x2_t bits = vshlq_n_s64(vaddq_s64(vcvtq_s64_f64(k), vdupq_n_s64(1023)), 52);
+    return vmulq_f64(y, vreinterpretq_f64_s64(bits));
 }
 #endif
 
@@ -1407,13 +1464,40 @@ static inline __attribute__((always_inline)) void edge_exp_keys8_f64(const doubl
     _mm256_storeu_pd(e, e0);
     _mm256_storeu_pd(e + 4, e1);
 }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define EDGE_EXP_KEYS8 1
+/* The same two functions in NEON: four pairs of lanes. */
+static __attribute__((noinline)) void edge_exp_keys8_rare_f64(const double *z, double temperature, double zmax,
+                                                               double *e) {
+    const float64x2_t vt = vdupq_n_f64(temperature), vmax = vdupq_n_f64(zmax), low = vdupq_n_f64(-708.0);
+    double x[8], y[8];
+    for (int j = 0; j < 8; j += 2) vst1q_f64(x + j, vsubq_f64(vdivq_f64(vld1q_f64(z + j), vt), vmax));
+    for (int j = 0; j < 8; j += 2) vst1q_f64(y + j, edge_exp_f64x2(vmaxnmq_f64(vld1q_f64(x + j), low)));
+    for (int j = 0; j < 8; j++) e[j] = x[j] >= -708.0 ? y[j] : exp(x[j]);
+}
+
+static inline __attribute__((always_inline)) void edge_exp_keys8_f64(const double *z, double temperature,
+                                                                      double zmax, double *e) {
+    const float64x2_t vt = vdupq_n_f64(temperature), vmax = vdupq_n_f64(zmax), low = vdupq_n_f64(-708.0);
+    float64x2_t x[4];
+    uint64x2_t in_range = vdupq_n_u64(~(uint64_t)0);
+    for (int j = 0; j < 4; j++) {
+        x[j] = vsubq_f64(vdivq_f64(vld1q_f64(z + 2 * j), vt), vmax);
+        in_range = vandq_u64(in_range, vcgeq_f64(x[j], low));        /* false for a NaN, as _CMP_GE_OQ */
+    }
+    if ((vgetq_lane_u64(in_range, 0) & vgetq_lane_u64(in_range, 1)) != ~(uint64_t)0) {
+        edge_exp_keys8_rare_f64(z, temperature, zmax, e);
+        return;
+    }
+    for (int j = 0; j < 4; j++) vst1q_f64(e + 2 * j, edge_exp_f64x2(x[j]));
+}
 #endif
 
 /* Each weight is a function of its key alone, wherever it sits in z (equal keys, equal weights:
  * the ranking by weight keeps their ties), and only those below -708 go through libm. */
 static inline void edge_exp_keys_f64(const double *z, int n, double temperature, double zmax, double *e) {
     int i = 0;
-#if defined(__AVX2__) && defined(__FMA__)
+#if (defined(__AVX2__) && defined(__FMA__)) || defined(EDGE_EXP_KEYS8)
     for (; i + 8 <= n; i += 8) edge_exp_keys8_f64(z + i, temperature, zmax, e + i);
     if (i < n) {                        /* the last few, padded with the first of them */
         double zt[8], et[8];
@@ -1470,7 +1554,7 @@ static inline double edge_exp_keys_blocks_f64(const double *z, int n, double tem
 /* x[i] = gelu(x[i]) = 0.5 x (1 + erf(x / sqrt 2)), in place.  erfc(z) for z >= 0 is Abramowitz &
  * Stegun 7.1.26, t (a1 + t (a2 + ... a5 t)) exp(-z^2) with t = 1 / (1 + p z), absolute error below
  * 1.5e-7; 1 + erf(-z) is taken as erfc(z) directly, so negative inputs lose nothing to
- * cancellation.  Eight lanes at a time where AVX2 exists; erff otherwise. */
+ * cancellation.  Eight lanes at a time where AVX2 exists, four with NEON (the same bits); erff otherwise. */
 static inline void edge_gelu_erf_f32(float *x, int n) {
     int i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -1490,11 +1574,26 @@ static inline void edge_gelu_erf_f32(float *x, int n) {
         const __m256 one_plus_erf = _mm256_blendv_ps(_mm256_sub_ps(two, erfc), erfc, negative);
         _mm256_storeu_ps(x + i, _mm256_mul_ps(_mm256_mul_ps(half, v), one_plus_erf));
     }
+#elif defined(EDGE_EXP_F32X4)
+    const float32x4_t half = vdupq_n_f32(0.5f), one = vdupq_n_f32(1.0f), two = vdupq_n_f32(2.0f);
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t v = vld1q_f32(x + i);
+        const float32x4_t z = vmulq_f32(vabsq_f32(v), vdupq_n_f32(0.70710678118654752f));
+        const float32x4_t t = vdivq_f32(one, vfmaq_f32(one, vdupq_n_f32(0.3275911f), z));
+        float32x4_t p = vdupq_n_f32(1.061405429f);
+        p = vfmaq_f32(vdupq_n_f32(-1.453152027f), p, t);
+        p = vfmaq_f32(vdupq_n_f32(1.421413741f), p, t);
+        p = vfmaq_f32(vdupq_n_f32(-0.284496736f), p, t);
+        p = vfmaq_f32(vdupq_n_f32(0.254829592f), p, t);
+        const float32x4_t erfc = vmulq_f32(vmulq_f32(p, t), edge_exp_f32x4(vmulq_f32(vnegq_f32(z), z)));
+        const float32x4_t one_plus_erf = vbslq_f32(vcltq_f32(v, vdupq_n_f32(0.0f)), erfc, vsubq_f32(two, erfc));
+        vst1q_f32(x + i, vmulq_f32(vmulq_f32(half, v), one_plus_erf));
+    }
 #endif
     for (; i < n; i++) x[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
 }
 
-/* out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)). */
+/* out[i] = silu(gate[i]) * up[i], silu(g) = g / (1 + exp(-g)); the exp as softmax's (AVX2, NEON). */
 static inline void edge_silu_mul_f32(float *out, const float *gate, const float *up, int n) {
     int i = 0;
 #if defined(__AVX2__) && defined(__FMA__)
@@ -1503,6 +1602,13 @@ static inline void edge_silu_mul_f32(float *out, const float *gate, const float 
         const __m256 g = _mm256_loadu_ps(gate + i);
         const __m256 e = edge_exp_ps(_mm256_sub_ps(_mm256_setzero_ps(), g));
         _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(one, e)), _mm256_loadu_ps(up + i)));
+    }
+#elif defined(EDGE_EXP_F32X4)
+    const float32x4_t one = vdupq_n_f32(1.0f);
+    for (; i + 4 <= n; i += 4) {
+        const float32x4_t g = vld1q_f32(gate + i);
+        const float32x4_t e = edge_exp_f32x4(vsubq_f32(vdupq_n_f32(0.0f), g));
+        vst1q_f32(out + i, vmulq_f32(vdivq_f32(g, vaddq_f32(one, e)), vld1q_f32(up + i)));
     }
 #endif
     for (; i < n; i++) out[i] = gate[i] / (1.0f + expf(-gate[i])) * up[i];

@@ -2,7 +2,8 @@
  *
  * Built and run by tests/test_simd_arch.py for the host and, where a cross compiler and qemu are
  * installed, for aarch64 (NEON with and without the dot-product extension).  Prints the
- * instruction set and "ok", or the first mismatch and exits 1.
+ * instruction set, "ok" and a digest of the elementwise exps' results (check_exps), or the first
+ * mismatch and exits 1.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -99,8 +100,64 @@ static int check_f16(void) {
     return 0;
 }
 
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
+    for (size_t i = 0; i < n; i++) h = (h ^ ((const unsigned char *)p)[i]) * 1099511628211ull;
+    return h;
+}
+
+/* The distance between two doubles in units in the last place (both finite, of one sign). */
+static double ulps(double a, double b) {
+    if (a == b) return 0.0;
+    const double d = fabs(a - b), u = nextafter(fabs(b), INFINITY) - fabs(b);
+    return d / u;
+}
+
+/* Sampling's weights, e = exp(z / T - zmax) in double: within an ulp of libm's exp from -708 up,
+ * libm's own below (and NaN for NaN), a weight a function of its key alone (where it sits in a
+ * row, a partial last eight included).  *digest: the weights' bits, and the elementwise
+ * activations' (silu, gelu), which every vector body (AVX2, NEON) computes in the same operations:
+ * tests/test_simd_arch.py compares the digests of the builds. */
+static int check_exps(uint64_t *digest) {
+    enum { N = 4099 };
+    double *z = malloc(N * sizeof(double)), *e = malloc(N * sizeof(double)), *one = malloc(8 * sizeof(double));
+    const double T = 0.7, zmax = 3.0;
+    for (int i = 0; i < N; i++) z[i] = -560.0 + 0.1391 * i;         /* z / T - zmax from -803 to about 9 */
+    z[17] = NAN;
+    edge_exp_keys_f64(z, N, T, zmax, e);
+    for (int i = 0; i < N; i++) {
+        const double x = z[i] / T - zmax, want = exp(x);
+        if (i == 17 ? !isnan(e[i]) : x < -708.0 ? e[i] != want : !(ulps(e[i], want) <= 1.0)) {
+            printf("exp_keys i=%d x=%.17g: %.17g vs libm %.17g\n", i, x, e[i], want);
+            return 1;
+        }
+        for (int n = 1; n <= 3; n += 2) {                         /* alone, and first of a row of 3 */
+            edge_exp_keys_f64(z + i, i + n <= N ? n : 1, T, zmax, one);
+            if (memcmp(one, e + i, sizeof(double)) != 0) {
+                printf("exp_keys i=%d: %.17g in a row of %d, %.17g in the whole row\n", i, one[0], n, e[i]);
+                return 1;
+            }
+        }
+    }
+    uint64_t h = fnv1a(1469598103934665603ull, e, N * sizeof(double));
+    float *g = malloc(N * sizeof(float)), *up = malloc(N * sizeof(float)), *out = malloc(N * sizeof(float));
+    for (int i = 0; i < N; i++) {
+        g[i] = -95.0f + 0.0453f * (float)i;                        /* past both of exp's clamps */
+        up[i] = 1.0f + 0.001f * (float)i;
+    }
+    edge_silu_mul_f32(out, g, up, N);
+    h = fnv1a(h, out, N * sizeof(float));
+    for (int i = 0; i < N; i++) out[i] = g[i] * 0.2f;
+    edge_gelu_erf_f32(out, N);
+    h = fnv1a(h, out, N * sizeof(float));
+    *digest = h;
+    free(z); free(e); free(one); free(g); free(up); free(out);
+    return 0;
+}
+
 int main(void) {
     if (check_f16()) return 1;
+    uint64_t digest;
+    if (check_exps(&digest)) return 1;
     static const int sizes[] = {1, 3, 16, 31, 32, 33, 63, 64, 65, 96, 127, 160, 224, 225, 384, 448, 480, 576, 736, 1536, 4097};
     for (unsigned i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
         const int K = sizes[i], G = (K + 31) / 32;
@@ -382,6 +439,6 @@ int main(void) {
             }
         free(x); free(y); free(xs); free(ws); free(q); free(w);
     }
-    printf("%s ok\n", edge_simd_name());
+    printf("%s ok %016llx\n", edge_simd_name(), (unsigned long long)digest);
     return 0;
 }

@@ -35,6 +35,7 @@ cdef extern from "simd.h" nogil:
     int edge_argmax_f32(const float *x, int n)
     double edge_max_f64(const double *x, int n)
     int edge_indices_at_least_f64(const double *x, int n, double tau, int32_t *idx)
+    int edge_first_above_f64(const double *x, int i, int n, double tau)
     double edge_exp_keys_blocks_f64(const double *z, int n, double temperature, double zmax, double *e,
                                     double *sums)
     int EDGE_DRAW_BLOCK
@@ -78,18 +79,32 @@ cdef void _sift_down(Cand *heap, int n, int i) noexcept nogil:
         i = child
 
 
-cdef int _top(const Cand *items, int n, int k, Cand *out) noexcept nogil:
-    """The k best of items, best first, into out (k <= n)."""
-    cdef int i, j
-    cdef Cand tmp
+cdef int _top_keys(const double *z, int n, int k, double temperature, Cand *out) noexcept nogil:
+    """The k best of the keys (z[i] / temperature, i) by (key descending, index ascending), best
+    first, into out (k <= n): a min-heap of the best k so far, which a later key enters only by
+    ranking before its root.  The root's index is smaller than every later one, so that takes a
+    strictly larger key, and dividing by the temperature keeps order (a larger z may round to an
+    equal key, never a smaller one): no z at or below the root's can enter.  The scan skips those
+    four at a time (edge_first_above_f64) and divides only the few that can; a NaN never enters,
+    as before a root whose key is NaN."""
+    cdef int i
+    cdef Cand cand
     for i in range(k):
-        out[i] = items[i]
+        out[i].key = z[i] / temperature
+        out[i].id = i
     for i in range(k // 2 - 1, -1, -1):
         _sift_down(out, k, i)
-    for i in range(k, n):
-        if _before(&items[i], &out[0]):
-            out[0] = items[i]
+    i = k
+    while True:
+        i = edge_first_above_f64(z, i, n, z[out[0].id])
+        if i >= n:
+            break
+        cand.key = z[i] / temperature
+        cand.id = i
+        if _before(&cand, &out[0]):
+            out[0] = cand
             _sift_down(out, k, 0)
+        i = i + 1
     qsort(out, k, sizeof(Cand), _by_key_desc)
     return k
 
@@ -222,12 +237,7 @@ cdef int _choose(int V, double temperature, int top_k, double top_p, double u,
     n = V
     total = 0.0
     if 0 < top_k < V:
-        for i in range(V):
-            c[i].key = z[i] / temperature
-            c[i].id = i
-        n = _top(c, V, top_k, best)
-        for i in range(n):
-            c[i] = best[i]
+        n = _top_keys(z, V, top_k, temperature, c)
         zmax = c[0].key
         for i in range(1, n):
             if c[i].key > zmax:

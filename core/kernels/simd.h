@@ -1382,6 +1382,28 @@ static inline int edge_indices_at_least_f64(const double *x, int n, double tau, 
     return m;
 }
 
+/* The first j in [i, n) with x[j] > tau, or n (a NaN is never above): four at a time where AVX2
+ * exists, two with NEON (top_k's scan, which almost every key fails). */
+static inline int edge_first_above_f64(const double *x, int i, int n, double tau) {
+#if defined(__AVX2__)
+    const __m256d t = _mm256_set1_pd(tau);
+    for (; i + 4 <= n; i += 4) {
+        const int hit = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x + i), t, _CMP_GT_OQ));
+        if (hit) return i + __builtin_ctz(hit);
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    const float64x2_t t = vdupq_n_f64(tau);
+    for (; i + 2 <= n; i += 2) {
+        const uint64x2_t hit = vcgtq_f64(vld1q_f64(x + i), t);
+        if (vgetq_lane_u64(hit, 0)) return i;
+        if (vgetq_lane_u64(hit, 1)) return i + 1;
+    }
+#endif
+    for (; i < n; i++)
+        if (x[i] > tau) return i;
+    return n;
+}
+
 /* e[i] = exp(z[i] / temperature - zmax) in double (sampling's weights; e may be z).  Where AVX2
  * exists, four lanes at a time: x = k ln2 + r with |r| <= ln2 / 2 (r from one fused multiply-add
  * each with ln2's leading and trailing doubles), exp(r) by its Taylor series to r^13 / 13! (the

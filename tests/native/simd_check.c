@@ -138,6 +138,19 @@ static int check_exps(uint64_t *digest) {
             }
         }
     }
+    /* top_k's scan: the first key above a threshold from any start (NaNs never above) */
+    for (int i = 0; i < 200; i++) z[i] = (i * 37 % 101) / 25.0 - 2.0;
+    z[5] = z[77] = NAN;
+    for (int from = 0; from <= 200; from++)
+        for (int t = 0; t < 5; t++) {
+            const double tau = t == 4 ? NAN : t - 2.0;
+            int want = from;
+            while (want < 200 && !(z[want] > tau)) want++;
+            if (edge_first_above_f64(z, from, 200, tau) != want) {
+                printf("first_above from %d tau %g: %d vs %d\n", from, tau, edge_first_above_f64(z, from, 200, tau), want);
+                return 1;
+            }
+        }
     uint64_t h = fnv1a(1469598103934665603ull, e, N * sizeof(double));
     float *g = malloc(N * sizeof(float)), *up = malloc(N * sizeof(float)), *out = malloc(N * sizeof(float));
     for (int i = 0; i < N; i++) {

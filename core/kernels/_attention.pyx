@@ -547,7 +547,7 @@ cdef int attention_varlen_rows(float *out, const float *q, const float *k, const
     """attention_varlen on raw rows (spans already checked); 0, or -1 when its scratch cannot be had.
     One task is one head of a run of up to _rows_per_task consecutive rows that see the same keys
     (rows of one sentence): their queries share every K and V row loaded into a register.  Where
-    simd.h has EDGE_ROWS_IN_LANES (AVX2), the run's rows sit in SIMD lanes: its queries transposed,
+    simd.h has EDGE_ROWS_IN_LANES (AVX2, NEON), the run's rows sit in SIMD lanes: its queries transposed,
     scores and softmax a row per lane (edge_attention_probs_lanes), probabilities kept transposed for
     the weighted sum."""
     cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd

@@ -1188,7 +1188,7 @@ static inline void edge_softmax_f32(float *x, int n) {
     for (int i = 0; i < n; i++) x[i] *= inv;
 }
 
-/* Encoder attention with a run's query rows in SIMD lanes (AVX2 with FMA): the rows of a run see
+/* Encoder attention with a run's query rows in SIMD lanes (AVX2 with FMA, aarch64's NEON): the rows of a run see
  * the same keys, so a key's element d, broadcast, multiplies element d of eight rows at once, and a
  * score needs no horizontal sum (edge_scores_queries folds eight partial sums per score, which at
  * an encoder's head_dim of 32 costs as much as the products).  The run's queries are first
@@ -1294,6 +1294,61 @@ static inline void edge_attention_probs_lanes(const float *qt, int RP, const flo
         const __m256 inv = _mm256_div_ps(_mm256_set1_ps(1.0f), sum);
         for (int j = 0; j < n; j++)
             _mm256_storeu_ps(p + (size_t)j * RP + r, _mm256_mul_ps(_mm256_loadu_ps(p + (size_t)j * RP + r), inv));
+    }
+}
+#elif defined(EDGE_EXP_F32X4)
+#define EDGE_ROWS_IN_LANES 1
+#define EDGE_LANE_KEYS 6        /* keys per tile: 6 x 4 sums of 4 rows, 4 query vectors, in NEON's 32 registers */
+
+/* The NEON body: keys j..j+NK-1 against V vectors of 4 rows (from row vector r4), each score the
+ * same chain of fmas over d in order as with AVX2, so the same bits. */
+static inline __attribute__((always_inline)) void
+edge_scores_lanes_neon(const int V, const int NK, const float *qt, int RP, int r4, const float *k, size_t k_stride,
+                       int j, int hd, float32x4_t vscale, float *p) {
+    float32x4_t acc[EDGE_LANE_KEYS][4];
+    for (int c = 0; c < NK; c++)
+        for (int v = 0; v < V; v++) acc[c][v] = vdupq_n_f32(0.0f);
+    const float *kj = k + (size_t)j * k_stride;
+    for (int d = 0; d < hd; d++) {
+        float32x4_t qv[4];
+        for (int v = 0; v < V; v++) qv[v] = vld1q_f32(qt + (size_t)d * RP + 4 * (r4 + v));
+        for (int c = 0; c < NK; c++) {
+            const float32x4_t kv = vld1q_dup_f32(kj + c * k_stride + d);
+            for (int v = 0; v < V; v++) acc[c][v] = vfmaq_f32(acc[c][v], qv[v], kv);
+        }
+    }
+    for (int c = 0; c < NK; c++)
+        for (int v = 0; v < V; v++) vst1q_f32(p + (size_t)(j + c) * RP + 4 * (r4 + v), vmulq_f32(acc[c][v], vscale));
+}
+
+/* edge_attention_probs_lanes (above) in NEON: 16 rows (or the last 8) at a time, then each row's
+ * softmax in its lane, in the AVX2 body's order and with its exp (edge_exp_f32x4). */
+static inline void edge_attention_probs_lanes(const float *qt, int RP, const float *k, size_t k_stride, int n,
+                                              int hd, float scale, float *p) {
+    const float32x4_t vscale = vdupq_n_f32(scale);
+    for (int r4 = 0; r4 < RP / 4; r4 += 4) {
+        int j = 0;
+        if (RP / 4 - r4 >= 4) {
+            for (; j + EDGE_LANE_KEYS <= n; j += EDGE_LANE_KEYS)
+                edge_scores_lanes_neon(4, EDGE_LANE_KEYS, qt, RP, r4, k, k_stride, j, hd, vscale, p);
+            for (; j < n; j++) edge_scores_lanes_neon(4, 1, qt, RP, r4, k, k_stride, j, hd, vscale, p);
+        } else {        /* the last 8 rows (RP is a multiple of 8) */
+            for (; j + EDGE_LANE_KEYS <= n; j += EDGE_LANE_KEYS)
+                edge_scores_lanes_neon(2, EDGE_LANE_KEYS, qt, RP, r4, k, k_stride, j, hd, vscale, p);
+            for (; j < n; j++) edge_scores_lanes_neon(2, 1, qt, RP, r4, k, k_stride, j, hd, vscale, p);
+        }
+    }
+    for (int r = 0; r < RP; r += 4) {
+        float32x4_t mx = vld1q_f32(p + r);
+        for (int j = 1; j < n; j++) mx = vmaxq_f32(mx, vld1q_f32(p + (size_t)j * RP + r));
+        float32x4_t sum = vdupq_n_f32(0.0f);
+        for (int j = 0; j < n; j++) {
+            const float32x4_t e = edge_exp_f32x4(vsubq_f32(vld1q_f32(p + (size_t)j * RP + r), mx));
+            vst1q_f32(p + (size_t)j * RP + r, e);
+            sum = vaddq_f32(sum, e);
+        }
+        const float32x4_t inv = vdivq_f32(vdupq_n_f32(1.0f), sum);
+        for (int j = 0; j < n; j++) vst1q_f32(p + (size_t)j * RP + r, vmulq_f32(vld1q_f32(p + (size_t)j * RP + r), inv));
     }
 }
 #else

@@ -114,9 +114,10 @@ static double ulps(double a, double b) {
 
 /* Sampling's weights, e = exp(z / T - zmax) in double: within an ulp of libm's exp from -708 up,
  * libm's own below (and NaN for NaN), a weight a function of its key alone (where it sits in a
- * row, a partial last eight included).  *digest: the weights' bits, and the elementwise
- * activations' (silu, gelu), which every vector body (AVX2, NEON) computes in the same operations:
- * tests/test_simd_arch.py compares the digests of the builds. */
+ * row, a partial last eight included).  *digest: the bits of the weights, of the elementwise
+ * activations (silu, gelu) and of an encoder run's attention probabilities with its rows in lanes,
+ * which every vector body (AVX2, NEON) computes in the same operations: tests/test_simd_arch.py
+ * compares the digests of the builds. */
 static int check_exps(uint64_t *digest) {
     enum { N = 4099 };
     double *z = malloc(N * sizeof(double)), *e = malloc(N * sizeof(double)), *one = malloc(8 * sizeof(double));
@@ -162,6 +163,17 @@ static int check_exps(uint64_t *digest) {
     for (int i = 0; i < N; i++) out[i] = g[i] * 0.2f;
     edge_gelu_erf_f32(out, N);
     h = fnv1a(h, out, N * sizeof(float));
+    /* an encoder run's probabilities with its rows in lanes: 24 rows (16, then 8), 37 keys */
+    {
+        enum { HD = 32, RP = 24, NK = 37 };
+        float *qt = malloc(HD * RP * sizeof(float)), *keys = malloc(NK * HD * sizeof(float));
+        float *probs = malloc(NK * RP * sizeof(float));
+        for (int i = 0; i < HD * RP; i++) qt[i] = (float)(i * 29 % 97) / 48.0f - 1.0f;
+        for (int i = 0; i < NK * HD; i++) keys[i] = (float)(i * 53 % 89) / 44.0f - 1.0f;
+        edge_attention_probs_lanes(qt, RP, keys, HD, NK, HD, 0.17f, probs);
+        h = fnv1a(h, probs, NK * RP * sizeof(float));
+        free(qt); free(keys); free(probs);
+    }
     *digest = h;
     free(z); free(e); free(one); free(g); free(up); free(out);
     return 0;

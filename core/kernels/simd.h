@@ -312,6 +312,31 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
         }
         s[g] = amax / 127.0f;
     }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    /* a group's 32 values quantized in four quarter-vectors (vcvtn rounds half to even, as lrintf),
+     * then its eight 4-byte chunks put where the layout wants them */
+    const int n_groups = K / EDGE_Q8_GROUP;
+    for (; k0 + EDGE_Q8_GROUP <= K; k0 += EDGE_Q8_GROUP, g++) {
+        float32x4_t v[8];
+        for (int i = 0; i < 8; i++) v[i] = vld1q_f32(x + k0 + 4 * i);
+        float32x4_t m = vabsq_f32(v[0]);
+        for (int i = 1; i < 8; i++) m = vmaxq_f32(m, vabsq_f32(v[i]));
+        const float amax = vmaxvq_f32(m);
+        const float32x4_t inv = vdupq_n_f32(amax > 0.0f ? 127.0f / amax : 0.0f);
+        int16x8_t h[4];
+        for (int i = 0; i < 4; i++)     /* |x * inv| <= 127 up to rounding: the narrowings never clip */
+            h[i] = vcombine_s16(vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[2 * i], inv))),
+                                vqmovn_s32(vcvtnq_s32_f32(vmulq_f32(v[2 * i + 1], inv))));
+        uint32_t chunks[8];
+        vst1q_s8((int8_t *)chunks, vcombine_s8(vqmovn_s16(h[0]), vqmovn_s16(h[1])));
+        vst1q_s8((int8_t *)chunks + 16, vcombine_s8(vqmovn_s16(h[2]), vqmovn_s16(h[3])));
+        int first, S;
+        edge_q8_block_of(g, n_groups, &first, &S);
+        const int per = 8 / S;      /* chunk c to vector c / per, lane (c % per) S + (g - first) */
+        int8_t *dst = q + 32 * first + 4 * (g - first);
+        for (int c = 0; c < 8; c++) memcpy(dst + 32 * (c / per) + 4 * S * (c % per), &chunks[c], 4);
+        s[g] = amax / 127.0f;
+    }
 #endif
     for (; k0 < K; k0 += EDGE_Q8_GROUP, g++) {
         const int k1 = k0 + EDGE_Q8_GROUP < K ? k0 + EDGE_Q8_GROUP : K;

@@ -208,6 +208,21 @@ int main(void) {
             }
         plain_unpack(q, qn, K);
         plain_pack(w, wp, K);
+        for (int g = 0; g * 32 < K; g++) {         /* the plain quantizer's very values and scales */
+            const int k1 = g * 32 + 32 < K ? g * 32 + 32 : K;
+            float amax = 0.0f;
+            for (int k = g * 32; k < k1; k++) amax = fabsf(x[k]) > amax ? fabsf(x[k]) : amax;
+            const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int k = g * 32; k < k1; k++)
+                if (qn[k] != (int8_t)lrintf(x[k] * inv)) {
+                    printf("quantize K=%d k=%d: %d, plainly %ld\n", K, k, qn[k], lrintf(x[k] * inv));
+                    return 1;
+                }
+            if (xs[g] != amax / 127.0f) {
+                printf("quantize K=%d group %d: scale %.9g, plainly %.9g\n", K, g, xs[g], amax / 127.0f);
+                return 1;
+            }
+        }
         for (int k = 0; k < K; k++) {
             if (edge_q8_pack_index(k, K) != plain_pack_index(k, K)) {
                 printf("pack_index K=%d k=%d: %d vs %d\n", K, k, edge_q8_pack_index(k, K), plain_pack_index(k, K));

@@ -816,7 +816,8 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
  * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how queries
  * are grouped. */
 #define EDGE_KV_ROW_MAX 512         /* the longest head edge_scores_f16_queries takes */
-#if defined(__F16C__)
+/* EDGE_F16C: the vector loops widen halves in register (F16C on x86-64, fcvtl on every aarch64) */
+#if defined(__F16C__) || (defined(__ARM_NEON) && defined(__aarch64__))
 #define EDGE_F16C 1
 #else
 #define EDGE_F16C 0
@@ -870,6 +871,38 @@ edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, c
             _mm_storeu_ps(scores + g * scores_stride + j + c,
                           _mm_mul_ps(edge_fold4_ps(acc[g][c], acc[g][c + 1], acc[g][c + 2], acc[g][c + 3]), vscale));
 }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+/* Four K or V values from p + i: floats, or halves widened in register. */
+static inline __attribute__((always_inline)) float32x4_t edge_load4_kv(const void *p, size_t i, const int H16) {
+    if (H16) return vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16((const uint16_t *)p + i)));
+    return vld1q_f32((const float *)p + i);
+}
+
+/* The NEON body of edge_scores_fixed: four running sums per (query, key), folded into four scores
+ * by pairwise adds; a score depends on q_g and k_j alone, as there. */
+static inline __attribute__((always_inline)) void
+edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, const void *k, size_t stride,
+                  int j, int hd, float32x4_t vscale, float *scores, size_t scores_stride, const int H16) {
+    const char *kc[8];
+    for (int c = 0; c < NK; c++) kc[c] = (const char *)k + (size_t)(j + c) * stride * (H16 ? 2 : 4);
+    float32x4_t acc[3][8];
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NK; c++) acc[g][c] = vdupq_n_f32(0.0f);
+    for (int d = 0; d < hd; d += 4) {
+        float32x4_t qv[3];
+        for (int g = 0; g < NQ; g++) qv[g] = vld1q_f32(q + g * q_stride + d);
+        for (int c = 0; c < NK; c++) {
+            const float32x4_t kv = edge_load4_kv(kc[c], d, H16);
+            for (int g = 0; g < NQ; g++) acc[g][c] = vfmaq_f32(acc[g][c], qv[g], kv);
+        }
+    }
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NK; c += 4) {
+            const float32x4_t folded = vpaddq_f32(vpaddq_f32(acc[g][c], acc[g][c + 1]),
+                                                  vpaddq_f32(acc[g][c + 2], acc[g][c + 3]));
+            vst1q_f32(scores + g * scores_stride + j + c, vmulq_f32(folded, vscale));
+        }
+}
 #endif
 
 static inline __attribute__((always_inline)) void
@@ -893,6 +926,27 @@ edge_scores_queries(const float *q, int nq, size_t q_stride, const void *k, size
         if (nq - g == 2)
             for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(2, 4);
         if (nq - g == 1) {          /* one head: eight keys at a time, so that eight sums are in flight */
+            for (j = 0; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(1, 8);
+            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(1, 4);
+        }
+#undef EDGE_SCORES_FIXED
+        j = n - n % 4;
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    if (hd % 4 == 0) {
+        const float32x4_t vscale = vdupq_n_f32(scale);
+        int g = 0;
+#define EDGE_SCORES_FIXED(NQ, NK) \
+        edge_scores_fixed(NQ, NK, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
+                          scores_stride, H16)
+        for (; g + 3 <= nq; g += 3) {
+            j = 0;
+            for (; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(3, 8);     /* 24 sums in 32 registers */
+            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(3, 4);
+        }
+        if (nq - g == 2)
+            for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(2, 4);
+        if (nq - g == 1) {
             for (j = 0; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(1, 8);
             for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(1, 4);
         }
@@ -954,6 +1008,26 @@ edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, c
     for (int g = 0; g < NQ; g++)
         for (int c = 0; c < NC; c++) _mm256_storeu_ps(o + g * o_stride + 8 * c, acc[g][c]);
 }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+/* The NEON body: NQ heads x NC vectors of 4 columns in registers across all n rows. */
+static inline __attribute__((always_inline)) void
+edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, const float *p, size_t p_stride,
+                        size_t p_jstride, const void *v, size_t stride, int n, const int H16) {
+    float32x4_t acc[3][8];          /* NQ x NC <= 24 */
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NC; c++) acc[g][c] = vld1q_f32(o + g * o_stride + 4 * c);
+    for (int j = 0; j < n; j++) {
+        const char *vj = (const char *)v + (size_t)j * stride * (H16 ? 2 : 4);
+        float32x4_t pj[3];
+        for (int g = 0; g < NQ; g++) pj[g] = vdupq_n_f32(p[g * p_stride + j * p_jstride]);
+        for (int c = 0; c < NC; c++) {
+            const float32x4_t vv = edge_load4_kv(vj, 4 * c, H16);
+            for (int g = 0; g < NQ; g++) acc[g][c] = vfmaq_f32(acc[g][c], pj[g], vv);
+        }
+    }
+    for (int g = 0; g < NQ; g++)
+        for (int c = 0; c < NC; c++) vst1q_f32(o + g * o_stride + 4 * c, acc[g][c]);
+}
 #endif
 
 static inline __attribute__((always_inline)) void
@@ -984,6 +1058,21 @@ edge_weighted_sum_queries(float *o, int nq, size_t o_stride, const float *p, siz
             if (d < hd)
                 edge_weighted_sum_fixed(1, 4, o + g * o_stride + d, o_stride, p + g * p_stride, p_stride, p_jstride,
                                         (const char *)v + d * (H16 ? 2 : 4), stride, n, H16);
+        }
+        return;
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    if (hd % 32 == 0) {     /* three heads (or the rest) at a time, 32 columns each */
+        for (int g = 0; g < nq; g += 3) {
+            const int NQ = nq - g >= 3 ? 3 : nq - g;
+            for (int d = 0; d < hd; d += 32) {
+                float *og = o + g * o_stride + d;
+                const float *pg = p + g * p_stride;
+                const void *vd = (const char *)v + d * (H16 ? 2 : 4);
+                if (NQ == 3) edge_weighted_sum_fixed(3, 8, og, o_stride, pg, p_stride, p_jstride, vd, stride, n, H16);
+                else if (NQ == 2) edge_weighted_sum_fixed(2, 8, og, o_stride, pg, p_stride, p_jstride, vd, stride, n, H16);
+                else edge_weighted_sum_fixed(1, 8, og, o_stride, pg, p_stride, p_jstride, vd, stride, n, H16);
+            }
         }
         return;
     }

@@ -374,6 +374,21 @@ int main(void) {
                 return 1;
             }
 #endif
+            /* each query's scores and weighted sum bit for bit the same alone as among three (a
+             * row's results must not depend on the heads or rows it is grouped with) */
+            for (int g = 0; g < 3; g++) {
+                float *one_sc = malloc((size_t)n * sizeof(float)), *one_o = calloc(hd, sizeof(float));
+                float *three_o = calloc(3 * (size_t)hd, sizeof(float));
+                edge_scores_f32_queries(q3 + g * hd, 1, hd, widened, stride, n, hd, 0.125f, one_sc, n);
+                edge_weighted_sum_f32_queries(three_o, 3, hd, sc32, n, widened, stride, n, hd);
+                edge_weighted_sum_f32_queries(one_o, 1, hd, sc32 + (size_t)g * n, n, widened, stride, n, hd);
+                if (memcmp(one_sc, sc32 + (size_t)g * n, (size_t)n * sizeof(float)) ||
+                    memcmp(one_o, three_o + g * hd, hd * sizeof(float))) {
+                    printf("attention hd=%d n=%d: query %d alone differs from the three together\n", hd, n, g);
+                    return 1;
+                }
+                free(one_sc); free(one_o); free(three_o);
+            }
             /* an encoder run's rows in lanes (edge_attention_probs_lanes): the softmax of each row's
              * scores, against doubles, and a row's bits the same alone as in a run of 17 */
             {

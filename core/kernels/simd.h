@@ -1488,7 +1488,8 @@ static inline void edge_attention_probs_lanes(const float *qt, int RP, const flo
 
 /* The first index of the largest of x[0..n) (n >= 1), NaNs skipped (0 when x[0] is one): the
  * scalar loop `if (x[i] > x[best]) best = i`.  Where AVX2 exists, the maximum eight lanes at a
- * time (a NaN lane never replaces the running maximum), then the first lane equal to it. */
+ * time (four with NEON; a NaN lane never replaces the running maximum), then the first lane equal
+ * to it. */
 static inline int edge_argmax_f32(const float *x, int n) {
     if (x[0] != x[0]) return 0;
     int i = 0;
@@ -1500,6 +1501,10 @@ static inline int edge_argmax_f32(const float *x, int n) {
     m4 = _mm_max_ps(_mm_movehl_ps(m4, m4), m4);
     m4 = _mm_max_ss(_mm_movehdup_ps(m4), m4);
     mx = _mm_cvtss_f32(m4);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    float32x4_t m = vdupq_n_f32(x[0]);
+    for (; i + 4 <= n; i += 4) m = vmaxnmq_f32(m, vld1q_f32(x + i));     /* a NaN lane keeps m */
+    mx = vmaxnmvq_f32(m);
 #endif
     for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     i = 0;
@@ -1509,6 +1514,10 @@ static inline int edge_argmax_f32(const float *x, int n) {
         const int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vm, _CMP_EQ_OQ));
         if (hit) return i + __builtin_ctz(hit);
     }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    const float32x4_t vm = vdupq_n_f32(mx);
+    for (; i + 4 <= n; i += 4)
+        if (vmaxvq_u32(vceqq_f32(vld1q_f32(x + i), vm))) break;        /* the first lane equal, below */
 #endif
     for (; i < n; i++)
         if (x[i] == mx) return i;
@@ -1516,7 +1525,7 @@ static inline int edge_argmax_f32(const float *x, int n) {
 }
 
 /* The largest of x[0..n) (n >= 1) as the loop `if (x[i] > m) m = x[i]` from m = x[0] finds it (a
- * NaN never replaces m; NaN if x[0] is one): four lanes at a time where AVX2 exists. */
+ * NaN never replaces m; NaN if x[0] is one): four lanes at a time where AVX2 exists, two with NEON. */
 static inline double edge_max_f64(const double *x, int n) {
     int i = 0;
     double m = x[0];
@@ -1527,6 +1536,12 @@ static inline double edge_max_f64(const double *x, int n) {
         double lanes[4];
         _mm256_storeu_pd(lanes, v);
         for (int l = 0; l < 4; l++) m = lanes[l] > m ? lanes[l] : m;
+    }
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    if (n >= 2 && m == m) {
+        float64x2_t v = vdupq_n_f64(m);
+        for (; i + 2 <= n; i += 2) v = vmaxnmq_f64(v, vld1q_f64(x + i));   /* a NaN lane keeps v */
+        m = vmaxnmvq_f64(v);
     }
 #endif
     for (; i < n; i++) m = x[i] > m ? x[i] : m;

@@ -139,6 +139,33 @@ static int check_exps(uint64_t *digest) {
             }
         }
     }
+    /* greedy's argmax and sampling's max: the scalar loops' answers, NaNs skipped (or returned
+     * from the first place), ties to the first index, from every start */
+    {
+        float f[203];
+        for (int i = 0; i < 203; i++) f[i] = (float)(i * 61 % 103) - 60.0f;
+        f[7] = f[150] = 42.0f;                       /* the largest, twice */
+        f[3] = f[120] = NAN;
+        for (int from = 0; from < 203; from++) {
+            const int len = 203 - from;
+            int best = 0;
+            for (int i = 1; i < len; i++) best = f[from + i] > f[from + best] ? i : best;
+            const int got = edge_argmax_f32(f + from, len);
+            if (got != (f[from] != f[from] ? 0 : best)) {
+                printf("argmax from %d: %d vs %d\n", from, got, best);
+                return 1;
+            }
+            double dv[203], m;
+            for (int i = 0; i < len; i++) dv[i] = f[from + i];
+            m = dv[0];
+            for (int i = 1; i < len; i++) m = dv[i] > m ? dv[i] : m;
+            const double gm = edge_max_f64(dv, len);
+            if (!(gm == m || (gm != gm && m != m))) {
+                printf("max_f64 from %d: %g vs %g\n", from, gm, m);
+                return 1;
+            }
+        }
+    }
     /* top_k's scan: the first key above a threshold from any start (NaNs never above) */
     for (int i = 0; i < 200; i++) z[i] = (i * 37 % 101) / 25.0 - 2.0;
     z[5] = z[77] = NAN;

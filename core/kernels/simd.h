@@ -905,48 +905,46 @@ edge_scores_fixed(const int NQ, const int NK, const float *q, size_t q_stride, c
 }
 #endif
 
+/* The tiles' scale vector and the widest tile of three queries: eight keys where 24 sums fit in the
+ * registers (AVX-512's 32, NEON's 32), four otherwise. */
+#if defined(__AVX2__) && defined(__FMA__)
+#define EDGE_SCORES_TILES 1
+#define EDGE_SCORES_STEP 8          /* head_dim a multiple of this */
+typedef __m128 edge_scale4_t;
+#define edge_scale4(s) _mm_set1_ps(s)
+#if defined(__AVX512VL__)
+#define EDGE_SCORES_WIDE 1
+#else
+#define EDGE_SCORES_WIDE 0
+#endif
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+#define EDGE_SCORES_TILES 1
+#define EDGE_SCORES_STEP 4
+typedef float32x4_t edge_scale4_t;
+#define edge_scale4(s) vdupq_n_f32(s)
+#define EDGE_SCORES_WIDE 1
+#endif
+
 static inline __attribute__((always_inline)) void
 edge_scores_queries(const float *q, int nq, size_t q_stride, const void *k, size_t stride, int n, int hd, float scale,
                     float *scores, size_t scores_stride, const int H16) {
     int j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-    if (hd % 8 == 0 && (!H16 || EDGE_F16C)) {
-        const __m128 vscale = _mm_set1_ps(scale);
+#if defined(EDGE_SCORES_TILES)
+    if (hd % EDGE_SCORES_STEP == 0 && (!H16 || EDGE_F16C)) {
+        const edge_scale4_t vscale = edge_scale4(scale);
         int g = 0;
 #define EDGE_SCORES_FIXED(NQ, NK) \
         edge_scores_fixed(NQ, NK, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
                           scores_stride, H16)
         for (; g + 3 <= nq; g += 3) {
             j = 0;
-#if defined(__AVX512VL__)
-            for (; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(3, 8);     /* 24 sums in 32 registers */
-#endif
+            if (EDGE_SCORES_WIDE)
+                for (; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(3, 8);     /* 24 sums in 32 registers */
             for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(3, 4);
         }
         if (nq - g == 2)
             for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(2, 4);
         if (nq - g == 1) {          /* one head: eight keys at a time, so that eight sums are in flight */
-            for (j = 0; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(1, 8);
-            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(1, 4);
-        }
-#undef EDGE_SCORES_FIXED
-        j = n - n % 4;
-    }
-#elif defined(__ARM_NEON) && defined(__aarch64__)
-    if (hd % 4 == 0) {
-        const float32x4_t vscale = vdupq_n_f32(scale);
-        int g = 0;
-#define EDGE_SCORES_FIXED(NQ, NK) \
-        edge_scores_fixed(NQ, NK, q + g * q_stride, q_stride, k, stride, j, hd, vscale, scores + g * scores_stride, \
-                          scores_stride, H16)
-        for (; g + 3 <= nq; g += 3) {
-            j = 0;
-            for (; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(3, 8);     /* 24 sums in 32 registers */
-            for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(3, 4);
-        }
-        if (nq - g == 2)
-            for (j = 0; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(2, 4);
-        if (nq - g == 1) {
             for (j = 0; j + 8 <= n; j += 8) EDGE_SCORES_FIXED(1, 8);
             for (; j + 4 <= n; j += 4) EDGE_SCORES_FIXED(1, 4);
         }

@@ -68,10 +68,10 @@ def test_avx512_vnni_body_compiles(tmp_path):
 
 
 def test_vector_exps_give_the_same_bits_on_x86_64_and_aarch64(tmp_path):
-    """Sampling's weights, the activations' exps (silu, gelu) and an encoder's attention with rows
-    in lanes run the same operations in AVX2 and in NEON, so they give the same bits: a seeded
-    request draws the same tokens on an ARM server as on x86-64.  The scalar build takes libm's exp,
-    whose last bits differ, and so its digest."""
+    """Sampling's weights, the activations' exps (silu, gelu), softmax and an encoder's attention
+    with rows in lanes run the same operations in AVX2 and in NEON (built by gcc), so they give the
+    same bits: from the same logits, a seeded request draws the same tokens on an ARM server as on
+    x86-64.  The scalar build takes libm's exp, whose last bits differ, and so its digest."""
     cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if not (cc and qemu):
         pytest.fail("aarch64-linux-gnu-gcc and qemu-aarch64 are needed: run the README's test command")

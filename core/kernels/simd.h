@@ -320,8 +320,8 @@ static inline void edge_quantize_row_q8(const float *x, int K, int8_t *q, float 
         float32x4_t v[8];
         for (int i = 0; i < 8; i++) v[i] = vld1q_f32(x + k0 + 4 * i);
         float32x4_t m = vabsq_f32(v[0]);
-        for (int i = 1; i < 8; i++) m = vmaxq_f32(m, vabsq_f32(v[i]));
-        const float amax = vmaxvq_f32(m);
+        for (int i = 1; i < 8; i++) m = vmaxnmq_f32(m, vabsq_f32(v[i]));      /* a NaN skipped, as the loop does */
+        const float amax = vmaxnmvq_f32(m);
         const float32x4_t inv = vdupq_n_f32(amax > 0.0f ? 127.0f / amax : 0.0f);
         int16x8_t h[4];
         for (int i = 0; i < 4; i++)     /* |x * inv| <= 127 up to rounding: the narrowings never clip */
@@ -812,7 +812,8 @@ static inline float edge_dot_f32(const float *a, const float *b, int K) {
  * edge_scores_f32_queries: scores_g[j] = scale * dot(q_g, k_j).  Where AVX2 exists and head_dim is a
  * multiple of 8, keys go four at a time (eight for three queries where AVX-512's 32 registers hold
  * the 24 sums): each (head, key) pair keeps eight running sums, folded into four scores by a
- * transposing hadd tree.  The last n % 4 keys go through edge_dot_f32.  A
+ * transposing hadd tree.  With NEON (head_dim a multiple of 4) the same tiles keep four running
+ * sums per pair, folded by pairwise adds.  The last n % 4 keys go through edge_dot_f32.  A
  * score depends only on q_g, k_j and whether j is among the last n % 4, never on nq or on how queries
  * are grouped. */
 #define EDGE_KV_ROW_MAX 512         /* the longest head edge_scores_f16_queries takes */
@@ -984,8 +985,8 @@ static inline void edge_scores_f32(const float *q, const float *k, size_t stride
 /* edge_weighted_sum_f32_queries: o_g[0..hd) += sum_j p_g[j] * v_j, with o_g = o + g * o_stride and
  * p_g[j] = p[g * p_stride + j] (edge_weighted_sum_queries: p[g * p_stride + j * p_jstride]).  Where
  * AVX2 exists and head_dim is a multiple of 32, the outputs of up to three queries (six with
- * AVX-512VL) over 32 columns stay in registers across all n rows; each element's sum runs over j in
- * order whatever the grouping, so the result does not depend on nq. */
+ * AVX-512VL) over 32 columns stay in registers across all n rows (three queries with NEON); each
+ * element's sum runs over j in order whatever the grouping, so the result does not depend on nq. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) void
 edge_weighted_sum_fixed(const int NQ, const int NC, float *o, size_t o_stride, const float *p, size_t p_stride,
@@ -1268,20 +1269,27 @@ static inline double edge_exp_shifted_f32(float *x, int n, float *max_out) {
     s4 = _mm_add_ss(s4, _mm_movehdup_ps(s4));
     total = _mm_cvtss_f32(s4);
 #elif defined(EDGE_EXP_F32X4)
-    if (n >= 4) {
-        float32x4_t m4 = vld1q_f32(x);
-        for (i = 4; i + 4 <= n; i += 4) m4 = vmaxq_f32(m4, vld1q_f32(x + i));
+    /* the AVX2 body's eight lanes as two quarter-vectors, summed and folded in its order, so that
+     * the same exps give the same total (the same n % 8 go through expf) */
+    if (n >= 8) {
+        float32x4_t m4 = vmaxq_f32(vld1q_f32(x), vld1q_f32(x + 4));
+        for (i = 8; i + 8 <= n; i += 8) m4 = vmaxq_f32(m4, vmaxq_f32(vld1q_f32(x + i), vld1q_f32(x + i + 4)));
         mx = vmaxvq_f32(m4);
     }
     for (; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     const float32x4_t vmax = vdupq_n_f32(mx);
-    float32x4_t acc = vdupq_n_f32(0.0f);
-    for (i = 0; i + 4 <= n; i += 4) {
-        const float32x4_t e = edge_exp_f32x4(vsubq_f32(vld1q_f32(x + i), vmax));
-        vst1q_f32(x + i, e);
-        acc = vaddq_f32(acc, e);
+    float32x4_t lo = vdupq_n_f32(0.0f), hi = vdupq_n_f32(0.0f);
+    for (i = 0; i + 8 <= n; i += 8) {
+        const float32x4_t e0 = edge_exp_f32x4(vsubq_f32(vld1q_f32(x + i), vmax));
+        const float32x4_t e1 = edge_exp_f32x4(vsubq_f32(vld1q_f32(x + i + 4), vmax));
+        vst1q_f32(x + i, e0);
+        vst1q_f32(x + i + 4, e1);
+        lo = vaddq_f32(lo, e0);
+        hi = vaddq_f32(hi, e1);
     }
-    total = vaddvq_f32(acc);
+    const float32x4_t s4 = vaddq_f32(lo, hi);                       /* lanes l + l + 4 */
+    const float32x2_t s2 = vadd_f32(vget_low_f32(s4), vget_high_f32(s4));     /* (0 + 2), (1 + 3) */
+    total = vget_lane_f32(s2, 0) + vget_lane_f32(s2, 1);
 #else
     for (i = 1; i < n; i++) mx = x[i] > mx ? x[i] : mx;
     i = 0;
@@ -1592,7 +1600,8 @@ static inline int edge_first_above_f64(const double *x, int i, int n, double tau
  * rest is below 5e-18 of it), times 2^k built in the exponent bits: within an ulp of libm (every
  * x from -700 to 5 in steps of 7e-4).  A lane below -708 (a result near or below the smallest
  * normal double), or not a number, goes through libm's exp.  aarch64's NEON runs the same operations
- * two lanes at a time: the same weights, so a seeded request draws the same tokens there. */
+ * two lanes at a time: from the same logits, the same weights (built with gcc, which fuses alike on
+ * both), so the same draws. */
 #if defined(__AVX2__) && defined(__FMA__)
 static inline __attribute__((always_inline)) __m256d edge_exp_pd(__m256d x) {     /* x >= -708 */
     const __m256d k = _mm256_round_pd(_mm256_mul_pd(x, _mm256_set1_pd(1.4426950408889634)),
@@ -1780,7 +1789,7 @@ static inline void edge_gelu_erf_f32(float *x, int n) {
     }
 #elif defined(EDGE_EXP_F32X4)
     const float32x4_t half = vdupq_n_f32(0.5f), one = vdupq_n_f32(1.0f), two = vdupq_n_f32(2.0f);
-    for (; i + 4 <= n; i += 4) {
+    for (; i + 4 <= n - n % 8; i += 4) {    /* as many as the AVX2 body takes: the rest through erff */
         const float32x4_t v = vld1q_f32(x + i);
         const float32x4_t z = vmulq_f32(vabsq_f32(v), vdupq_n_f32(0.70710678118654752f));
         const float32x4_t t = vdivq_f32(one, vfmaq_f32(one, vdupq_n_f32(0.3275911f), z));
@@ -1809,7 +1818,7 @@ static inline void edge_silu_mul_f32(float *out, const float *gate, const float 
     }
 #elif defined(EDGE_EXP_F32X4)
     const float32x4_t one = vdupq_n_f32(1.0f);
-    for (; i + 4 <= n; i += 4) {
+    for (; i + 4 <= n - n % 8; i += 4) {    /* as many as the AVX2 body takes: the rest through expf */
         const float32x4_t g = vld1q_f32(gate + i);
         const float32x4_t e = edge_exp_f32x4(vsubq_f32(vdupq_n_f32(0.0f), g));
         vst1q_f32(out + i, vmulq_f32(vdivq_f32(g, vaddq_f32(one, e)), vld1q_f32(up + i)));

@@ -115,11 +115,11 @@ static double ulps(double a, double b) {
 /* Sampling's weights, e = exp(z / T - zmax) in double: within an ulp of libm's exp from -708 up,
  * libm's own below (and NaN for NaN), a weight a function of its key alone (where it sits in a
  * row, a partial last eight included).  *digest: the bits of the weights, of the elementwise
- * activations (silu, gelu) and of an encoder run's attention probabilities with its rows in lanes,
- * which every vector body (AVX2, NEON) computes in the same operations: tests/test_simd_arch.py
- * compares the digests of the builds. */
+ * activations (silu, gelu), of a softmax and of an encoder run's attention probabilities with its
+ * rows in lanes, which every vector body (AVX2, NEON) computes in the same operations (compiled by
+ * gcc): tests/test_simd_arch.py compares the digests of the builds. */
 static int check_exps(uint64_t *digest) {
-    enum { N = 4099 };
+    enum { N = 4101 };             /* N % 8 = 5: a tail longer than NEON's four lanes */
     double *z = malloc(N * sizeof(double)), *e = malloc(N * sizeof(double)), *one = malloc(8 * sizeof(double));
     const double T = 0.7, zmax = 3.0;
     for (int i = 0; i < N; i++) z[i] = -560.0 + 0.1391 * i;         /* z / T - zmax from -803 to about 9 */
@@ -179,17 +179,55 @@ static int check_exps(uint64_t *digest) {
                 return 1;
             }
         }
-    uint64_t h = fnv1a(1469598103934665603ull, e, N * sizeof(double));
+    /* the digest takes the values the vector bodies compute, not libm's (the keys below -708, and
+     * the last n % 8 activations, which every body sends to libm: checked against it here), so
+     * that it does not depend on the C library either */
+    uint64_t h = 1469598103934665603ull;
+    for (int i = 0; i < N; i++)
+        if (z[i] / T - zmax >= -708.0) h = fnv1a(h, e + i, sizeof(double));
     float *g = malloc(N * sizeof(float)), *up = malloc(N * sizeof(float)), *out = malloc(N * sizeof(float));
     for (int i = 0; i < N; i++) {
         g[i] = -95.0f + 0.0453f * (float)i;                        /* past both of exp's clamps */
         up[i] = 1.0f + 0.001f * (float)i;
     }
+    const int whole = N - N % 8;
     edge_silu_mul_f32(out, g, up, N);
-    h = fnv1a(h, out, N * sizeof(float));
+    h = fnv1a(h, out, whole * sizeof(float));
+    for (int i = whole; i < N; i++)
+        if (out[i] != g[i] / (1.0f + expf(-g[i])) * up[i]) {
+            printf("silu_mul's tail %d: %.9g, not expf's\n", i, out[i]);
+            return 1;
+        }
+    {   /* every length's last n % 8 values through libm, as with AVX2, where exp's last bit shows */
+        float a[48], u1[48], r[48];
+        for (int n = 1; n <= 48; n++) {
+            for (int i = 0; i < n; i++) a[i] = -6.0f + 0.2531f * (float)i, u1[i] = 1.0f;
+            edge_silu_mul_f32(r, a, u1, n);
+            for (int i = n - n % 8; i < n; i++)
+                if (r[i] != a[i] / (1.0f + expf(-a[i])) * u1[i]) {
+                    printf("silu_mul n=%d: value %d %.9g, not expf's\n", n, i, r[i]);
+                    return 1;
+                }
+            for (int i = 0; i < n; i++) r[i] = a[i] * 0.5f;
+            edge_gelu_erf_f32(r, n);
+            for (int i = n - n % 8; i < n; i++)
+                if (r[i] != 0.5f * (a[i] * 0.5f) * (1.0f + erff(a[i] * 0.5f * 0.70710678118654752f))) {
+                    printf("gelu n=%d: value %d %.9g, not erff's\n", n, i, r[i]);
+                    return 1;
+                }
+        }
+    }
     for (int i = 0; i < N; i++) out[i] = g[i] * 0.2f;
     edge_gelu_erf_f32(out, N);
-    h = fnv1a(h, out, N * sizeof(float));
+    h = fnv1a(h, out, whole * sizeof(float));
+    for (int i = whole; i < N; i++)
+        if (out[i] != 0.5f * (g[i] * 0.2f) * (1.0f + erff(g[i] * 0.2f * 0.70710678118654752f))) {
+            printf("gelu's tail %d: %.9g, not erff's\n", i, out[i]);
+            return 1;
+        }
+    for (int i = 0; i < whole; i++) out[i] = g[i] * 0.3f;        /* softmax over a multiple of 8 */
+    edge_softmax_f32(out, whole);
+    h = fnv1a(h, out, whole * sizeof(float));
     /* an encoder run's probabilities with its rows in lanes: 24 rows (16, then 8), 37 keys */
     {
         enum { HD = 32, RP = 24, NK = 37 };

@@ -25,8 +25,8 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SOURCE = os.path.join(ROOT, "bench", "native", "arm_kernels.c")
-KERNELS = ["silu_mul", "gelu", "softmax", "quantize", "sampling_exp", "argmax", "scores", "weighted_sum",
-           "encoder_probs"]
+KERNELS = ["silu_mul", "gelu", "softmax", "quantize", "norm_sums", "sampling_exp", "argmax", "scores",
+           "weighted_sum", "encoder_probs"]
 
 
 def build(tree: str, march: str, out: str) -> str:

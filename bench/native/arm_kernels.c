@@ -34,6 +34,8 @@ int main(int argc, char **argv) {
     } else if (!strcmp(which, "quantize")) {        /* a row of 576 activations */
         edge_quantize_row_q8(x, 576, q, scales);
         result = q[7];
+    } else if (!strcmp(which, "norm_sums")) {       /* rmsnorm's sum of squares over a row of 576 */
+        result = (float)edge_sumsq_f64(x, 576);
     } else if (!strcmp(which, "sampling_exp")) {    /* 4096 of sampling's weights */
         edge_exp_keys_f64(z, 4096, 0.7, 3.0, e);
         result = (float)e[9];

@@ -1138,6 +1138,26 @@ static inline double edge_hsum_4x4_pd(__m256d s0, __m256d s1, __m256d s2, __m256
  * rmsnorm's sum of squares; x - 0 is exact, so it is the plain sum of squares).  Four running sums
  * of four lanes where AVX2 exists, four scalar sums otherwise, so that the additions are not one
  * serial chain. */
+#if defined(__ARM_NEON) && defined(__aarch64__)
+/* NEON holds the AVX2 bodies' four vectors of four doubles as pairs, s[2 v] (lanes 0-1) and
+ * s[2 v + 1] (lanes 2-3) of vector v, and folds them in edge_hsum_4x4_pd's order: the same sums. */
+static inline double edge_hsum_4x4_neon(const float64x2_t s[8]) {
+    const float64x2_t lo = vaddq_f64(vaddq_f64(s[0], s[2]), vaddq_f64(s[4], s[6]));
+    const float64x2_t hi = vaddq_f64(vaddq_f64(s[1], s[3]), vaddq_f64(s[5], s[7]));
+    const float64x2_t h = vaddq_f64(lo, hi);
+    return vgetq_lane_f64(h, 0) + vgetq_lane_f64(h, 1);
+}
+
+/* x[i + 2 j], x[i + 2 j + 1] as doubles, j < 8: the sixteen values of one step, minus m */
+static inline void edge_load16_f64(const float *x, float64x2_t m, float64x2_t v[8]) {
+    for (int j = 0; j < 4; j++) {
+        const float32x4_t f = vld1q_f32(x + 4 * j);
+        v[2 * j] = vsubq_f64(vcvt_f64_f32(vget_low_f32(f)), m);
+        v[2 * j + 1] = vsubq_f64(vcvt_high_f64_f32(f), m);
+    }
+}
+#endif
+
 static inline double edge_sum_f64(const float *x, int n) {
     int i = 0;
     double total = 0.0;
@@ -1150,6 +1170,14 @@ static inline double edge_sum_f64(const float *x, int n) {
         s3 = _mm256_add_pd(s3, _mm256_cvtps_pd(_mm_loadu_ps(x + i + 12)));
     }
     total = edge_hsum_4x4_pd(s0, s1, s2, s3);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    float64x2_t s[8], v[8];
+    for (int j = 0; j < 8; j++) s[j] = vdupq_n_f64(0.0);
+    for (; i + 16 <= n; i += 16) {
+        edge_load16_f64(x + i, vdupq_n_f64(0.0), v);        /* x - 0 is x */
+        for (int j = 0; j < 8; j++) s[j] = vaddq_f64(s[j], v[j]);
+    }
+    total = edge_hsum_4x4_neon(s);
 #else
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     for (; i + 4 <= n; i += 4) {
@@ -1181,6 +1209,15 @@ static inline double edge_sumsq_centered_f64(const float *x, int n, double mean)
         s3 = _mm256_fmadd_pd(d, d, s3);
     }
     total = edge_hsum_4x4_pd(s0, s1, s2, s3);
+#elif defined(__ARM_NEON) && defined(__aarch64__)
+    const float64x2_t m = vdupq_n_f64(mean);
+    float64x2_t s[8], v[8];
+    for (int j = 0; j < 8; j++) s[j] = vdupq_n_f64(0.0);
+    for (; i + 16 <= n; i += 16) {
+        edge_load16_f64(x + i, m, v);
+        for (int j = 0; j < 8; j++) s[j] = vfmaq_f64(s[j], v[j], v[j]);
+    }
+    total = edge_hsum_4x4_neon(s);
 #else
     double s0 = 0.0, s1 = 0.0, s2 = 0.0, s3 = 0.0;
     for (; i + 4 <= n; i += 4) {

@@ -115,8 +115,8 @@ static double ulps(double a, double b) {
 /* Sampling's weights, e = exp(z / T - zmax) in double: within an ulp of libm's exp from -708 up,
  * libm's own below (and NaN for NaN), a weight a function of its key alone (where it sits in a
  * row, a partial last eight included).  *digest: the bits of the weights, of the elementwise
- * activations (silu, gelu), of a softmax and of an encoder run's attention probabilities with its
- * rows in lanes, which every vector body (AVX2, NEON) computes in the same operations (compiled by
+ * activations (silu, gelu), of the norms' sums, of a softmax and of an encoder run's attention
+ * probabilities with its rows in lanes, which every vector body (AVX2, NEON) computes in the same operations (compiled by
  * gcc): tests/test_simd_arch.py compares the digests of the builds. */
 static int check_exps(uint64_t *digest) {
     enum { N = 4101 };             /* N % 8 = 5: a tail longer than NEON's four lanes */
@@ -225,6 +225,8 @@ static int check_exps(uint64_t *digest) {
             printf("gelu's tail %d: %.9g, not erff's\n", i, out[i]);
             return 1;
         }
+    const double sums[3] = {edge_sum_f64(g, N), edge_sumsq_f64(up, N), edge_sumsq_centered_f64(g, N, -3.25)};
+    h = fnv1a(h, sums, sizeof sums);                               /* the norms' statistics */
     for (int i = 0; i < whole; i++) out[i] = g[i] * 0.3f;        /* softmax over a multiple of 8 */
     edge_softmax_f32(out, whole);
     h = fnv1a(h, out, whole * sizeof(float));

@@ -36,16 +36,17 @@ $(DATA)/botchan.txt:
 	cp $$(find $(DATA)/sdist -name botchan.txt | head -1) $@
 
 # aarch64: Debian's Python 3.11 and numpy unpacked into a root that qemu runs, and pytest and
-# hypothesis from their aarch64 wheels: tests/test_aarch64.py runs the kernel tests on NEON builds.
+# hypothesis (and tokenizers) from their aarch64 wheels: tests/test_aarch64.py runs the kernel and
+# native-forward tests on NEON builds.
 ARM_DEBS  := libc6 libgcc-s1 libgomp1 libstdc++6 python3.11-minimal libpython3.11-minimal \
              libpython3.11-stdlib libpython3.11-dev python3-numpy libblas3 liblapack3 libgfortran5 \
              libexpat1 zlib1g libffi8 libssl3 libbz2-1.0 liblzma5 libsqlite3-0 libuuid1 libncursesw6 \
              libtinfo6 libreadline8 libdb5.3 libnsl2 libtirpc3 libgssapi-krb5-2 libkrb5-3 libk5crypto3 \
              libkrb5support0 libcom-err2 libkeyutils1
 ARM_WHEELS := pytest==9.2.0 pluggy==1.7.0 iniconfig==2.3.1 packaging==26.3 pygments==2.21.0 \
-              hypothesis==6.170.17 attrs==26.1.0 sortedcontainers==2.4.0
+              hypothesis==6.170.17 attrs==26.1.0 sortedcontainers==2.4.0 tokenizers==0.23.3
 
-$(ARM)/.ready: | $(VENV)/.installed cross
+$(ARM)/.ready: Makefile | $(VENV)/.installed cross
 	dpkg --print-foreign-architectures | grep -qx arm64 || dpkg --add-architecture arm64
 	apt-get update -qq
 	rm -rf $(ARM) && mkdir -p $(ARM)/debs $(ARM)/root $(ARM)/site $(ARM)/wheels

@@ -1,8 +1,10 @@
-"""The kernel tests on aarch64: every kernel module built by the cross compiler from the C that
-setup.py generated (with setup.py's flags, for NEON with and without sdot), then
-tests/test_kernels.py run by Debian's aarch64 Python 3.11 and numpy under qemu, against the same
-numpy twins as here.  tests/test_simd_arch.py checks simd.h's bodies one by one in C; this runs the
-modules themselves (their OpenMP tasks, scratch, argument checks) on the other architecture.
+"""The kernel and native-forward tests on aarch64: every kernel module built by the cross compiler
+from the C that setup.py generated (with setup.py's flags, for NEON with and without sdot), then
+tests/test_kernels.py (against the same numpy twins as here) and tests/test_native.py (the native
+forward pass bit for bit against the Python one, prefill then decode, mixed batches, on random
+weights) run by Debian's aarch64 Python 3.11 and numpy under qemu.  tests/test_simd_arch.py checks
+simd.h's bodies one by one in C; this runs the modules themselves (their OpenMP tasks, scratch,
+argument checks, a whole model) on the other architecture.
 
 The README's test command unpacks that Python into .cache/arm (the Makefile's $(ARM)/.ready).
 """
@@ -46,7 +48,7 @@ def run_python(tree, qemu, *args, timeout):
 
 
 @pytest.mark.parametrize("march,expected", [("armv8-a", "neon"), ("armv8.2-a+dotprod", "neon-dotprod")])
-def test_kernel_tests_pass_on_aarch64(tmp_path, march, expected):
+def test_kernel_and_native_tests_pass_on_aarch64(tmp_path, march, expected):
     cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
     if not (cc and qemu and (ARM / ".ready").exists()):
         pytest.fail("the cross compiler, qemu and an aarch64 Python in .cache/arm are needed: run the README's "
@@ -55,6 +57,7 @@ def test_kernel_tests_pass_on_aarch64(tmp_path, march, expected):
     build_tree(tree, cc, march)
     r = run_python(tree, qemu, "-c", "from core.kernels._omp import simd_name; print(simd_name())", timeout=120)
     assert r.returncode == 0 and r.stdout.split()[-1] == expected, r.stdout + r.stderr
-    r = run_python(tree, qemu, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py", timeout=1200)
+    r = run_python(tree, qemu, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_kernels.py",
+                   "tests/test_native.py", timeout=1200)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]

@@ -12,7 +12,7 @@ from core.kernels.reference import pack_q8_rows, quantize_weights_q8
 from core.wfile import write_weights
 from models import llama
 from models.api import Batch, load_model
-from test_parity_random import byte_level_tokenizer_json
+from byte_level import byte_level_tokenizer_json
 
 VOCAB = 300
 

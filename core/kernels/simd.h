@@ -1148,12 +1148,12 @@ static inline double edge_hsum_4x4_neon(const float64x2_t s[8]) {
     return vgetq_lane_f64(h, 0) + vgetq_lane_f64(h, 1);
 }
 
-/* x[i + 2 j], x[i + 2 j + 1] as doubles, j < 8: the sixteen values of one step, minus m */
-static inline void edge_load16_f64(const float *x, float64x2_t m, float64x2_t v[8]) {
+/* x[2 j], x[2 j + 1] as doubles, j < 8: the sixteen values of one step */
+static inline void edge_load16_f64(const float *x, float64x2_t v[8]) {
     for (int j = 0; j < 4; j++) {
         const float32x4_t f = vld1q_f32(x + 4 * j);
-        v[2 * j] = vsubq_f64(vcvt_f64_f32(vget_low_f32(f)), m);
-        v[2 * j + 1] = vsubq_f64(vcvt_high_f64_f32(f), m);
+        v[2 * j] = vcvt_f64_f32(vget_low_f32(f));
+        v[2 * j + 1] = vcvt_high_f64_f32(f);
     }
 }
 #endif
@@ -1174,7 +1174,7 @@ static inline double edge_sum_f64(const float *x, int n) {
     float64x2_t s[8], v[8];
     for (int j = 0; j < 8; j++) s[j] = vdupq_n_f64(0.0);
     for (; i + 16 <= n; i += 16) {
-        edge_load16_f64(x + i, vdupq_n_f64(0.0), v);        /* x - 0 is x */
+        edge_load16_f64(x + i, v);
         for (int j = 0; j < 8; j++) s[j] = vaddq_f64(s[j], v[j]);
     }
     total = edge_hsum_4x4_neon(s);
@@ -1214,8 +1214,11 @@ static inline double edge_sumsq_centered_f64(const float *x, int n, double mean)
     float64x2_t s[8], v[8];
     for (int j = 0; j < 8; j++) s[j] = vdupq_n_f64(0.0);
     for (; i + 16 <= n; i += 16) {
-        edge_load16_f64(x + i, m, v);
-        for (int j = 0; j < 8; j++) s[j] = vfmaq_f64(s[j], v[j], v[j]);
+        edge_load16_f64(x + i, v);
+        for (int j = 0; j < 8; j++) {
+            const float64x2_t a = vsubq_f64(v[j], m);
+            s[j] = vfmaq_f64(s[j], a, a);
+        }
     }
     total = edge_hsum_4x4_neon(s);
 #else

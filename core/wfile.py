@@ -17,6 +17,16 @@ Layout (all integers little-endian; docs/weights-format.md describes it byte by 
 Everything is validated once, in WeightsFile.open: magic, version, checksum, sizes, and for every
 tensor its dtype, shape, byte count, alignment, bounds and overlap with its neighbours.  After
 that, views are plain slices of the map.  Only this module knows the byte layout.
+
+Pages: a decode step streams every weight once, so how the map is paged matters.  The map asks the
+kernel for transparent huge pages (madvise MADV_HUGEPAGE), and where the filesystem keeps large
+folios in its page cache (ext4 and xfs on recent Linux: 6.18 and ext4 here) a file read in through
+such a map is cached in 2 MiB folios and mapped in 2 MiB pages: every process that maps it then
+streams it with a TLB entry per 2 MiB instead of per 4 KiB (in a virtual machine, each of those
+misses walks two page tables).  The page cache keeps the folios a file came in with, so
+write_weights leaves nothing of a new file there (written back, then dropped): the first map reads
+it in as large folios.  SmolLM2-135M decoding from a file mapped that way against the same file
+cached in 4 KiB pages (Zen 4 VM, alternating in one process, 8 rounds): 1.09-1.19x faster.
 """
 
 from __future__ import annotations
@@ -61,6 +71,33 @@ def _align(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
+def _map(fd: int) -> mmap.mmap:
+    """A read-only map of the whole file that asks for huge pages (see the module's docstring);
+    where the platform has none to give (another OS, a kernel without THP), a plain map."""
+    mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+    try:
+        mm.madvise(mmap.MADV_HUGEPAGE)
+    except (AttributeError, OSError):
+        pass
+    return mm
+
+
+def drop_cached(path: str | os.PathLike) -> None:
+    """Ask the kernel to drop a file's clean pages from its page cache (pages that a process maps
+    stay), so that the next map reads it in afresh, as large folios where it can (see the module's
+    docstring).  Best effort: nothing happens where posix_fadvise is missing or refuses."""
+    try:
+        fd = os.open(os.fspath(path), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass
+    finally:
+        os.close(fd)
+
+
 class TensorInfo(namedtuple("TensorInfo", "name dtype shape offset nbytes")):
     """A tensor's header entry: dtype a key of DTYPES, shape in numpy order (row-major), offset from
     data_offset (a multiple of ALIGN)."""
@@ -93,7 +130,7 @@ class WeightsFile:
             if size < PREAMBLE.size:
                 raise WeightsFormatError(f"{path}: file is {size} bytes, shorter than the "
                                          f"{PREAMBLE.size}-byte preamble (truncated or not a weights file)")
-            mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            mm = _map(fd)
         finally:
             os.close(fd)
         try:
@@ -144,11 +181,15 @@ class WeightsFile:
 
 def file_version(path: str | os.PathLike) -> int | None:
     """The format version in a weights file's preamble, or None when it is not one (cheap: reads
-    64 bytes; nothing else is checked)."""
+    64 bytes, through a map that asks for huge pages, so that it does not bring the file's first
+    pages into the page cache as small folios; nothing else is checked)."""
     try:
         with open(path, "rb") as f:
-            head = f.read(PREAMBLE.size)
-    except OSError:
+            if os.fstat(f.fileno()).st_size < PREAMBLE.size:
+                return None
+            with _map(f.fileno()) as mm:
+                head = mm[:PREAMBLE.size]
+    except (OSError, ValueError):
         return None
     if len(head) < PREAMBLE.size or head[:8] != MAGIC:
         return None
@@ -169,7 +210,7 @@ def file_meta(path: str | os.PathLike) -> dict:
             size = os.fstat(f.fileno()).st_size
             if size < PREAMBLE.size:
                 _fail(path, f"file is {size} bytes, shorter than the {PREAMBLE.size}-byte preamble")
-            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+            with _map(f.fileno()) as mm:
                 return _header(path, mm, size)[1]["meta"]
     except OSError as e:
         raise WeightsFormatError(f"{path}: cannot read weights file: {e.strerror}") from None
@@ -269,5 +310,14 @@ def write_weights(path: str | os.PathLike, meta: dict, tensors: Iterable[tuple[s
             f.write(b"\0" * (data_offset + entry["offset"] - f.tell()))
             f.write(a.reshape(-1).view(np.uint8).data)
         assert f.tell() == file_size
+        # on disk before the rename (a crash leaves the old file or the new one, never a torn
+        # one), then out of the page cache: buffered writes cache a file in small folios, which
+        # would be mapped in 4 KiB pages (see the module's docstring)
+        f.flush()
+        os.fsync(f.fileno())
+        try:
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        except (AttributeError, OSError):
+            pass
     os.replace(tmp, path)
     return file_size

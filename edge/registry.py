@@ -16,7 +16,7 @@ import os
 import sys
 
 from core.errors import ModelNotFoundError, WeightsFormatError
-from core.wfile import FORMAT_VERSION, file_meta, file_version
+from core.wfile import FORMAT_VERSION, drop_cached, file_meta, file_version
 
 DEFAULT_MODELS = {
     "smollm2-135m-instruct": {
@@ -91,6 +91,8 @@ def fetch_default_models(names=None, quant: str = "int8", force: bool = False, p
             if src is None:
                 raise ModelNotFoundError(f"package {DEFAULT_MODELS[n]['package']} is installed but holds no model")
             convert(src, path, quant=quant, progress=progress)
+        else:       # current: out of the page cache, so that the next server maps it in huge pages
+            drop_cached(path)       # (core.wfile: a file cached in small folios is mapped in 4 KiB pages)
         out[n] = path
     return out
 

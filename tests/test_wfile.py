@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -442,6 +443,55 @@ def test_fifo_is_refused_without_blocking(tmp_path):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
+
+
+# --- how the map is paged ------------------------------------------------------------------------
+
+def _pmd_mapped_kb(path) -> int:
+    """kB of this process's maps of `path` that are mapped in 2 MiB pages (/proc/self/smaps)."""
+    total, ours = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            ours = line.endswith(str(path))
+        elif ours and line.startswith("FilePmdMapped:"):
+            total += int(line.split()[1])
+    return total
+
+
+def _large_folios_here(tmp_path) -> bool:
+    """Whether this kernel and filesystem cache a file read through a MADV_HUGEPAGE map in 2 MiB
+    folios, mapped in 2 MiB pages: a file written in 64 KiB pieces, written back and dropped from
+    the page cache, then read through such a map."""
+    if sys.platform != "linux" or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    probe = tmp_path / "probe"
+    with open(probe, "wb") as f:
+        for _ in range(96):
+            f.write(os.urandom(1 << 16))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+    with open(probe, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:
+            return False
+        sum(mm[i] for i in range(0, len(mm), 4096))
+        return _pmd_mapped_kb(probe) > 0
+
+
+def test_a_written_file_is_mapped_in_huge_pages(tmp_path):
+    """write_weights leaves nothing of a new file in the page cache (where buffered writes of its
+    tensors would have cached it in small folios) and WeightsFile.open asks for huge pages, so the
+    file is read in as 2 MiB folios and mapped in 2 MiB pages: what a decode step streams."""
+    if not _large_folios_here(tmp_path):
+        pytest.skip("this kernel or filesystem caches files in no 2 MiB folios")
+    path = tmp_path / "w.edge"
+    rng = np.random.default_rng(0)
+    write_weights(path, {}, [(f"t{i}", rng.integers(-127, 128, 300_000, dtype=np.int8)) for i in range(24)])
+    view = WeightsFile.open(path).mapped()
+    assert sum(view[i] for i in range(0, len(view), 4096)) >= 0       # every page read once
+    assert _pmd_mapped_kb(path) >= 4096        # at least two of its three whole 2 MiB stretches
 
 
 # --- through the command line --------------------------------------------------------------------

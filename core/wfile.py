@@ -21,16 +21,17 @@ that, views are plain slices of the map.  Only this module knows the byte layout
 Pages: a decode step streams every weight once, so how the map is paged matters.  The map asks the
 kernel for transparent huge pages (madvise MADV_HUGEPAGE), and where the filesystem keeps large
 folios in its page cache (ext4 and xfs on recent Linux: 6.18 and ext4 here) a file read in through
-such a map is cached in 2 MiB folios and mapped in 2 MiB pages: every process that maps it then
-streams it with a TLB entry per 2 MiB instead of per 4 KiB (in a virtual machine, each of those
-misses walks two page tables).  The page cache keeps the folios a file came in with, so
-write_weights leaves nothing of a new file there (written back, then dropped): the first map reads
-it in as large folios.  SmolLM2-135M decoding from a file mapped that way against the same file
+such a map is cached in 2 MiB folios and mapped in 2 MiB pages (x86-64, or aarch64 with 4 KiB
+pages; Linux places such a map 2 MiB-aligned): a process that maps it then streams it with a TLB
+entry per 2 MiB instead of per 4 KiB (in a virtual machine each of those misses walks two page
+tables).  The page cache keeps the folios a file came in with, so write_weights leaves nothing of a
+new file there (written back, then dropped): the first map reads it in as large folios.  SmolLM2-135M decoding from a file mapped that way against the same file
 cached in 4 KiB pages (Zen 4 VM, alternating in one process, 8 rounds): 1.09-1.19x faster.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mmap
 import os
@@ -181,8 +182,8 @@ class WeightsFile:
 
 def file_version(path: str | os.PathLike) -> int | None:
     """The format version in a weights file's preamble, or None when it is not one (cheap: reads
-    64 bytes, through a map that asks for huge pages, so that it does not bring the file's first
-    pages into the page cache as small folios; nothing else is checked)."""
+    its first 64 bytes, through a map that asks for huge pages, so that a file not yet cached comes
+    in as 2 MiB folios, its first 2-4 MiB read ahead; nothing else is checked)."""
     try:
         with open(path, "rb") as f:
             if os.fstat(f.fileno()).st_size < PREAMBLE.size:
@@ -302,22 +303,41 @@ def write_weights(path: str | os.PathLike, meta: dict, tensors: Iterable[tuple[s
     last = table[-1]["offset"] + table[-1]["nbytes"] if table else 0
     file_size = data_offset + last
     tmp = path + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, zlib.crc32(header), len(header), data_offset, file_size))
-        f.write(header)
-        f.write(b"\0" * (data_offset - f.tell()))
-        for entry, (_, a) in zip(table, items):
-            f.write(b"\0" * (data_offset + entry["offset"] - f.tell()))
-            f.write(a.reshape(-1).view(np.uint8).data)
-        assert f.tell() == file_size
-        # on disk before the rename (a crash leaves the old file or the new one, never a torn
-        # one), then out of the page cache: buffered writes cache a file in small folios, which
-        # would be mapped in 4 KiB pages (see the module's docstring)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(tmp, "wb") as f:
+            f.write(PREAMBLE.pack(MAGIC, FORMAT_VERSION, zlib.crc32(header), len(header), data_offset, file_size))
+            f.write(header)
+            f.write(b"\0" * (data_offset - f.tell()))
+            for entry, (_, a) in zip(table, items):
+                f.write(b"\0" * (data_offset + entry["offset"] - f.tell()))
+                f.write(a.reshape(-1).view(np.uint8).data)
+            assert f.tell() == file_size
+            f.flush()
+            _write_back_and_drop(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
         try:
-            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        except (AttributeError, OSError):
+            os.unlink(tmp)
+        except OSError:
             pass
-    os.replace(tmp, path)
+        raise
     return file_size
+
+
+def _write_back_and_drop(fd: int) -> None:
+    """A new file written back before its rename (so that after a crash PATH holds the old file or
+    the new one, never a torn one; the rename itself is not synced, so it may be the old one), then
+    dropped from the page cache: written in pieces smaller than 2 MiB, or not 2 MiB-aligned, it is
+    cached in smaller folios, which would be mapped in 4 KiB pages (see the module's docstring).  A
+    filesystem that cannot sync (some FUSE and network mounts) is let be; a failed write-back
+    (EIO) is an error."""
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS):
+            raise
+        return
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    except (AttributeError, OSError):
+        pass

@@ -91,8 +91,8 @@ def fetch_default_models(names=None, quant: str = "int8", force: bool = False, p
             if src is None:
                 raise ModelNotFoundError(f"package {DEFAULT_MODELS[n]['package']} is installed but holds no model")
             convert(src, path, quant=quant, progress=progress)
-        else:       # current: out of the page cache, so that the next server maps it in huge pages
-            drop_cached(path)       # (core.wfile: a file cached in small folios is mapped in 4 KiB pages)
+        else:   # current: dropped from the page cache (pages a running process maps stay), so that the
+            drop_cached(path)   # next load reads it afresh, in 2 MiB folios where it can (core.wfile)
         out[n] = path
     return out
 

@@ -175,6 +175,9 @@ def main(argv=None) -> int:
     print(f"other processes' CPU: {lc['other_cpu_pct']}% (llama.cpp run), {pe['other_cpu_pct']}% (peers run)")
     print(f"read bandwidth {e['read_gbs']:.1f} GB/s right before each decode run (medians; {bw:.1f} GB/s over "
           f"1 GiB at the start); {per_token / mb:.1f} MB read per token -> decode bound {bound:.0f} tok/s")
+    if "weights_2mib_share" in e:
+        print(f"edge's weights map read through 2 MiB pages: {100 * e['weights_2mib_share']:.0f}% of its resident "
+              f"pages (core/wfile.py)")
     print(f"peak RSS while decoding (edge bench): {e['peak_rss_mb']:.0f} MB; budget = weights file "
           f"{file_size / mb:.0f} MB + KV cache {kv_bytes / mb:.0f} MB (512-token prefill) + 60 MB")
     print()

@@ -354,7 +354,7 @@ def main(argv=None) -> int:
         "model": MODEL, "edge_quant": ours.get("quant"), "edge_simd": ours.get("simd"),
         "llama_cpp_gguf": gguf, "llama_cpp_version": theirs["version"],
         "llama_cpp_system_info": theirs["system_info"],
-        "edge": {k: ours[k] for k in keys + ["read_gbs", "decode_vs_bound"]},
+        "edge": {k: ours[k] for k in keys + ["read_gbs", "decode_vs_bound", "weights_2mib_share"] if k in ours},
         "llama_cpp": {k: theirs[k] for k in keys},
         "advantage": {k: advantage(k, ours[k], theirs[k]) for k in keys},
     }

@@ -99,6 +99,29 @@ def drop_cached(path: str | os.PathLike) -> None:
         os.close(fd)
 
 
+def mapped_pages(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(resident kB, kB mapped in 2 MiB pages) of this process's maps of a file, from
+    /proc/self/smaps (Linux): how much of a weights file a decode step streams through 2 MiB pages
+    (see the module's docstring).  None where smaps cannot be read."""
+    target = os.path.realpath(os.fspath(path))
+    try:
+        with open("/proc/self/smaps") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    rss = pmd = 0
+    ours = False
+    for line in lines:
+        head, _, rest = line.partition(" ")
+        if "-" in head and ":" not in head:         # a map's first line: range perms offset dev inode path
+            ours = rest.endswith(" " + target)
+        elif ours and head == "Rss:":
+            rss += int(rest.split()[0])
+        elif ours and head == "FilePmdMapped:":
+            pmd += int(rest.split()[0])
+    return rss, pmd
+
+
 class TensorInfo(namedtuple("TensorInfo", "name dtype shape offset nbytes")):
     """A tensor's header entry: dtype a key of DTYPES, shape in numpy order (row-major), offset from
     data_offset (a multiple of ALIGN)."""

@@ -26,7 +26,7 @@ from hypothesis.extra import numpy as hnp
 from core.errors import WeightsFormatError
 from core.kernels.reference import quantize_weights_q8
 from core.wfile import (ALIGN, DTYPES, FORMAT_VERSION, MAGIC, PREAMBLE, WeightsFile, drop_cached, file_meta,
-                        file_version, write_weights)
+                        file_version, mapped_pages, write_weights)
 
 ROOT = Path(__file__).resolve().parents[1]
 DELETE = object()  # a field value meaning "remove the key"
@@ -529,6 +529,19 @@ def test_a_failed_write_back_leaves_no_file(tmp_path, monkeypatch, err):
         write_weights(path, {}, [("x", np.arange(3, dtype=np.float32))])
         assert WeightsFile.open(path).tensor("x").tolist() == [0.0, 1.0, 2.0]
     assert not (tmp_path / "w.edge.tmp").exists()
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="no /proc/self/smaps here")
+def test_mapped_pages_counts_this_process_maps_of_a_file(tmp_path):
+    """core.wfile.mapped_pages (what `edge bench` reports as weights_2mib_share) against this file's
+    own reading of smaps: every page of a read map resident, the 2 MiB ones the same."""
+    path = tmp_path / "w.edge"
+    write_weights(path, {}, [("x", np.ones(3_000_000, np.int8))])
+    assert mapped_pages(path) == (0, 0)                 # not mapped yet
+    view = WeightsFile.open(path).mapped()
+    _read_every_page(view)
+    rss, pmd = mapped_pages(path)
+    assert rss >= len(view) // 1024 - 4 and pmd == _pmd_mapped_kb(path)
 
 
 def test_drop_cached_takes_any_path(tmp_path, model_file):

@@ -25,8 +25,9 @@ such a map is cached in 2 MiB folios and mapped in 2 MiB pages (x86-64, or aarch
 pages; Linux places such a map 2 MiB-aligned): a process that maps it then streams it with a TLB
 entry per 2 MiB instead of per 4 KiB (in a virtual machine each of those misses walks two page
 tables).  The page cache keeps the folios a file came in with, so write_weights leaves nothing of a
-new file there (written back, then dropped): the first map reads it in as large folios.  SmolLM2-135M decoding from a file mapped that way against the same file
-cached in 4 KiB pages (Zen 4 VM, alternating in one process, 8 rounds): 1.09-1.19x faster.
+new file there (written back, then dropped): the first map reads it in as large folios.
+SmolLM2-135M decoding from a file mapped that way against the same file cached in 4 KiB pages (Zen 4
+VM, alternating in one process, 8 rounds): 1.09-1.19x faster.
 """
 
 from __future__ import annotations

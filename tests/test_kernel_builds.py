@@ -149,6 +149,34 @@ def test_a_portable_build_loads_the_best_kernels_this_cpu_runs(portable_tree):
             assert name != "baseline" or os.sep + KB.DIRECTORY + os.sep not in path, (module, path)
 
 
+# Run in a new process from the portable tree: this repository's kernel tests (every kernel against
+# its numpy twin) on the build EDGE_KERNELS names, having checked that `core` is the tree's.
+KERNEL_TESTS = r"""
+import sys
+import core, pytest
+from core import kernel_builds
+assert core.__file__.startswith(sys.argv[1]), core.__file__
+assert kernel_builds.chosen == sys.argv[2], kernel_builds.chosen
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", sys.argv[3]]))
+"""
+
+
+def test_every_build_of_a_portable_tree_this_cpu_runs_passes_the_kernel_tests(portable_tree):
+    """The portable build's kernels (the wheel's, the Lambda package's) are the ones users on other
+    CPUs run: each build this CPU can load, the baseline included, passes tests/test_kernels.py as
+    the host-tuned build does."""
+    features = KB.cpu_features()
+    builds = sorted(n for n, (arch, _, needs) in KB.BUILDS.items()
+                    if arch == KB.machine() and all(f in features for f in needs))
+    for wanted in ["baseline", *builds]:
+        env = dict(os.environ, EDGE_KERNELS=wanted, PYTHONPATH=str(portable_tree), OPENBLAS_NUM_THREADS="1")
+        r = subprocess.run([sys.executable, "-c", KERNEL_TESTS, str(portable_tree), wanted,
+                            str(ROOT / "tests" / "test_kernels.py")],
+                           cwd=portable_tree, env=env, capture_output=True, text=True, timeout=900)
+        assert r.returncode == 0, (wanted, r.stdout[-3000:] + r.stderr[-3000:])
+        assert " passed" in r.stdout and "failed" not in r.stdout, (wanted, r.stdout[-2000:])
+
+
 def test_a_host_tuned_rebuild_of_a_portable_tree_replaces_its_modules(portable_tree):
     """build_ext rebuilds a module only when a source is newer than it: without setup.py's record
     of the last build's flags, a host-tuned build after a portable one kept the portable modules

@@ -11,22 +11,36 @@ return to Python between layers.
 A decode step makes about 360 kernel calls; from Python each costs a few microseconds of argument
 checking and buffer acquisition, a fifth of the step at 135M parameters.  Here the batch is checked
 once, then everything runs without the GIL.  int8 projections that read the same input (q, k, v;
-gate, up) share one quantization of it and one parallel region.  The Python forward is the twin:
-tests/test_native.py checks that the two agree bit for bit.
+gate, up) share one quantization of it and one parallel region.  A decode step (up to
+TEAM_ROWS_MAX rows) runs in a single parallel region instead, its threads meeting at barriers
+(LlamaNative._forward_team).  The Python forward is the twin: tests/test_native.py checks that the
+two agree bit for bit.
 """
 from cpython cimport array
+from cython.parallel cimport parallel
 from libc.stdint cimport int8_t, int32_t, uint16_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
 
 from core.kernels._activations cimport silu_mul_rows
-from core.kernels._attention cimport attention_paged_rows, check_paged_rows, kv_write_rows
+from core.kernels._attention cimport (PagedPlan, attention_paged_rows, attention_paged_team, check_paged_rows,
+                                     kv_write_rows, paged_free, paged_plan, paged_plan_reset)
 from core.kernels._embedding cimport embed_f32_rows, embed_q8_rows
-from core.kernels._matmul cimport MAX_SHARED, _matmul_f32, _matmul_q8, _matmul_q8_shared, _matmul_q8_silu_mul
+from core.kernels._matmul cimport (MAX_SHARED, TEAM_ROWS_MAX, _matmul_f32, _matmul_q8, _matmul_q8_shared,
+                                  _matmul_q8_silu_mul, _matmul_q8_team, _q8_row_bytes, _quantize_rows_q8)
 from core.kernels._norms cimport rmsnorm_rows
 from core.kernels._rope cimport ROPE_MAX_DIM, rope_angles, rope_qk_rows_at
 
 import array
+
+cdef extern from "parallel.h" nogil:
+    void edge_barrier()
+    int edge_team_size()
+    int edge_team_max()
+    int edge_thread_id()
+    size_t edge_lines(size_t n)
+    void *edge_scratch(size_t nbytes)
+    void edge_scratch_fail_after(int n)
 
 cdef extern from *:
     """
@@ -51,7 +65,7 @@ cdef struct Proj:                 # one linear layer: int8 (w, scale) or fp32 (w
 cdef struct Layer:
     const float *attn_norm
     const float *ffn_norm
-    Proj q, k, v, o, gate, up, down
+    Proj q, k, v, o, gate, up, down  # in this order: &q is the array q, k, v and &gate gate, up
     void *k_cache               # this layer's K and V slots, float16 or float32 (LlamaNative.kv_f16)
     void *v_cache
 
@@ -116,6 +130,37 @@ cdef int _project(int n, Proj *projs, float **outs, const float *x, int T, int K
     return 0
 
 
+cdef void _team_project(int n, Proj *projs, float *out0, float *out1, float *out2, const int8_t *q, const float *xs,
+                        int T, int K, int tid, int nthr) noexcept nogil:
+    """This thread's share of n int8 projections of one quantized input (q, k, v; gate, up) in a
+    forward pass run in one parallel region (_matmul_q8_team)."""
+    cdef const int8_t *w[3]
+    cdef const uint16_t *scales[3]
+    cdef const float *biases[3]
+    cdef int Ns[3]
+    cdef float *outs[3]
+    cdef int i
+    outs[0], outs[1], outs[2] = out0, out1, out2
+    for i in range(n):
+        w[i], scales[i], biases[i], Ns[i] = projs[i].w, projs[i].scale, projs[i].bias, projs[i].n_out
+    _matmul_q8_team(n, outs, w, scales, biases, Ns, q, xs, T, K, tid, nthr)
+
+
+def _fail_scratch_after(int n):
+    """Tests: make the n-th scratch allocation of this module from now on fail (0: none)."""
+    edge_scratch_fail_after(n)
+
+
+cdef bint team_forward_on = True
+
+
+def _set_team_forward(int on):
+    """Benchmark and test knob: a decode step (up to TEAM_ROWS_MAX rows, int8 layers) runs in one
+    parallel region (1, default) or with a region per kernel call (0); the same bits either way."""
+    global team_forward_on
+    team_forward_on = on
+
+
 cdef bint fused_silu_on = True
 
 
@@ -164,6 +209,7 @@ cdef class LlamaNative:
     cdef int block_size, n_blocks, T
     cdef double rope_base
     cdef bint neox, kv_f16           # kv_f16: the KV cache holds float16 (else float32)
+    cdef bint int8_layers            # every projection of every layer int8 (_forward_team)
     cdef float eps, attn_scale
     cdef const int8_t *embd_q
     cdef const uint16_t *embd_scale
@@ -246,6 +292,7 @@ cdef class LlamaNative:
         if self.layers == NULL:
             raise MemoryError()
         cdef Layer *L
+        self.int8_layers = True
         for l in range(self.n_layers):
             L = &self.layers[l]
             p = f"blk.{l}"
@@ -260,6 +307,7 @@ cdef class LlamaNative:
             L.v_cache = v_cache + <size_t> l * layer_bytes
             if L.q.w != NULL and not (L.k.w != NULL and L.v.w != NULL and L.gate.w != NULL and L.up.w != NULL):
                 raise ValueError("native forward: a layer mixes int8 and fp32 projections")
+            self.int8_layers = self.int8_layers and L.q.w != NULL and L.o.w != NULL and L.down.w != NULL
 
     def __dealloc__(self):
         free(self.layers)
@@ -296,9 +344,14 @@ cdef class LlamaNative:
         if bad >= 0:
             raise ValueError(f"attention: row {bad} names a sequence, position or KV block outside the cache")
         cdef int rc
+        cdef bint team = T <= TEAM_ROWS_MAX and team_forward_on and self.int8_layers
         with nogil:
-            rc = self._forward(T, &tokens[0], &positions[0], &seq_ids[0], &slots[0], &tables[0, 0],
-                               tables.shape[1], max_pos)
+            if team:
+                rc = self._forward_team(T, &tokens[0], &positions[0], &seq_ids[0], &slots[0], &tables[0, 0],
+                                        tables.shape[1], max_pos)
+            else:
+                rc = self._forward(T, &tokens[0], &positions[0], &seq_ids[0], &slots[0], &tables[0, 0],
+                                   tables.shape[1], max_pos)
         if rc:
             raise MemoryError(f"native forward: no memory for the kernels' scratch ({T} rows, "
                               f"{max_pos + 1} positions)")
@@ -385,4 +438,97 @@ cdef class LlamaNative:
                 return -1
             _add_rows(self.x, self.xb2, <size_t> T * dim)
         rmsnorm_rows(self.xb, self.x, self.output_norm, T, dim, self.eps)
+        return 0
+
+    cdef int _forward_team(self, int T, const int32_t *tokens, const int32_t *positions, const int32_t *seq_ids,
+                           const int32_t *slots, const int32_t *tables, int max_blocks, int max_pos) noexcept nogil:
+        """_forward for a decode step (up to TEAM_ROWS_MAX rows; every layer int8) in one parallel
+        region, with the same bits.  A region per kernel call costs its fork and join, and a thread
+        that comes late to one (the main thread, from the serial work between calls) holds up the
+        other; a decode step's weights stream from memory in about 2 us a matrix while the host's
+        memory is fast, so those costs were a fifth of the step.  Here every thread keeps its own
+        copy of the residual rows and does the small row-wise work itself (norms, silu, quantizing
+        a matmul's input), the matmuls and attention are shared out, and the threads meet at a
+        barrier wherever one reads what all wrote; the main thread alone applies rope and writes
+        the KV cache.  0, or -1 (nothing computed) without scratch memory."""
+        cdef int dim = self.dim, hidden = self.hidden, width = self.n_heads * self.head_dim
+        cdef int kv_dim = self.n_kv_heads * self.head_dim, k_max = max(dim, hidden, width), l, t, tid, nthr
+        cdef size_t q_bytes = edge_lines(<size_t> T * _q8_row_bytes(k_max))
+        cdef size_t s_bytes = edge_lines(<size_t> T * ((k_max + 31) // 32) * sizeof(float))
+        cdef size_t x_bytes = edge_lines(<size_t> T * dim * sizeof(float))
+        cdef size_t h_bytes = edge_lines(<size_t> T * hidden * sizeof(float))
+        cdef size_t thread_bytes = q_bytes + s_bytes + 2 * x_bytes + h_bytes
+        cdef PagedPlan plan
+        if paged_plan(&plan, seq_ids, positions, T, max_pos, self.n_heads, self.n_kv_heads, self.head_dim,
+                      self.block_size, self.kv_f16, self.attn_scale):
+            return -1
+        cdef char *scratch = <char *> edge_scratch(<size_t> edge_team_max() * thread_bytes)
+        if scratch == NULL:
+            paged_free(&plan)
+            return -1
+        cdef Layer *L
+        cdef char *mine
+        cdef int8_t *q8         # this thread's: the next matmul's input, quantized, and its scales
+        cdef float *q8_scales
+        cdef float *x           # this thread's copy of the residual rows
+        cdef float *h           # this thread's normed rows
+        cdef float *gated       # this thread's silu(gate) * up
+        if self.embd_q != NULL:
+            embed_q8_rows(self.x, tokens, self.embd_q, self.embd_scale, T, dim)
+        else:
+            embed_f32_rows(self.x, tokens, self.embd_f32, T, dim)
+        rope_angles(self.rope_cs, positions, T, self.rope_dim, self.rope_base)
+        with parallel():
+            tid = edge_thread_id()
+            nthr = edge_team_size()
+            mine = scratch + <size_t> tid * thread_bytes
+            q8 = <int8_t *> mine
+            q8_scales = <float *> (mine + q_bytes)
+            x = <float *> (mine + q_bytes + s_bytes)
+            h = <float *> (mine + q_bytes + s_bytes + x_bytes)
+            gated = <float *> (mine + q_bytes + s_bytes + 2 * x_bytes)
+            memcpy(x, self.x, <size_t> T * dim * sizeof(float))
+            for l in range(self.n_layers):
+                L = &self.layers[l]
+                # attention block
+                for t in range(T):
+                    rmsnorm_rows(h + <size_t> t * dim, x + <size_t> t * dim, L.attn_norm, 1, dim, self.eps)
+                _quantize_rows_q8(h, T, dim, q8, q8_scales)
+                _team_project(3, &L.q, self.q, self.k, self.v, q8, q8_scales, T, dim, tid, nthr)
+                edge_barrier()
+                if tid == 0:
+                    for t in range(T):
+                        rope_qk_rows_at(self.q + <size_t> t * width, self.k + <size_t> t * kv_dim,
+                                        self.rope_cs + <size_t> t * self.rope_dim, 1, self.n_heads,
+                                        self.n_kv_heads, self.head_dim, self.rope_dim, self.neox)
+                    kv_write_rows(L.k_cache, L.v_cache, self.kv_f16, self.k, self.v, slots, T, kv_dim)
+                    paged_plan_reset(&plan)
+                edge_barrier()
+                attention_paged_team(&plan, self.att, self.q, L.k_cache, L.v_cache, tables, max_blocks, seq_ids,
+                                     positions, tid, nthr)
+                edge_barrier()
+                _quantize_rows_q8(self.att, T, width, q8, q8_scales)
+                _team_project(1, &L.o, self.xb2, NULL, NULL, q8, q8_scales, T, width, tid, nthr)
+                edge_barrier()
+                _add_rows(x, self.xb2, <size_t> T * dim)
+                # feed-forward block
+                for t in range(T):
+                    rmsnorm_rows(h + <size_t> t * dim, x + <size_t> t * dim, L.ffn_norm, 1, dim, self.eps)
+                _quantize_rows_q8(h, T, dim, q8, q8_scales)
+                _team_project(2, &L.gate, self.hb, self.hb2, NULL, q8, q8_scales, T, dim, tid, nthr)
+                edge_barrier()
+                for t in range(T):
+                    silu_mul_rows(gated + <size_t> t * hidden, self.hb + <size_t> t * hidden,
+                                  self.hb2 + <size_t> t * hidden, 1, hidden)
+                _quantize_rows_q8(gated, T, hidden, q8, q8_scales)
+                _team_project(1, &L.down, self.xb2, NULL, NULL, q8, q8_scales, T, hidden, tid, nthr)
+                edge_barrier()
+                _add_rows(x, self.xb2, <size_t> T * dim)
+            if tid == 0:
+                memcpy(self.x, x, <size_t> T * dim * sizeof(float))
+                for t in range(T):
+                    rmsnorm_rows(self.xb + <size_t> t * dim, x + <size_t> t * dim, self.output_norm, 1, dim,
+                                 self.eps)
+        free(scratch)
+        paged_free(&plan)
         return 0

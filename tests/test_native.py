@@ -106,6 +106,48 @@ def test_prefill_then_decode_bit_for_bit(model):
         seq.release()
 
 
+@pytest.mark.parametrize("split_keys", [False, True], ids=["keys-in-one-chunk", "keys-split"])
+def test_decode_steps_in_one_region_bit_for_bit(model, split_keys):
+    """Steps of up to TEAM_ROWS_MAX rows run in one parallel region (_forward_team): one sequence
+    with drafted rows, and several sequences a row each, against the Python forward; with chunks of
+    one KV block, the keys of every row past the first block are split into chunks that are
+    combined after a barrier (flash-decoding)."""
+    from core.kernels import _attention
+    from models import _llama_native
+
+    m = model
+    rng = np.random.default_rng(5)
+    seqs = [m.cache.new_sequence() for _ in range(4)]
+    try:
+        _llama_native._set_team_forward(1)
+        if split_keys:
+            _attention._set_chunk_blocks(1)
+        for seq, n in zip(seqs, [40, 17, 3, 33]):
+            m._run(seq, rng.integers(0, VOCAB, n).tolist(), all_logits=False)
+        for rows in [[0], [0, 0], [0, 0, 0, 0], [1, 2], [3, 0, 2], [0, 1, 2, 3], [2, 2, 3]]:
+            news = {i: rows.count(i) for i in set(rows)}
+            for i, new in news.items():
+                seqs[i].reserve(seqs[i].n_tokens + new)
+            tokens, positions, seq_ids, slots = [], [], [], []
+            for i, new in news.items():
+                pos = range(seqs[i].n_tokens, seqs[i].n_tokens + new)
+                tokens += rng.integers(0, VOCAB, new).tolist()
+                positions += pos
+                seq_ids += [i] * new
+                slots += seqs[i].slots(pos)
+            tables = [seq.block_table() + [0] * (8 - len(seq.block_table())) for seq in seqs]
+            batch = Batch.of(tokens, positions, seq_ids, slots, tables, m.cache.block_size)
+            py, nat = run_both(m, batch)
+            assert np.isfinite(nat[0]).all()
+            assert_same(py, nat)
+            for i, new in news.items():
+                seqs[i].n_tokens += new
+    finally:
+        _attention._set_chunk_blocks(16)
+        for seq in seqs:
+            seq.release()
+
+
 def test_mixed_batch_of_sequences_bit_for_bit(model):
     """One call decodes three sequences at different positions (and prefills a fourth)."""
     m = model
@@ -252,3 +294,45 @@ def test_a_forward_without_scratch_memory_raises_and_the_model_goes_on(model, mo
     # per layer: two attention allocations; four matmuls (int8 only), and the head's
     expected_failures = 2 * m.config.n_layers if module == "_attention" else 4 * m.config.n_layers + 1 if int8 else 0
     assert failures == expected_failures
+
+
+@pytest.mark.parametrize("module", ["core.kernels._attention", "models._llama_native"])
+def test_a_decode_step_in_one_region_without_scratch_memory_raises_and_the_model_goes_on(model, module):
+    """The one-region decode step takes its scratch before the region: the attention plan's two
+    allocations and the threads' own rows.  Each failing stops the step with MemoryError; the
+    token is fed again and gives the logits of a step that never failed."""
+    import importlib
+    knob = importlib.import_module(module)._fail_scratch_after
+    m = model
+    prompt, step = list(range(3, 3 + 20)), [77, 78]
+    seq = m.cache.new_sequence()
+    try:
+        m._run(seq, prompt, all_logits=False)
+        expected = np.frombuffer(m._run(seq, step, all_logits=False), np.float32).copy()
+    finally:
+        seq.release()
+    int8 = m.meta["quant"]["name"] == "int8"
+    failures = 0
+    for n in range(1, 10):
+        seq = m.cache.new_sequence()
+        try:
+            m._run(seq, prompt, all_logits=False)
+            knob(n)
+            try:
+                got = np.frombuffer(m._run(seq, step, all_logits=False), np.float32).copy()
+            except MemoryError as e:
+                assert "scratch" in str(e)
+                failures += 1
+                knob(0)
+                got = np.frombuffer(m._run(seq, step, all_logits=False), np.float32).copy()
+            else:
+                break
+            finally:
+                knob(0)
+            np.testing.assert_array_equal(got, expected)
+        finally:
+            seq.release()
+    if module.endswith("_attention"):       # the plan's runs and work, once for every layer (f32: per layer)
+        assert failures == (2 if int8 else 2 * m.config.n_layers)
+    else:
+        assert failures == (1 if int8 else 0)

@@ -21,7 +21,14 @@ from libc.math cimport exp
 from libc.stdlib cimport free
 from libc.string cimport memcpy
 
+cdef extern from *:
+    """
+    static inline int edge_take(int *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
+    """
+    int edge_take(int *next) nogil
+
 cdef extern from "parallel.h" nogil:
+    void edge_barrier()
     int edge_team_max()
     int edge_thread_id()
     size_t edge_lines(size_t n)
@@ -251,76 +258,129 @@ cdef int attention_paged_rows(float *out, const float *q, const void *k_cache, c
     (flash-decoding).  Chunks start at fixed key positions and each (row, head) sees the same
     blocks in the same order whatever else is in the call, so results depend neither on grouping
     nor on the thread count."""
-    cdef int group = n_heads // n_kv_heads, width = n_heads * hd, kv_width = n_kv_heads * hd
-    cdef int max_rows = _rows_per_task, chunk_blocks = _chunk_blocks
-    cdef int n_max = edge_team_max()
+    cdef PagedPlan plan
+    cdef int i
+    if paged_plan(&plan, seq_ids, positions, T, max_pos, n_heads, n_kv_heads, hd, block_size, f16, scale):
+        return -1
+    with parallel():
+        for i in prange(plan.task_start[plan.n_runs], schedule="guided"):
+            _plan_task(&plan, i, edge_thread_id(), out, q, k_cache, v_cache, block_tables, max_blocks, seq_ids,
+                       positions)
+    if plan.parts != NULL:         # combine the chunks of split runs, one (row, head) per task
+        for i in prange(T * n_heads, schedule="static"):
+            _plan_combine(&plan, i, out, positions)
+    paged_free(&plan)
+    return 0
+
+
+cdef int paged_plan(PagedPlan *p, const int32_t *seq_ids, const int32_t *positions, int T, int max_pos,
+                    int n_heads, int n_kv_heads, int hd, int block_size, bint f16, float scale) noexcept nogil:
+    """The tasks of attention_paged_rows over these rows, and their scratch: the same for every layer
+    of a forward pass.  0, or -1 (nothing to free) when the scratch memory cannot be had."""
+    cdef int n_max = edge_team_max(), run, n_rows, n_chunks
+    p.T, p.n_heads, p.n_kv_heads, p.hd, p.block_size = T, n_heads, n_kv_heads, hd, block_size
+    p.f16, p.scale = f16, scale
+    p.group, p.width, p.kv_width = n_heads // n_kv_heads, n_heads * hd, n_kv_heads * hd
+    p.chunk_blocks = _chunk_blocks
+    p.next_task = 0
     # the runs (at most T): where each starts, its first task, and its first partial result (chunks
     # of a split run, hd + 2 floats each)
     cdef size_t ints = edge_lines((T + 1) * sizeof(int32_t))
-    cdef char *runs = <char *> edge_scratch(2 * ints + (T + 1) * sizeof(size_t))
-    if runs == NULL:
+    p.runs = <char *> edge_scratch(2 * ints + (T + 1) * sizeof(size_t))
+    if p.runs == NULL:
         return -1
-    cdef int32_t *starts = <int32_t *> runs
-    cdef int32_t *task_start = <int32_t *> (runs + ints)
-    cdef size_t *part_start = <size_t *> (runs + 2 * ints)
-    cdef int n_runs = split_runs(seq_ids, positions, 1, T, max_rows, starts)
-    cdef int longest = longest_run(starts, n_runs)
-    cdef size_t stride = max_pos + 1          # scores of one (row, head) of a task
-    cdef int i, run, kvh, c, n_chunks, n_rows, t0, rg, h, heads
+    p.starts = <int32_t *> p.runs
+    p.task_start = <int32_t *> (p.runs + ints)
+    p.part_start = <size_t *> (p.runs + 2 * ints)
+    p.n_runs = split_runs(seq_ids, positions, 1, T, _rows_per_task, p.starts)
+    cdef int longest = longest_run(p.starts, p.n_runs)
+    p.stride = max_pos + 1          # scores of one (row, head) of a task
     # KV heads per task: a one-row run (a decoding sequence) of a call with tasks enough to keep
     # every thread busy when each takes all KV heads of a chunk of keys (many sequences, or one
     # with a long context) takes all of its sequence's (whole), so that one task reads each of its
     # blocks (a head's columns at a time) instead of one task per KV head each reading a third of
     # every row; other runs take one KV head
     cdef int whole_tasks = 0
-    for run in range(n_runs):
-        whole_tasks += _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
-    cdef bint whole = (_sequence_tasks and whole_tasks >= _sequence_tasks_min * n_max and f16
-                       and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place)
-    task_start[0], part_start[0] = 0, 0
-    for run in range(n_runs):
-        n_rows = starts[run + 1] - starts[run]
-        n_chunks = _chunks_of(positions[starts[run + 1] - 1] + 1, block_size, chunk_blocks)
-        task_start[run + 1] = task_start[run] + n_kv_heads // _heads_of(whole, n_rows, n_kv_heads) * n_chunks
-        part_start[run + 1] = part_start[run] + (<size_t> n_rows * n_heads * n_chunks if n_chunks > 1 else 0)
+    for run in range(p.n_runs):
+        whole_tasks += _chunks_of(positions[p.starts[run + 1] - 1] + 1, block_size, p.chunk_blocks)
+    p.whole = (_sequence_tasks and whole_tasks >= _sequence_tasks_min * n_max and f16
+               and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place)
+    p.task_start[0], p.part_start[0] = 0, 0
+    for run in range(p.n_runs):
+        n_rows = p.starts[run + 1] - p.starts[run]
+        n_chunks = _chunks_of(positions[p.starts[run + 1] - 1] + 1, block_size, p.chunk_blocks)
+        p.task_start[run + 1] = p.task_start[run] + n_kv_heads // _heads_of(p.whole, n_rows, n_kv_heads) * n_chunks
+        p.part_start[run + 1] = p.part_start[run] + (<size_t> n_rows * n_heads * n_chunks if n_chunks > 1 else 0)
     # every thread's scores and one block of one head widened to fp32, then the partial results
-    cdef size_t scores_bytes = edge_lines(<size_t> max(longest, n_kv_heads if whole else 1) * group * stride
-                                          * sizeof(float))
-    cdef size_t thread_bytes = scores_bytes + edge_lines(<size_t> block_size * hd * sizeof(float))
-    cdef char *work = <char *> edge_scratch(n_max * thread_bytes + part_start[n_runs] * (hd + 2) * sizeof(float))
-    if work == NULL:
-        free(runs)
+    p.scores_bytes = edge_lines(<size_t> max(longest, n_kv_heads if p.whole else 1) * p.group * p.stride
+                                * sizeof(float))
+    p.thread_bytes = p.scores_bytes + edge_lines(<size_t> block_size * hd * sizeof(float))
+    p.work = <char *> edge_scratch(n_max * p.thread_bytes + p.part_start[p.n_runs] * (hd + 2) * sizeof(float))
+    if p.work == NULL:
+        free(p.runs)
         return -1
-    cdef float *parts = <float *> (work + n_max * thread_bytes) if part_start[n_runs] else NULL
-    cdef float *scores
-    cdef float *widened
-    with parallel():
-        scores = <float *> (work + edge_thread_id() * thread_bytes)
-        widened = <float *> (work + edge_thread_id() * thread_bytes + scores_bytes)
-        for i in prange(task_start[n_runs], schedule="guided"):
-            run = _run_of(task_start, n_runs, i)
-            heads = _heads_of(whole, starts[run + 1] - starts[run], n_kv_heads)
-            n_chunks = (task_start[run + 1] - task_start[run]) // (n_kv_heads // heads)
-            kvh = (i - task_start[run]) // n_chunks * heads
-            c = (i - task_start[run]) % n_chunks
-            _paged_task(out, q, k_cache, v_cache, f16, block_tables + <size_t> seq_ids[starts[run]] * max_blocks,
-                        positions, starts[run], starts[run + 1] - starts[run], kvh, heads, c, n_chunks, chunk_blocks,
-                        parts + part_start[run] * (hd + 2) if n_chunks > 1 else NULL,
-                        n_heads, group, hd, width, kv_width, block_size, scale, scores, stride, widened)
-    if parts != NULL:              # combine the chunks of split runs, one (row, head) per task
-        for i in prange(T * n_heads, schedule="static"):
-            t0 = i // n_heads
-            h = i % n_heads
-            run = _run_of(starts, n_runs, t0)     # the run holding row t0
-            heads = _heads_of(whole, starts[run + 1] - starts[run], n_kv_heads)
-            n_chunks = (task_start[run + 1] - task_start[run]) // (n_kv_heads // heads)
-            if n_chunks > 1 and positions[t0] + 1 > chunk_blocks * block_size:
-                rg = (t0 - starts[run]) * n_heads + h
-                _combine_chunks(out + <size_t> t0 * width + h * hd,
-                                parts + (part_start[run] + <size_t> rg * n_chunks) * (hd + 2), n_chunks, hd)
-    free(work)
-    free(runs)
+    p.parts = <float *> (p.work + n_max * p.thread_bytes) if p.part_start[p.n_runs] else NULL
     return 0
+
+
+cdef void paged_free(PagedPlan *p) noexcept nogil:
+    free(p.work)
+    free(p.runs)
+
+
+cdef void attention_paged_team(PagedPlan *p, float *out, const float *q, const void *k_cache, const void *v_cache,
+                               const int32_t *block_tables, int max_blocks, const int32_t *seq_ids,
+                               const int32_t *positions, int tid, int nthr) noexcept nogil:
+    """attention_paged_rows inside a parallel region that every thread of the team enters (a forward
+    pass in one region): the plan's tasks go to whichever thread asks next, then (where runs are
+    split) a barrier and the combining pass in static shares.  The plan's next_task is 0 on entry
+    (paged_plan, then paged_plan_reset before the barrier that precedes each call), and the caller
+    waits at a barrier before reading out.  The same bits as attention_paged_rows."""
+    cdef int i, n = p.task_start[p.n_runs]
+    while True:
+        i = edge_take(&p.next_task)
+        if i >= n:
+            break
+        _plan_task(p, i, tid, out, q, k_cache, v_cache, block_tables, max_blocks, seq_ids, positions)
+    if p.parts != NULL:
+        edge_barrier()
+        n = p.T * p.n_heads
+        for i in range(n * tid // nthr, n * (tid + 1) // nthr):
+            _plan_combine(p, i, out, positions)
+
+
+cdef void paged_plan_reset(PagedPlan *p) noexcept nogil:
+    p.next_task = 0
+
+
+cdef inline void _plan_task(PagedPlan *p, int i, int tid, float *out, const float *q, const void *k_cache,
+                            const void *v_cache, const int32_t *block_tables, int max_blocks,
+                            const int32_t *seq_ids, const int32_t *positions) noexcept nogil:
+    """Task i of the plan, on thread tid's scratch."""
+    cdef int run = _run_of(p.task_start, p.n_runs, i)
+    cdef int heads = _heads_of(p.whole, p.starts[run + 1] - p.starts[run], p.n_kv_heads)
+    cdef int n_chunks = (p.task_start[run + 1] - p.task_start[run]) // (p.n_kv_heads // heads)
+    cdef int kvh = (i - p.task_start[run]) // n_chunks * heads
+    cdef int c = (i - p.task_start[run]) % n_chunks
+    _paged_task(out, q, k_cache, v_cache, p.f16, block_tables + <size_t> seq_ids[p.starts[run]] * max_blocks,
+                positions, p.starts[run], p.starts[run + 1] - p.starts[run], kvh, heads, c, n_chunks, p.chunk_blocks,
+                p.parts + p.part_start[run] * (p.hd + 2) if n_chunks > 1 else NULL,
+                p.n_heads, p.group, p.hd, p.width, p.kv_width, p.block_size, p.scale,
+                <float *> (p.work + tid * p.thread_bytes), p.stride,
+                <float *> (p.work + tid * p.thread_bytes + p.scores_bytes))
+
+
+cdef inline void _plan_combine(PagedPlan *p, int i, float *out, const int32_t *positions) noexcept nogil:
+    """Combine the chunks of (row, head) i = row * n_heads + head where its run is split."""
+    cdef int t0 = i // p.n_heads, h = i % p.n_heads
+    cdef int run = _run_of(p.starts, p.n_runs, t0)     # the run holding row t0
+    cdef int heads = _heads_of(p.whole, p.starts[run + 1] - p.starts[run], p.n_kv_heads)
+    cdef int n_chunks = (p.task_start[run + 1] - p.task_start[run]) // (p.n_kv_heads // heads)
+    cdef int rg
+    if n_chunks > 1 and positions[t0] + 1 > p.chunk_blocks * p.block_size:
+        rg = (t0 - p.starts[run]) * p.n_heads + h
+        _combine_chunks(out + <size_t> t0 * p.width + h * p.hd,
+                        p.parts + (p.part_start[run] + <size_t> rg * n_chunks) * (p.hd + 2), n_chunks, p.hd)
 
 
 cdef inline int _heads_of(bint whole, int n_rows, int n_kv_heads) noexcept nogil:

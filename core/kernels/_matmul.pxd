@@ -12,3 +12,13 @@ cdef int _matmul_q8_silu_mul(float *out, const float *x, const int8_t *w_gate, c
                              const int8_t *w_up, const uint16_t *s_up, int M, int N, int K) noexcept nogil
 cdef void _matmul_f32(float *out, const float *x, const float *w, const float *bias,
                       int M, int N, int K) noexcept nogil
+
+# a decode step's forward pass in one parallel region: every thread quantizes the input rows
+# itself (_quantize_rows_q8), then runs its share of the tiles (_matmul_q8_team, no barrier at the end)
+cdef enum:
+    TEAM_ROWS_MAX = 4           # rows of such a step: one token and its drafts, or a few sequences
+cdef int _q8_row_bytes(int K) noexcept nogil
+cdef void _quantize_rows_q8(const float *x, int M, int K, int8_t *q, float *xs) noexcept nogil
+cdef void _matmul_q8_team(int n_mats, float **outs, const int8_t **ws_, const uint16_t **scales,
+                          const float **biases, const int *Ns, const int8_t *q, const float *xs, int M, int K,
+                          int tid, int nthr) noexcept nogil

@@ -13,6 +13,9 @@ thread starts with a contiguous share of the tasks (OpenMP's static split, so th
 weights forward), and a thread that finishes its share takes tasks from the back of another's
 instead of waiting at the barrier.  Inside a task the loop runs over blocks of activation rows so
 that a weight tile and an activation block stay in L1.
+
+_matmul_q8_team: the same product for a decode step whose whole forward pass runs in one parallel
+region (models/_llama_native.pyx): each thread of the region runs its own static share.
 """
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int8_t, uint16_t
@@ -36,6 +39,7 @@ cdef extern from "simd.h" nogil:
     void edge_silu_mul_f32(float *out, const float *gate, const float *up, int n)
 
 cdef extern from "parallel.h" nogil:
+    void edge_barrier()
     int edge_team_size()
     int edge_team_max()
     int edge_thread_id()
@@ -62,13 +66,6 @@ cdef extern from *:
         const int q = n / nthr, r = n % nthr, lo = tid * q + (tid < r ? tid : r);
         __atomic_store_n(&s[tid].range, edge_share_pack(lo, lo + q + (tid < r)), __ATOMIC_RELAXED);
     }
-    /* A barrier of the enclosing parallel region (Cython's prange inside `with parallel()` is
-     * `omp for nowait`: it ends without one). */
-    #ifdef _OPENMP
-    #define edge_barrier() _Pragma("omp barrier")
-    #else
-    #define edge_barrier() ((void)0)
-    #endif
     static int edge_share_claim(edge_share *s, int tid, int nthr, int steal) {
         int64_t r = __atomic_load_n(&s[tid].range, __ATOMIC_RELAXED);
         for (;;) {
@@ -95,7 +92,6 @@ cdef extern from *:
     void edge_shares_clear(edge_share *s, int n) nogil
     void edge_share_init(edge_share *s, int tid, int nthr, int n) nogil
     int edge_share_claim(edge_share *s, int tid, int nthr, int steal) nogil
-    void edge_barrier() nogil
 
 cdef int steal_tiles = 1
 cdef int own_rows_on = 1
@@ -522,3 +518,52 @@ def quantize_q8(const float[:, ::1] x):
         for k in range(K):
             nv[m, k] = qv[m, edge_q8_pack_index(k, K)]
     return natural, scales
+
+
+cdef int _q8_row_bytes(int K) noexcept nogil:
+    """Bytes of one quantized activation row of K values (values and VNNI compensation)."""
+    return edge_q8_row_bytes(K)
+
+
+cdef void _quantize_rows_q8(const float *x, int M, int K, int8_t *q, float *xs) noexcept nogil:
+    """M rows of x quantized as _matmul_q8_shared quantizes them: q (M rows of _q8_row_bytes(K)),
+    xs (M rows of ceil(K / 32) scales), for _matmul_q8_team."""
+    cdef int m, Kp = edge_q8_row_bytes(K), G = (K + 31) // 32
+    for m in range(M):
+        edge_quantize_row_q8(x + <size_t> m * K, K, q + <size_t> m * Kp, xs + <size_t> m * G)
+
+
+cdef void _matmul_q8_team(int n_mats, float **outs, const int8_t **ws_, const uint16_t **scales,
+                          const float **biases, const int *Ns, const int8_t *q, const float *xs, int M, int K,
+                          int tid, int nthr) noexcept nogil:
+    """Run by every thread of a parallel region (a decode step's forward pass in one region,
+    models/_llama_native.pyx): thread tid's share of out_i = q @ dequantize(w_i).T + bias_i for
+    up to TEAM_ROWS_MAX rows that the thread has quantized itself (q, xs: _quantize_rows_q8), one
+    weight row at a time; the same bits as _matmul_q8_shared.  The tiles of all the matrices, in
+    order, are split into nthr contiguous shares (OpenMP's static split), so each thread streams
+    its weights forward with nothing between tiles: no claims, whose locked instructions stall the
+    stream, and no stealing, which a region per call needed because its threads started late.  No
+    barrier at the end: the caller waits where it reads the outputs."""
+    cdef int Kp = edge_q8_row_bytes(K), G = (K + 31) // 32
+    cdef int tile_start[MAX_SHARED + 1]
+    cdef int i, t, n, n0, n1, m, N
+    cdef float *out
+    cdef const int8_t *w
+    cdef const uint16_t *sc
+    cdef const float *bias
+    tile_start[0] = 0
+    for i in range(n_mats):
+        tile_start[i + 1] = tile_start[i] + (Ns[i] + N_TILE - 1) // N_TILE
+    cdef int n_tiles = tile_start[n_mats]
+    i = 0
+    for t in range(n_tiles * tid // nthr, n_tiles * (tid + 1) // nthr):
+        while t >= tile_start[i + 1]:
+            i = i + 1
+        out, N, w, sc, bias = outs[i], Ns[i], ws_[i], scales[i], biases[i]
+        n0 = (t - tile_start[i]) * N_TILE
+        n1 = n0 + N_TILE if n0 + N_TILE < N else N
+        for n in range(n0, n1):
+            for m in range(M):
+                _store(out + <size_t> m * N + n, bias, n,
+                       edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G, w + <size_t> n * K, sc + <size_t> n * G,
+                                   K))

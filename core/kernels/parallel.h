@@ -26,6 +26,15 @@ static inline int edge_team_max(void) { return 1; }
 static inline int edge_thread_id(void) { return 0; }
 #endif
 
+/* A barrier of the enclosing parallel region, in code that every thread of the team runs (Cython's
+ * prange inside `with parallel()` is `omp for nowait`, which ends without one; a barrier in a
+ * function called from a region binds to that region). */
+#ifdef _OPENMP
+#define edge_barrier() _Pragma("omp barrier")
+#else
+#define edge_barrier() ((void)0)
+#endif
+
 /* n rounded up to a whole number of 64-byte cache lines */
 static inline size_t edge_lines(size_t n) { return (n + 63) & ~(size_t)63; }
 

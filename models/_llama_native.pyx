@@ -30,17 +30,10 @@ from core.kernels._matmul cimport (MAX_SHARED, TEAM_ROWS_MAX, _matmul_f32, _matm
                                   _matmul_q8_silu_mul, _matmul_q8_team, _q8_row_bytes, _quantize_rows_q8)
 from core.kernels._norms cimport rmsnorm_rows
 from core.kernels._rope cimport ROPE_MAX_DIM, rope_angles, rope_qk_rows_at
+from core.kernels.parallel cimport (edge_barrier, edge_lines, edge_scratch, edge_scratch_fail_after, edge_team_max,
+                                    edge_team_size, edge_thread_id)
 
 import array
-
-cdef extern from "parallel.h" nogil:
-    void edge_barrier()
-    int edge_team_size()
-    int edge_team_max()
-    int edge_thread_id()
-    size_t edge_lines(size_t n)
-    void *edge_scratch(size_t nbytes)
-    void edge_scratch_fail_after(int n)
 
 cdef extern from *:
     """

@@ -21,19 +21,14 @@ from libc.math cimport exp
 from libc.stdlib cimport free
 from libc.string cimport memcpy
 
+from core.kernels.parallel cimport (edge_barrier, edge_lines, edge_scratch, edge_scratch_fail_after, edge_team_max,
+                                    edge_thread_id)
+
 cdef extern from *:
     """
     static inline int edge_take(int *next) { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
     """
     int edge_take(int *next) nogil
-
-cdef extern from "parallel.h" nogil:
-    void edge_barrier()
-    int edge_team_max()
-    int edge_thread_id()
-    size_t edge_lines(size_t n)
-    void *edge_scratch(size_t nbytes)
-    void edge_scratch_fail_after(int n)
 
 cdef extern from "simd.h" nogil:
     void edge_softmax_f32(float *x, int n)

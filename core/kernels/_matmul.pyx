@@ -21,6 +21,9 @@ from cython.parallel cimport parallel, prange
 from libc.stdint cimport int8_t, uint16_t
 from libc.stdlib cimport free
 
+from core.kernels.parallel cimport (edge_barrier, edge_lines, edge_scratch, edge_scratch_fail_after, edge_team_max,
+                                    edge_team_size, edge_thread_id)
+
 cdef extern from "simd.h" nogil:
     int edge_q8_row_bytes(int K)
     int edge_q8_pack_index(int k, int K)
@@ -37,15 +40,6 @@ cdef extern from "simd.h" nogil:
                          int K, float *out, size_t out_stride, const float *bias)
     float edge_dot_f32(const float *a, const float *b, int K)
     void edge_silu_mul_f32(float *out, const float *gate, const float *up, int n)
-
-cdef extern from "parallel.h" nogil:
-    void edge_barrier()
-    int edge_team_size()
-    int edge_team_max()
-    int edge_thread_id()
-    size_t edge_lines(size_t n)
-    void *edge_scratch(size_t nbytes)
-    void edge_scratch_fail_after(int n)
 
 cdef extern from *:
     """

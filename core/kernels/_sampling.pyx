@@ -26,10 +26,7 @@ from libc.stdint cimport int32_t, uint8_t, uint64_t
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memset
 
-cdef extern from "parallel.h" nogil:
-    size_t edge_lines(size_t n)
-    int edge_team_max()
-    int edge_thread_id()
+from core.kernels.parallel cimport edge_lines, edge_team_max, edge_thread_id
 
 cdef extern from "simd.h" nogil:
     int edge_argmax_f32(const float *x, int n)

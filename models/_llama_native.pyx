@@ -17,7 +17,7 @@ TEAM_ROWS_MAX rows) runs in a single parallel region instead, its threads meetin
 two agree bit for bit.
 """
 from cpython cimport array
-from cython.parallel cimport parallel
+from cython.parallel cimport parallel, prange
 from libc.stdint cimport int8_t, int32_t, uint16_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy
@@ -181,10 +181,32 @@ cdef int _project_silu_mul(Proj *gate_up, float *out, float *spare, const float 
     return 0
 
 
+cdef bint parallel_add_on = True
+
+
+def _set_parallel_add(int on):
+    """Benchmark knob: a residual add of 16 rows or more shared out among the threads (1, default)
+    or run by the calling thread alone (0); the same sums either way.  A 512-token prefill of
+    SmolLM2-135M on Zen 4 (bench/bench_knob_ab.py, 21 rounds each order): 1.003x and 1.006x (on
+    faster in 14 and 18 rounds); perf had the serial adds at 1.3% of the samples."""
+    global parallel_add_on
+    parallel_add_on = on
+
+
 cdef void _add_rows(float *x, const float *y, size_t n) noexcept nogil:
     cdef size_t i
     for i in range(n):
         x[i] = x[i] + y[i]
+
+
+cdef void _add_rows_parallel(float *x, const float *y, int T, int dim) noexcept nogil:
+    """x += y over T rows of dim, the rows shared out among the threads (the same sums)."""
+    cdef int t
+    if T < 16 or not parallel_add_on:
+        _add_rows(x, y, <size_t> T * dim)
+        return
+    for t in prange(T, schedule="static"):
+        _add_rows(x + <size_t> t * dim, y + <size_t> t * dim, dim)
 
 
 cdef class LlamaNative:
@@ -421,7 +443,7 @@ cdef class LlamaNative:
                 return -1
             if _project(1, &L.o, &self.xb2, self.att, T, self.n_heads * self.head_dim):
                 return -1
-            _add_rows(self.x, self.xb2, <size_t> T * dim)
+            _add_rows_parallel(self.x, self.xb2, T, dim)
             # feed-forward block
             rmsnorm_rows(self.xb, self.x, L.ffn_norm, T, dim, self.eps)
             projs[0], projs[1] = L.gate, L.up
@@ -429,7 +451,7 @@ cdef class LlamaNative:
                 return -1
             if _project(1, &L.down, &self.xb2, self.hb, T, self.hidden):
                 return -1
-            _add_rows(self.x, self.xb2, <size_t> T * dim)
+            _add_rows_parallel(self.x, self.xb2, T, dim)
         rmsnorm_rows(self.xb, self.x, self.output_norm, T, dim, self.eps)
         return 0
 

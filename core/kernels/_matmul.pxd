@@ -16,7 +16,9 @@ cdef void _matmul_f32(float *out, const float *x, const float *w, const float *b
 # a decode step's forward pass in one parallel region: every thread quantizes the input rows
 # itself (_quantize_rows_q8), then runs its share of the tiles (_matmul_q8_team, no barrier at the end)
 cdef enum:
-    TEAM_ROWS_MAX = 4           # rows of such a step: one token and its drafts, or a few sequences
+    TEAM_ROWS_MAX = 5           # rows of such a step: a token and its drafts (models.api.DRAFT_TOKENS, 4),
+                                # or a few sequences; fewer than pair_rows_min, so that _matmul_q8_shared
+                                # also takes their weight rows one at a time
 cdef int _q8_row_bytes(int K) noexcept nogil
 cdef void _quantize_rows_q8(const float *x, int M, int K, int8_t *q, float *xs) noexcept nogil
 cdef void _matmul_q8_team(int n_mats, float **outs, const int8_t **ws_, const uint16_t **scales,

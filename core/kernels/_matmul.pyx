@@ -95,7 +95,7 @@ cdef int spread_prefetch = 1
 # (/tmp scratch script, the two paths alternating in one process, 21 rounds, 100 and 500 tokens of
 # context): 4 rows 1.35x and 1.25x faster one row at a time (21 and 21 rounds of 21), 5 rows 1.10x
 # and 1.05x (21, 20), 6 rows 0.98x and 0.99x, 7 rows 0.91x, 8 rows 0.77x.
-cdef int pair_rows_min = 6
+cdef int pair_rows_min = 6     # > TEAM_ROWS_MAX (_matmul.pxd)
 
 
 def _set_pair_rows_min(int n):

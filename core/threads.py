@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 
 
 def _cgroup_cpu_limit() -> float | None:
@@ -43,13 +44,37 @@ def effective_n_threads() -> int:
     return max(1, n)
 
 
+# OpenMP keeps the thread count per thread: omp_set_num_threads in one thread leaves the teams of
+# every other at libgomp's default, every CPU the process may use.  The count set last, for threads
+# that run kernels without having set it (follow_num_threads), and what each of them has taken.
+_requested: int | None = None
+_followed = threading.local()
+
+
 def set_num_threads(n: int | None = None) -> int:
-    """Set the kernels' thread count (default: effective_n_threads()).  Returns it."""
+    """Set the kernels' thread count (default: effective_n_threads()) for the calling thread, and
+    for every thread that calls follow_num_threads.  Returns it."""
+    global _requested
     from core.kernels._omp import set_num_threads as _set
 
     n = effective_n_threads() if n is None else int(n)
     _set(n)
+    _requested = n
+    _followed.n = n
     return n
+
+
+def follow_num_threads() -> None:
+    """Give the calling thread the count set_num_threads set last, in whichever thread: a server
+    loads its models in one thread and runs their forward passes in another (edge/engine.py),
+    whose teams would otherwise take every CPU whatever --threads, EDGE_THREADS or the
+    container's CPU quota said.  Cheap when nothing changed."""
+    n = _requested
+    if n is not None and getattr(_followed, "n", None) != n:
+        from core.kernels._omp import set_num_threads as _set
+
+        _set(n)
+        _followed.n = n
 
 
 # How many times an idle OpenMP thread of a serving process polls for work before it sleeps

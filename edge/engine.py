@@ -25,6 +25,8 @@ from collections import deque
 from contextlib import aclosing
 from typing import AsyncIterator, Callable, Iterator
 
+from core.threads import follow_num_threads
+
 _ITEM, _DONE, _ERROR = 0, 1, 2
 
 
@@ -123,6 +125,7 @@ class Engine:
                     active.append(job)
             except queue.Empty:
                 pass
+            follow_num_threads()        # the kernels' thread count, set where the models were loaded
             feeds: dict = {}
             outbox: list = []
             for _ in range(len(active)):

@@ -1,5 +1,6 @@
 """The engine thread's hand-off of items to the event loop (edge/engine.py), without a model."""
 import asyncio
+import threading
 
 from edge.engine import Engine, _Job
 
@@ -42,3 +43,36 @@ def test_items_for_a_closed_loop_cancel_their_job():
     job.loop, job.cancelled = loop, False
     Engine._flush([(job, (0, "item"))])
     assert job.cancelled
+
+
+def test_the_engine_runs_its_kernels_with_the_thread_count_set_elsewhere():
+    """OpenMP keeps the kernels' thread count per thread, and a server sets it where it loads its
+    models, not on the engine's thread: the engine takes the count set last, not libgomp's
+    default (every CPU), which would ignore --threads, EDGE_THREADS and a container's CPU quota."""
+    from core.kernels._omp import get_num_threads
+    from core.threads import set_num_threads
+
+    def in_a_new_thread(fn, *args):
+        out = []
+        t = threading.Thread(target=lambda: out.append(fn(*args)))
+        t.start()
+        t.join()
+        return out[0]
+
+    before = get_num_threads()
+    default = in_a_new_thread(get_num_threads)      # what a thread that never set it gets
+    wanted = default + 1
+
+    async def main():
+        engine = Engine()
+        engine.start()
+        try:
+            in_a_new_thread(set_num_threads, wanted)     # as the app's loader thread does
+            return await engine.call(get_num_threads)
+        finally:
+            engine.stop()
+
+    try:
+        assert asyncio.run(main()) == wanted
+    finally:
+        set_num_threads(before)

@@ -148,7 +148,11 @@ def cmd_serve(args):
         web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
                     handler_cancellation=True, access_log=access_log)
         return
-    from edge.workers import serve_workers
+    from edge.workers import serve_workers, threads_per_worker
+
+    settings.threads = threads_per_worker(args.workers, settings.threads)
+    if settings.threads is not None:
+        logging.getLogger("edge").info("%d workers, %d kernel threads each", args.workers, settings.threads)
 
     def run_worker():
         web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
@@ -250,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                      "(default 16: smaller keeps their streams smoother)")
     s.add_argument("--draft-tokens", type=int, help=DRAFT_HELP)
     s.add_argument("--workers", type=int, help="worker processes sharing the port (SO_REUSEPORT) and the "
-                                               "weights (one mmapped copy); a dead one is replaced")
+                                               "weights (one mmapped copy), each with its share of the CPUs "
+                                               "unless --threads says otherwise; a dead one is replaced")
     s.add_argument("-q", "--quiet", action="store_true", help="no access log")
     s.set_defaults(func=cmd_serve)
 

@@ -67,3 +67,20 @@ def test_workers_share_the_port_and_are_replaced(converted):
         assert proc.wait(30) == 0
     time.sleep(0.5)
     assert not any(alive(p) for p in first | replacement)
+
+
+def test_workers_share_the_cpus_unless_told_otherwise(monkeypatch):
+    """Each of N workers runs its kernels on its share of the CPUs (at least one thread); a thread
+    count asked for (--threads, EDGE_THREADS) or set in OMP_NUM_THREADS is left as it is."""
+    import core.threads
+    from edge.workers import threads_per_worker
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(core.threads, "effective_n_threads", lambda: 8)
+    assert threads_per_worker(1, None) is None          # one process: the usual default
+    assert threads_per_worker(2, None) == 4
+    assert threads_per_worker(3, None) == 2
+    assert threads_per_worker(16, None) == 1
+    assert threads_per_worker(4, 3) == 3                # --threads / EDGE_THREADS
+    monkeypatch.setenv("OMP_NUM_THREADS", "6")
+    assert threads_per_worker(4, None) is None          # the process reads OMP_NUM_THREADS itself

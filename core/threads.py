@@ -29,11 +29,19 @@ def _cgroup_cpu_limit() -> float | None:
     return None
 
 
-def effective_n_threads() -> int:
+def env_n_threads() -> int | None:
+    """The thread count EDGE_THREADS or OMP_NUM_THREADS asks for, or None."""
     for var in ("EDGE_THREADS", "OMP_NUM_THREADS"):
         v = os.environ.get(var, "").split(",")[0].strip()
         if v.isdigit() and int(v) > 0:
             return int(v)
+    return None
+
+
+def effective_n_threads() -> int:
+    n = env_n_threads()
+    if n is not None:
+        return n
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -18,21 +18,19 @@ log = logging.getLogger("edge")
 
 
 def threads_per_worker(workers: int, threads: int | None) -> int | None:
-    """Kernel threads for each of `workers` processes: `threads` where it was asked for (--threads,
-    EDGE_THREADS), OMP_NUM_THREADS's where that is set (None: the process reads it), else the CPUs
-    this process may use (core.threads) shared out among the workers, at least one each.
+    """Kernel threads for each of `workers` processes: `threads` where it was asked for (--threads),
+    None where EDGE_THREADS or OMP_NUM_THREADS asks (each process reads it), else the CPUs this
+    process may use (core.threads) shared out among the workers, at least one each.
 
     Each worker's kernels run their whole team at every step (about 180 barriers a decode step), so
     workers that each take every CPU fight over them once several are busy: a thread waits at a
     barrier for one the OS has put aside.  `edge serve --workers 2` on 2 cores (Zen 4, 2026-11-25),
     4 clients of 3 greedy completions of 64 tokens: 388 tok/s with one thread per worker against
     150 with two; one client alone: 164 against 242."""
-    if threads is not None or workers <= 1:
-        return threads
-    if os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip().isdigit():
-        return None
-    from core.threads import effective_n_threads
+    from core.threads import effective_n_threads, env_n_threads
 
+    if threads is not None or workers <= 1 or env_n_threads() is not None:
+        return threads
     return max(1, effective_n_threads() // workers)
 
 

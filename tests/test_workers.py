@@ -76,11 +76,14 @@ def test_workers_share_the_cpus_unless_told_otherwise(monkeypatch):
     from edge.workers import threads_per_worker
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("EDGE_THREADS", raising=False)
     monkeypatch.setattr(core.threads, "effective_n_threads", lambda: 8)
     assert threads_per_worker(1, None) is None          # one process: the usual default
     assert threads_per_worker(2, None) == 4
     assert threads_per_worker(3, None) == 2
     assert threads_per_worker(16, None) == 1
-    assert threads_per_worker(4, 3) == 3                # --threads / EDGE_THREADS
-    monkeypatch.setenv("OMP_NUM_THREADS", "6")
-    assert threads_per_worker(4, None) is None          # the process reads OMP_NUM_THREADS itself
+    assert threads_per_worker(4, 3) == 3                # --threads
+    for var in ("OMP_NUM_THREADS", "EDGE_THREADS"):
+        monkeypatch.setenv(var, "6")
+        assert threads_per_worker(4, None) is None      # each process reads it itself
+        monkeypatch.delenv(var)

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 from core.errors import ContextOverflowError, InvalidRequestError, UnsupportedTaskError, WeightsFormatError
 from core.kernels._sampling import sample_logits, sample_rows
 from core.kv_cache import KVCache, KVCacheFullError, default_kv_dtype
+from core.threads import follow_num_threads
 from core.wfile import WeightsFile
 from models.lookup import DraftLength, PromptLookup
 from models.tokenizer import Tokenizer
@@ -294,6 +295,7 @@ class DecoderModel(Model):
         """One forward pass over batch; the logits of the given rows (copies: array('f') from
         the native pass, numpy rows from the Python one)."""
         with self._lock:
+            follow_num_threads()    # OpenMP's count is per thread: take load_model's in this one
             self.forward_passes += 1
             if self._native is not None:
                 self._native(batch)
@@ -709,6 +711,7 @@ class EncoderModel(Model):
     def _hidden(self, sentences):
         packed = self._bert.pack(sentences)
         with self._lock:
+            follow_num_threads()
             hidden = self._bert.forward(self.config, self.weights, self.state, packed)
             return hidden.copy(), packed
 

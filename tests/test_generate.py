@@ -127,3 +127,29 @@ def test_sample_filters():
     assert sample(logits, p, rng, [0]) == 1            # 5/2 < 4.9
     neg = np.array([-1.0, -1.5], np.float32)
     assert sample(neg, p, rng, [0]) == 1               # -1*2 < -1.5
+
+
+def test_forward_passes_take_the_thread_count_set_in_another_thread(loaded):
+    """OpenMP keeps the kernels' thread count per thread: a library user who loads a model with
+    threads=n in one thread and runs it in another gets n there too, not libgomp's default."""
+    import threading
+
+    from core.kernels._omp import get_num_threads
+    from core.threads import set_num_threads
+
+    def in_a_new_thread(fn):
+        out = []
+        t = threading.Thread(target=lambda: out.append(fn()))
+        t.start()
+        t.join()
+        return out[0]
+
+    decoder, encoder = loaded("smollm2", "int8"), loaded("minilm", "int8")
+    before = get_num_threads()
+    wanted = in_a_new_thread(get_num_threads) + 1       # not what a new thread gets by default
+    try:
+        set_num_threads(wanted)
+        for run in (lambda: decoder.next_token_logits([1, 2, 3]), lambda: encoder.embed(["a test"])):
+            assert in_a_new_thread(lambda: (run(), get_num_threads())[1]) == wanted
+    finally:
+        set_num_threads(before)

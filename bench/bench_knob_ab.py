@@ -12,7 +12,7 @@ rounds the setting 1 won are printed.
     .venv/bin/python bench/bench_knob_ab.py core.kernels._matmul._set_steal_tiles --decode 128
 
 Workloads (one per run): --prefill N (a prompt of N tokens into an empty cache, SmolLM2), --decode N
-(N greedy steps after a 16-token prompt, SmolLM2), --embed B (MiniLM, B sentences of 128 tokens).
+(N greedy steps after a prompt of --prompt tokens, 16 by default, SmolLM2), --embed B (MiniLM, B sentences of 128 tokens).
 The knob is a function of one int, set to 0 and to 1; it is left at 1.
 """
 
@@ -35,12 +35,13 @@ def main(argv=None) -> int:
     work.add_argument("--prefill", type=int, metavar="N")
     work.add_argument("--decode", type=int, metavar="N")
     work.add_argument("--embed", type=int, metavar="B")
+    p.add_argument("--prompt", type=int, default=16, metavar="P", help="--decode's prompt tokens (default 16)")
     p.add_argument("--rounds", type=int, default=21)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--new-first", action="store_true", help="time setting 1 first in each round")
     p.add_argument("--allow-different", action="store_true", help="time the settings even if outputs differ")
     args = p.parse_args(argv)
-    if args.rounds < 1 or min(v for v in (args.prefill, args.decode, args.embed) if v is not None) < 1:
+    if args.rounds < 1 or args.prompt < 1 or min(v for v in (args.prefill, args.decode, args.embed) if v is not None) < 1:
         p.error("--rounds and the workload's size must be at least 1")
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")       # numpy's BLAS threads must not spin here
     sys.path.insert(0, ROOT)
@@ -55,6 +56,7 @@ def main(argv=None) -> int:
     except (ImportError, AttributeError, ValueError) as e:
         p.error(f"no knob {args.knob}: {e}")
     rng = np.random.default_rng(1)
+    timed = [0.0]       # when the timed part of a run began
     if args.embed is not None:
         model = load_model(resolve("all-minilm-l6-v2"), threads=args.threads)
         sentences = [rng.integers(1000, 20000, 128).tolist() for _ in range(args.embed)]
@@ -65,7 +67,7 @@ def main(argv=None) -> int:
     else:
         model = load_model(resolve("smollm2-135m-instruct"), threads=args.threads)
         n = args.prefill if args.prefill is not None else args.decode
-        ids = rng.integers(300, 49000, n + 16).tolist()
+        ids = rng.integers(300, 49000, n + args.prompt).tolist()
         size, unit = n, "tok/s"
         if args.prefill is not None:
             def run():
@@ -74,8 +76,9 @@ def main(argv=None) -> int:
             def run():
                 seq = model.cache.new_sequence()
                 try:
-                    model._run(seq, ids[:16], False)
-                    return np.stack([np.array(model._run(seq, [ids[16 + i]], False)) for i in range(n)])
+                    model._run(seq, ids[:args.prompt], False)
+                    timed[0] = time.perf_counter()          # the steps alone, not the prompt
+                    return np.stack([np.array(model._run(seq, [ids[args.prompt + i]], False)) for i in range(n)])
                 finally:
                     seq.release()
 
@@ -92,9 +95,9 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for on in ((1, 0) if args.new_first else (0, 1)):
             knob(on)
-            t = time.perf_counter()
+            timed[0] = time.perf_counter()
             run()
-            rates[on].append(size / (time.perf_counter() - t))
+            rates[on].append(size / (time.perf_counter() - timed[0]))
     knob(1)
     off, on = statistics.median(rates[0]), statistics.median(rates[1])
     wins = sum(b > a for a, b in zip(rates[0], rates[1]))

@@ -502,7 +502,8 @@ def test_attention_paged_over_halves_equals_floats_holding_them(hd, chunk_blocks
     """A float16 cache gives bit for bit the output of a float32 cache holding the same values
     widened: the halves change what is stored, never how attention computes; whether a block's
     halves are widened into a buffer (runs of several rows) or in register as they are loaded
-    (one-row runs: decode steps) does not change a bit either."""
+    (one-row runs: decode steps) does not change a bit either, nor whether a one-row run loads its
+    chunk's rows first (_set_touch_chunk)."""
     from core.kernels import _attention
     rng = np.random.default_rng(5)
     n_kv, group, block_size = 3, 3, 16
@@ -515,16 +516,19 @@ def test_attention_paged_over_halves_equals_floats_holding_them(hd, chunk_blocks
     outs = {}
     _attention._set_chunk_blocks(chunk_blocks)
     try:
-        for name, k, v, in_place in [("f16", k16, v16, 1), ("f16 widened", k16, v16, 0),
-                                     ("f32", k16.astype(np.float32), v16.astype(np.float32), 1)]:
+        for name, k, v, in_place, touch in [("f16", k16, v16, 1, 1), ("f16 widened", k16, v16, 0, 1),
+                                            ("f16 untouched", k16, v16, 1, 0),
+                                            ("f32", k16.astype(np.float32), v16.astype(np.float32), 1, 1)]:
             _attention._set_f16_in_place(in_place)
+            _attention._set_touch_chunk(touch)
             outs[name] = np.empty_like(q)
             K.attention_paged(outs[name], q, k, v, tables, seq_ids, positions, n_kv * group, n_kv, block_size, 0.125)
     finally:
         _attention._set_f16_in_place(1)
+        _attention._set_touch_chunk(1)
         _attention._set_chunk_blocks(16)
-    np.testing.assert_array_equal(outs["f16"], outs["f32"])
-    np.testing.assert_array_equal(outs["f16 widened"], outs["f32"])
+    for name in ("f16", "f16 widened", "f16 untouched"):
+        np.testing.assert_array_equal(outs[name], outs["f32"])
 
 
 @pytest.mark.parametrize("hd,chunk_blocks,group", [(64, 16, 3), (64, 1, 3), (32, 2, 3), (64, 16, 4), (24, 1, 1)])

@@ -53,6 +53,7 @@ cdef extern from "simd.h" nogil:
     void edge_f32_to_f16_row(const float *x, uint16_t *h, int n)
     void edge_f16_to_f32_row(const uint16_t *h, float *x, int n)
     void edge_prefetch(const void *p, size_t nbytes)
+    void edge_touch(const void *p, size_t nbytes)
 
 
 def _fail_scratch_after(int n):
@@ -420,6 +421,9 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
     cdef float *o
     cdef int chunk_keys = chunk_blocks * block_size       # a row with no more keys is never split
     cdef bint in_place = f16 and n_rows == 1 and hd <= EDGE_KV_ROW_MAX and EDGE_F16C and _f16_in_place
+    cdef bint touch = n_rows == 1 and _touch_chunk     # little arithmetic per byte: the chunk first
+    if touch:
+        _touch_rows(k_cache, f16, table, b0, b1, end, block_size, kv_width, kvh * hd, heads * hd)
     for b in range(b0, b1):
         j = b * block_size
         if in_place:        # one row: each half is used once, so widen it in register as it is loaded
@@ -428,7 +432,8 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
             for e in range(heads):      # the next block's columns of a head before each head: a
                 # whole block's lines at once (16 x kv_width halves) are more than the core can have
                 # in flight, and the prefetches would stall it
-                _prefetch_next(k_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
+                if not touch:
+                    _prefetch_next(k_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
                 edge_scores_f16_queries(q + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
                                         rows + (kvh + e) * hd, kv_width, min(n, block_size), hd, scale,
                                         scores + e * group * stride + j, stride)
@@ -458,13 +463,16 @@ cdef void _paged_task(float *out, const float *q, const void *k_cache, const voi
                                                             seen, &o[hd])
             for d in range(hd):
                 o[d] = 0.0
+    if touch:
+        _touch_rows(v_cache, f16, table, b0, b1, end, block_size, kv_width, kvh * hd, heads * hd)
     for b in range(b0, b1):
         j = b * block_size
         if in_place:
             n = positions[t0] + 1 - j
             rows = <const uint16_t *> v_cache + <size_t> table[b] * block_size * kv_width
             for e in range(heads):
-                _prefetch_next(v_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
+                if not touch:
+                    _prefetch_next(v_cache, table, b, end, block_size, kv_width, (kvh + e) * hd, hd, 2)
                 if parts == NULL or positions[t0] + 1 <= chunk_keys:
                     edge_weighted_sum_f16_queries(out + <size_t> t0 * width + (kvh + e) * group * hd, group, hd,
                                                   scores + e * group * stride + j, stride, rows + (kvh + e) * hd,
@@ -518,6 +526,27 @@ def _set_f16_in_place(int on):
     through the widened block; the same bits)."""
     global _f16_in_place
     _f16_in_place = on != 0
+
+
+cdef bint _touch_chunk = True
+
+
+def _set_touch_chunk(int on):
+    """Benchmark knob: a one-row task loads its chunk's K (then V) rows first (_touch_rows), instead
+    of prefetching each next block as it goes (the same bits)."""
+    global _touch_chunk
+    _touch_chunk = on != 0
+
+
+cdef inline void _touch_rows(const void *cache, bint f16, const int32_t *table, int b0, int b1, int end,
+                             int block_size, int kv_width, int col, int width) noexcept nogil:
+    """Load (edge_touch) columns col..col+width-1 of blocks b0..b1-1's rows (keys up to end)."""
+    cdef int b, i
+    cdef size_t size = 2 if f16 else 4, slot
+    for b in range(b0, b1):
+        slot = <size_t> table[b] * block_size
+        for i in range(min(end - b * block_size, block_size)):
+            edge_touch(<const char *> cache + ((slot + i) * kv_width + col) * size, width * size)
 
 
 cdef inline void _prefetch_next(const void *cache, const int32_t *table, int b, int end, int block_size,

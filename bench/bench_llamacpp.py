@@ -20,6 +20,9 @@ minute of a shared machine moves one round of each engine rather than one engine
     decode_tok_s        greedy decode of 128 tokens after a 16-token prompt (end tokens ignored):
                         127 tokens / time between the first and the last generated token
     peak_rss_mb         peak resident memory of the benchmarking process
+    decode_long_tok_s   the same for 64 tokens after a 2,000-token prompt (the median of
+                        min(--runs, 3)), measured after peak_rss_mb (llama.cpp: a second Llama() with
+                        a context of 2,064 tokens)
     cold_first_token_s  wall time of a new process, from spawn to exit, that loads the model and
                         generates 1 token for the 16-token prompt (edge: `edge generate -n 1`,
                         llama.cpp: a few lines of llama-cpp-python), Python start-up included
@@ -73,6 +76,7 @@ METRICS = [
     ("prefill_tok_s", "prefill 512 tokens", "tok/s", True),
     ("decode_tok_s", "decode 128 tokens", "tok/s", True),
     ("peak_rss_mb", "peak RSS", "MB", False),
+    ("decode_long_tok_s", "decode 64 after 2,000", "tok/s", True),
 ]
 
 # The llama.cpp side of cold_first_token_s: argv = [model path, threads, prompt].
@@ -172,7 +176,7 @@ def llama_worker(path: str, threads: int, runs: int) -> dict:
     import numpy as np
 
     import llama_cpp
-    from edge.bench import _median_time, real_text
+    from edge.bench import LONG_DECODE_TOKENS, LONG_PROMPT_TOKENS, _median_time, real_text
 
     t = time.perf_counter()
     llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
@@ -200,10 +204,10 @@ def llama_worker(path: str, threads: int, runs: int) -> dict:
     int(np.argmax(prefill(prompt)))
     first_token_s = load_s + time.perf_counter() - t
 
-    def decode() -> float:
+    def decode(prompt=prompt, n=DECODE_TOKENS) -> float:
         tok = int(np.argmax(prefill(prompt)))
         stamps = [time.perf_counter()]
-        for _ in range(DECODE_TOKENS - 1):
+        for _ in range(n - 1):
             llm.eval([tok])
             tok = int(np.argmax(last_logits()))
             stamps.append(time.perf_counter())
@@ -215,6 +219,11 @@ def llama_worker(path: str, threads: int, runs: int) -> dict:
     decode()                         # warm-up
     out["decode_tok_s"] = statistics.median(decode() for _ in range(runs))
     out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    llm.close()             # a context that holds the long prompt, made after peak RSS was read
+    llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads,
+                          n_ctx=LONG_PROMPT_TOKENS + LONG_DECODE_TOKENS, n_batch=512, logits_all=False, verbose=False)
+    out["decode_long_tok_s"] = statistics.median(decode(ids[:LONG_PROMPT_TOKENS], LONG_DECODE_TOKENS)
+                                                 for _ in range(min(runs, 3)))
     out["prompt"] = llm.detokenize(prompt).decode("utf-8")
     out["system_info"] = llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
     out["version"] = llama_cpp.__version__

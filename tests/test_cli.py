@@ -109,7 +109,7 @@ def test_info(converted):
 
 @pytest.mark.parametrize("name,keys", [
     ("smollm2", ["threads", "load_s", "first_token_s", "prefill128_tok_s", "prefill_tok_s", "decode_tok_s",
-                 "read_gbs", "decode_vs_bound", "peak_rss_mb"]),
+                 "read_gbs", "decode_vs_bound", "peak_rss_mb", "decode_long_tok_s"]),
     ("minilm", ["threads", "load_s", "embed_sent_s_b1", "embed_sent_s_b32", "peak_rss_mb"]),
 ])
 def test_bench_json(converted, name, keys):

@@ -176,7 +176,7 @@ def llama_worker(path: str, threads: int, runs: int) -> dict:
     import numpy as np
 
     import llama_cpp
-    from edge.bench import LONG_DECODE_TOKENS, LONG_PROMPT_TOKENS, _median_time, real_text
+    from edge.bench import LONG_DECODE_TOKENS, LONG_PROMPT_TOKENS, _median_time, peak_rss_mb, real_text
 
     t = time.perf_counter()
     llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads, n_ctx=1024, n_batch=512,
@@ -218,7 +218,7 @@ def llama_worker(path: str, threads: int, runs: int) -> dict:
            "prefill_tok_s": 512 / median_time(lambda: prefill(ids[:512]))}
     decode()                         # warm-up
     out["decode_tok_s"] = statistics.median(decode() for _ in range(runs))
-    out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    out["peak_rss_mb"] = peak_rss_mb()
     llm.close()             # a context that holds the long prompt, made after peak RSS was read
     llm = llama_cpp.Llama(path, n_threads=threads, n_threads_batch=threads,
                           n_ctx=LONG_PROMPT_TOKENS + LONG_DECODE_TOKENS, n_batch=512, logits_all=False, verbose=False)

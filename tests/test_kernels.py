@@ -433,10 +433,11 @@ def test_attention_paged_grouping_does_not_change_results(hd, chunk_blocks):
         K.attention_paged(out, q, k_cache, v_cache, tables, seq_ids, positions, group, n_kv, block_size, scale)
         return out
 
+    default = _attention._set_paged_rows_per_task(1)
     try:
         outs = []
-        for rows in (1, 3, 4, 16):
-            _attention._set_rows_per_task(rows)
+        for rows in (1, 3, 4, 16, 32):
+            _attention._set_paged_rows_per_task(rows)
             outs.append(attend(q, k_cache, v_cache, 1))
         for other in outs[1:]:
             np.testing.assert_array_equal(other, outs[0])
@@ -446,8 +447,10 @@ def test_attention_paged_grouping_does_not_change_results(hd, chunk_blocks):
         copies = attend(q, np.tile(k_cache, group), np.tile(v_cache, group), group)
         np.testing.assert_array_equal(copies, outs[0])
     finally:
-        _attention._set_rows_per_task(16)
+        _attention._set_paged_rows_per_task(default)
         _attention._set_chunk_blocks(16)
+    with pytest.raises(ValueError, match=">= 1"):
+        _attention._set_paged_rows_per_task(0)
     with pytest.raises(ValueError, match=">= 1"):
         _attention._set_rows_per_task(0)
     with pytest.raises(ValueError, match=">= 1"):

@@ -281,8 +281,9 @@ def test_matmul_q8_few_rows_quantized_per_thread(steal):
             R.matmul_q8(ref, x, w, w_scale, bias)
             mag = np.abs(x) @ np.abs(R.dequantize_q8(w_natural, w_scale.astype(np.float32))).T + np.abs(bias)
             assert (np.abs(outs[1] - ref) <= TOL["q8"] * mag + 1e-6).all()
-            # each row alone (a decode step reads one weight row at a time; 4 rows and more go
-            # through the 4 x 2 and 1 x 2 tiles): the same bits, whatever it is batched with
+            # each row alone (a decode step reads one weight row at a time, against four rows at
+            # once from 4 rows on (the 4 x 1 tile); 6 rows and more go through the 4 x 2 and 1 x 2
+            # tiles): the same bits, whatever it is batched with
             for m in range(M):
                 alone = np.empty((1, N_), np.float32)
                 K.matmul_q8(alone, x[m:m + 1], w, ws, bias)

@@ -33,6 +33,8 @@ cdef extern from "simd.h" nogil:
     int EDGE_PREFETCH_ROWS
     int EDGE_PREFETCH_BURST
     float edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *ws, int K)
+    void edge_dot_q8_4x1(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride, const int8_t *w,
+                         const uint16_t *ws, int K, float *out, size_t out_stride, const float *bias)
     void edge_dot_q8_1x2(const int8_t *q, const float *xs, const int8_t *w0, const int8_t *w1,
                          const uint16_t *ws0, const uint16_t *ws1, int K, float *out, const float *bias)
     void edge_dot_q8_4x2(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride,
@@ -157,6 +159,17 @@ def _set_m_block_bytes(int n):
     """Tuning knob for benchmarks: the activation block size of matmul_q8, in bytes."""
     global m_block_bytes
     m_block_bytes = n
+
+
+cdef bint rows_tile = True
+
+
+def _set_rows_tile(int on):
+    """Benchmark knob: where a matmul takes one weight row at a time (a decode step of a few rows,
+    its logits head), it takes that row against four activation rows at once (edge_dot_q8_4x1) and
+    the rest one at a time (edge_dot_q8), else every row one at a time; the same bits."""
+    global rows_tile
+    rows_tile = on != 0
 
 
 cdef int _matmul_q8(float *out, const float *x, const int8_t *w, const uint16_t *w_scale,
@@ -327,10 +340,17 @@ cdef int _matmul_q8_tasks(int n_mats, float **outs, const int8_t **ws_, const ui
                             n = n + 2
                         else:                         # one weight row: a decode step's, or an odd last one
                             ws = sc + <size_t> n * G
-                            for m in range(m0, m1):
+                            m = m0
+                            while rows_tile and m + 4 <= m1:      # four rows against it at once
+                                edge_dot_q8_4x1(qt + <size_t> m * Kp, Kp, xst + <size_t> m * G, G,
+                                                w + <size_t> n * K, ws, K, o + <size_t> (m - row0) * o_stride,
+                                                o_stride, bias + n if bias != NULL else NULL)
+                                m = m + 4
+                            while m < m1:
                                 _store(o + <size_t> (m - row0) * o_stride, bias, n,
                                        edge_dot_q8(qt + <size_t> m * Kp, xst + <size_t> m * G, w + <size_t> n * K,
                                                    ws, K))
+                                m = m + 1
                             n = n + 1
                     m0 = m1
             if pairs:               # out = silu(gate) * up over the task's block, while it is in L1
@@ -557,7 +577,14 @@ cdef void _matmul_q8_team(int n_mats, float **outs, const int8_t **ws_, const ui
         n0 = (t - tile_start[i]) * N_TILE
         n1 = n0 + N_TILE if n0 + N_TILE < N else N
         for n in range(n0, n1):
-            for m in range(M):
+            m = 0
+            while rows_tile and m + 4 <= M:         # four rows against the weight row at once
+                edge_dot_q8_4x1(q + <size_t> m * Kp, Kp, xs + <size_t> m * G, G, w + <size_t> n * K,
+                                sc + <size_t> n * G, K, out + <size_t> m * N + n, N,
+                                bias + n if bias != NULL else NULL)
+                m = m + 4
+            while m < M:
                 _store(out + <size_t> m * N + n, bias, n,
-                       edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G, w + <size_t> n * K, sc + <size_t> n * G,
-                                   K))
+                       edge_dot_q8(q + <size_t> m * Kp, xs + <size_t> m * G, w + <size_t> n * K,
+                                   sc + <size_t> n * G, K))
+                m = m + 1

@@ -744,6 +744,15 @@ edge_dot_q8(const int8_t *q, const float *xs, const int8_t *w, const uint16_t *w
     return out;
 }
 
+/* Four activation rows (q + r * q_stride) against one weight row (a decode step of four or more
+ * rows): out[r * out_stride] (+ bias[0] if bias is not NULL), each with the bits of edge_dot_q8.
+ * The weight row is read once for the four, whose sums run side by side. */
+static inline __attribute__((always_inline)) void
+edge_dot_q8_4x1(const int8_t *q, size_t q_stride, const float *xs, size_t xs_stride, const int8_t *w,
+                const uint16_t *ws, int K, float *out, size_t out_stride, const float *bias) {
+    edge_dot_q8_tile(4, 1, q, q_stride, xs, xs_stride, &w, &ws, K, out, out_stride, bias);
+}
+
 /* One activation row against two weight rows (the rows left over from 4 x 2 tiles): out[c]
  * (+ bias[c] if bias is not NULL). */
 static inline __attribute__((always_inline)) void

@@ -108,7 +108,7 @@ def test_prefill_then_decode_bit_for_bit(model):
 
 @pytest.mark.parametrize("split_keys", [False, True], ids=["keys-in-one-chunk", "keys-split"])
 def test_decode_steps_in_one_region_bit_for_bit(model, split_keys):
-    """Steps of up to TEAM_ROWS_MAX (5) rows run in one parallel region (_forward_team): one sequence
+    """Steps of up to TEAM_ROWS_MAX (8) rows run in one parallel region (_forward_team): one sequence
     with drafted rows, and several sequences, against the Python forward; with chunks of
     one KV block, the keys of every row past the first block are split into chunks that are
     combined after a barrier (flash-decoding)."""
@@ -124,7 +124,8 @@ def test_decode_steps_in_one_region_bit_for_bit(model, split_keys):
             _attention._set_chunk_blocks(1)
         for seq, n in zip(seqs, [40, 17, 3, 33]):
             m._run(seq, rng.integers(0, VOCAB, n).tolist(), all_logits=False)
-        for rows in [[0], [0, 0], [0, 0, 0, 0], [1, 2], [3, 0, 2], [0, 1, 2, 3], [2, 2, 3], [1] * 5, [0, 0, 1, 2, 3]]:
+        for rows in [[0], [0, 0], [0, 0, 0, 0], [1, 2], [3, 0, 2], [0, 1, 2, 3], [2, 2, 3], [1] * 5, [0, 0, 1, 2, 3],
+                     [0, 0, 1, 1, 2, 3], [0, 1, 2, 3, 0, 1, 2], [1] * 4 + [2] * 4]:
             news = {i: rows.count(i) for i in set(rows)}
             for i, new in news.items():
                 seqs[i].reserve(seqs[i].n_tokens + new)

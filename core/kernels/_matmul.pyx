@@ -97,7 +97,7 @@ cdef int spread_prefetch = 1
 # (/tmp scratch script, the two paths alternating in one process, 21 rounds, 100 and 500 tokens of
 # context): 4 rows 1.35x and 1.25x faster one row at a time (21 and 21 rounds of 21), 5 rows 1.10x
 # and 1.05x (21, 20), 6 rows 0.98x and 0.99x, 7 rows 0.91x, 8 rows 0.77x.
-cdef int pair_rows_min = 6     # > TEAM_ROWS_MAX (_matmul.pxd)
+cdef int pair_rows_min = 6
 
 
 def _set_pair_rows_min(int n):
@@ -553,7 +553,8 @@ cdef void _matmul_q8_team(int n_mats, float **outs, const int8_t **ws_, const ui
     """Run by every thread of a parallel region (a decode step's forward pass in one region,
     models/_llama_native.pyx): thread tid's share of out_i = q @ dequantize(w_i).T + bias_i for
     up to TEAM_ROWS_MAX rows that the thread has quantized itself (q, xs: _quantize_rows_q8), one
-    weight row at a time; the same bits as _matmul_q8_shared.  The tiles of all the matrices, in
+    weight row at a time (against four activation rows at once where there are four: the 4 x 1
+    tile); the same bits as _matmul_q8_shared.  The tiles of all the matrices, in
     order, are split into nthr contiguous shares (OpenMP's static split), so each thread streams
     its weights forward with nothing between tiles: no claims, whose locked instructions stall the
     stream, and no stealing, which a region per call needed because its threads started late.  No
